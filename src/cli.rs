@@ -1,0 +1,285 @@
+//! Command-line front door: `pullgate verify` (the policy tester, running the node's engine)
+//! and `pullgate validate`. Parsing and output live here; decisions come from [`crate::decide`].
+
+use std::collections::BTreeSet;
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::decide::decide;
+use crate::image_ref::ImageRef;
+use crate::policy::eval::{Decision, Verdict};
+use crate::policy::load::Objects;
+use crate::policy::snapshot::{Scope, Settings};
+use crate::policy::Snapshot;
+use crate::registry::{Credential, Credentials, RegistryClient, RegistryConfig};
+
+/// Exit code of `verify` when the image is denied.
+pub const EXIT_DENY: u8 = 1;
+/// Exit code for usage errors, bad input and "could not decide".
+pub const EXIT_ERROR: u8 = 2;
+
+#[derive(Parser, Debug)]
+#[command(name = "pullgate", version, about = "Sigstore ClusterImagePolicy enforcement at the node")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Decide whether an image may run, with the same engine the node uses.
+    Verify(VerifyArgs),
+    /// Check policy files (ClusterImagePolicy, TrustRoot, …) and print every problem.
+    Validate(ValidateArgs),
+    /// Serve the CRI ImageService proxy (not built yet).
+    Serve(NotBuiltArgs),
+    /// Serve the admission shim (not built yet).
+    Admission(NotBuiltArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct NotBuiltArgs {
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+    pub rest: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct VerifyArgs {
+    /// Policy file or directory (repeatable): the objects you would `kubectl apply`.
+    #[arg(long = "policy", visible_alias = "policy-dir", value_name = "PATH", required = true, env = "PULLGATE_POLICY")]
+    pub policies: Vec<PathBuf>,
+    /// Namespace the image would run in; its labels decide enforcement. Without it the image
+    /// is evaluated as in an enforced namespace.
+    #[arg(long, short = 'n')]
+    pub namespace: Option<String>,
+    #[arg(long, short = 'o', value_enum, default_value_t = Output::Text)]
+    pub output: Output,
+    #[command(flatten)]
+    pub scope: ScopeArgs,
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+    /// Image reference, e.g. ghcr.io/org/app:v1 or registry:5000/app@sha256:…
+    pub image: String,
+}
+
+#[derive(Args, Debug)]
+pub struct ValidateArgs {
+    /// Files or directories to check.
+    #[arg(required = true, value_name = "FILE|DIR")]
+    pub paths: Vec<PathBuf>,
+    #[command(flatten)]
+    pub scope: ScopeArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ScopeArgs {
+    /// include-label: enforce namespaces labelled policy.sigstore.dev/include=true;
+    /// opt-out: enforce every namespace not labelled policy.sigstore.dev/exclude=true.
+    #[arg(long, value_enum, default_value_t = ScopeArg::IncludeLabel, env = "PULLGATE_SCOPE")]
+    pub scope: ScopeArg,
+    /// Namespaces never enforced (repeatable). Default: kube-system.
+    #[arg(long = "exempt-namespace", value_name = "NS", default_values_t = ["kube-system".to_string()])]
+    pub exempt_namespaces: Vec<String>,
+    /// Namespace of key Secrets and the config-policy-controller ConfigMap.
+    #[arg(long, default_value = "cosign-system", env = "PULLGATE_CONTROLLER_NAMESPACE")]
+    pub controller_namespace: String,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RegistryArgs {
+    /// Docker config.json with registry credentials (default: $DOCKER_CONFIG or ~/.docker).
+    #[arg(long, value_name = "PATH")]
+    pub docker_config: Option<PathBuf>,
+    #[arg(long, env = "PULLGATE_REGISTRY_USERNAME", requires = "password")]
+    pub username: Option<String>,
+    #[arg(long, env = "PULLGATE_REGISTRY_PASSWORD", hide_env_values = true)]
+    pub password: Option<String>,
+    /// Registry bearer token.
+    #[arg(long, env = "PULLGATE_REGISTRY_TOKEN", hide_env_values = true, conflicts_with = "username")]
+    pub token: Option<String>,
+    /// Registry (host[:port]) to reach over plain HTTP (repeatable). Loopback always is.
+    #[arg(long = "insecure-registry", value_name = "HOST")]
+    pub insecure_registries: Vec<String>,
+    /// Timeout of one registry request, in seconds.
+    #[arg(long, default_value_t = 15)]
+    pub registry_timeout: u64,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output {
+    Text,
+    Json,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScopeArg {
+    IncludeLabel,
+    OptOut,
+}
+
+impl ScopeArgs {
+    pub fn settings(&self) -> Settings {
+        Settings {
+            scope: match self.scope {
+                ScopeArg::IncludeLabel => Scope::IncludeLabel,
+                ScopeArg::OptOut => Scope::OptOut,
+            },
+            exempt_namespaces: self.exempt_namespaces.iter().cloned().collect::<BTreeSet<_>>(),
+            controller_namespace: self.controller_namespace.clone(),
+        }
+    }
+}
+
+impl RegistryArgs {
+    pub fn config(&self) -> Result<RegistryConfig, String> {
+        let path = self
+            .docker_config
+            .clone()
+            .or_else(Credentials::default_docker_config_path);
+        let mut credentials = match path {
+            Some(p) => Credentials::from_docker_config(&p).map_err(|e| e.to_string())?,
+            None => Credentials::default(),
+        };
+        if let (Some(username), Some(password)) = (&self.username, &self.password) {
+            credentials = credentials.with_fallback(Credential::Basic {
+                username: username.clone(),
+                password: password.clone(),
+            });
+        }
+        if let Some(token) = &self.token {
+            credentials = credentials.with_fallback(Credential::Bearer(token.clone()));
+        }
+        Ok(RegistryConfig {
+            insecure: self.insecure_registries.clone(),
+            credentials,
+            timeout: Duration::from_secs(self.registry_timeout.max(1)),
+            ..RegistryConfig::default()
+        })
+    }
+}
+
+/// Runs a parsed command line; returns the process exit code.
+pub async fn run(cli: Cli) -> ExitCode {
+    match cli.command {
+        Command::Verify(args) => verify(args).await,
+        Command::Validate(args) => validate(&args),
+        Command::Serve(_) => not_built("serve", "the CRI ImageService proxy"),
+        Command::Admission(_) => not_built("admission", "the admission shim"),
+    }
+}
+
+fn not_built(command: &str, what: &str) -> ExitCode {
+    eprintln!(
+        "pullgate {command}: {what} is not built in this version of pullgate; \
+         see \"Not built yet\" in the README. Use `pullgate verify` to test policies."
+    );
+    ExitCode::from(EXIT_ERROR)
+}
+
+fn error_exit(message: &str) -> ExitCode {
+    eprintln!("pullgate: {message}");
+    ExitCode::from(EXIT_ERROR)
+}
+
+/// Loads policy paths into a snapshot, reporting every load and validation problem.
+fn load_snapshot(paths: &[PathBuf], settings: Settings) -> Result<Snapshot, Vec<String>> {
+    let objects = Objects::load_paths(paths)
+        .map_err(|errors| errors.iter().map(ToString::to_string).collect::<Vec<_>>())?;
+    let snapshot = Snapshot::build(&objects, settings);
+    if snapshot.problems.is_empty() {
+        Ok(snapshot)
+    } else {
+        Err(snapshot.problems.iter().map(ToString::to_string).collect())
+    }
+}
+
+async fn verify(args: VerifyArgs) -> ExitCode {
+    let image = match ImageRef::parse(&args.image) {
+        Ok(i) => i,
+        Err(e) => return error_exit(&e.to_string()),
+    };
+    let snapshot = match load_snapshot(&args.policies, args.scope.settings()) {
+        Ok(s) => s,
+        Err(problems) => {
+            for p in &problems {
+                eprintln!("pullgate: {p}");
+            }
+            return error_exit(&format!("{} problem(s) in the policies; nothing was verified", problems.len()));
+        }
+    };
+    let config = match args.registry.config() {
+        Ok(c) => c,
+        Err(e) => return error_exit(&e),
+    };
+    let registry = match RegistryClient::new(config) {
+        Ok(r) => r,
+        Err(e) => return error_exit(&e.to_string()),
+    };
+    let decision = decide(&snapshot, &registry, &image, args.namespace.as_deref()).await;
+    let printed = match args.output {
+        Output::Json => serde_json::to_string_pretty(&decision).map(|s| s + "\n").unwrap_or_default(),
+        Output::Text => render_text(&decision),
+    };
+    let mut stdout = std::io::stdout().lock();
+    // A closed stdout (`| head`) must not turn a verdict into a panic.
+    let _ = stdout.write_all(printed.as_bytes());
+    let _ = stdout.flush();
+    ExitCode::from(match decision.verdict {
+        Verdict::Allow | Verdict::Warn => 0,
+        Verdict::Deny => EXIT_DENY,
+        Verdict::Error => EXIT_ERROR,
+    })
+}
+
+/// Human-readable decision: verdict line, reasons, then each policy and authority.
+pub fn render_text(d: &Decision) -> String {
+    let mut out = String::new();
+    let digest = d.digest.as_deref().map(|x| format!(" ({x})")).unwrap_or_default();
+    out.push_str(&format!("{}: {}{digest}\n", d.verdict.as_str().to_uppercase(), d.image));
+    if let Some(ns) = &d.namespace {
+        let state = if d.enforced { "enforced" } else { "not enforced" };
+        out.push_str(&format!("  namespace: {ns} ({state})\n"));
+    }
+    for reason in &d.reasons {
+        out.push_str(&format!("  reason: {reason}\n"));
+    }
+    for p in &d.policies {
+        let mode = match p.mode {
+            crate::policy::snapshot::Mode::Enforce => "enforce",
+            crate::policy::snapshot::Mode::Warn => "warn",
+        };
+        let result = if p.passed { "pass" } else { "fail" };
+        out.push_str(&format!("  policy {} [{mode}]: {result}\n", p.name));
+        for problem in &p.problems {
+            out.push_str(&format!("    invalid: {problem}\n"));
+        }
+        for a in &p.authorities {
+            let result = if a.passed { "pass" } else { "fail" };
+            match &a.reason {
+                Some(r) => out.push_str(&format!("    authority {}: {result}: {r}\n", a.name)),
+                None => out.push_str(&format!("    authority {}: {result}\n", a.name)),
+            }
+        }
+    }
+    out
+}
+
+fn validate(args: &ValidateArgs) -> ExitCode {
+    match load_snapshot(&args.paths, args.scope.settings()) {
+        Ok(snapshot) => {
+            println!("ok: {} ClusterImagePolicy object(s) valid", snapshot.policies.len());
+            ExitCode::SUCCESS
+        }
+        Err(problems) => {
+            for p in &problems {
+                println!("{p}");
+            }
+            eprintln!("pullgate: {} problem(s) found", problems.len());
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,57 @@
+//! The one decision path shared by every front door: snapshot → covering policies → (only if
+//! needed) resolve the digest and fetch signatures once → pure evaluation → decision.
+
+use crate::image_ref::ImageRef;
+use crate::policy::eval::{conclude, decide_offline, evaluate_policy, signature_repos, Decision, Signatures, Verdict};
+use crate::policy::Snapshot;
+use crate::registry::RegistryClient;
+
+/// Decides whether `image` may run in `namespace` under `snapshot`.
+///
+/// Registry failures give [`Verdict::Error`] ("could not decide"), never an allow.
+pub async fn decide(
+    snapshot: &Snapshot,
+    registry: &RegistryClient,
+    image: &ImageRef,
+    namespace: Option<&str>,
+) -> Decision {
+    let (mut decision, undecided) = match decide_offline(snapshot, image, namespace) {
+        Ok(decision) => return decision,
+        Err(pending) => pending,
+    };
+    let could_not_decide = |mut decision: Decision, reason: String| {
+        decision.verdict = Verdict::Error;
+        decision.reasons = vec![format!("could not verify {image}: {reason}")];
+        decision
+    };
+    let digest = match registry.resolve(image).await {
+        Ok(d) => d,
+        Err(e) => return could_not_decide(decision, e.to_string()),
+    };
+    decision.digest = Some(digest.clone());
+    let pinned = image.with_digest(&digest);
+
+    let policies: Vec<_> = undecided.iter().map(|&i| &snapshot.policies[i]).collect();
+    let repos = signature_repos(&policies, &pinned);
+    let digest_ref = digest.as_str();
+    let fetches = repos.iter().map(|repo| async move {
+        (repo.name(), registry.fetch_signatures(repo, digest_ref).await)
+    });
+    let mut signatures = Signatures::new();
+    for (name, fetched) in futures_util::future::join_all(fetches).await {
+        match fetched {
+            Ok(layers) => {
+                signatures.insert(name, layers);
+            }
+            Err(e) => return could_not_decide(decision, format!("fetching signatures from {name}: {e}")),
+        }
+    }
+    for p in policies {
+        decision
+            .policies
+            .push(evaluate_policy(p, &pinned, &digest, &signatures));
+    }
+    let covering = decision.policies.len();
+    conclude(&mut decision, covering, snapshot.config.no_match_policy);
+    decision
+}

@@ -1,0 +1,315 @@
+//! Evaluation: pure functions from a snapshot, an image and the signatures fetched for it to a
+//! decision. Every covering CIP must pass (AND); within a CIP any authority suffices (OR).
+
+use std::collections::HashMap;
+
+use serde::Serialize;
+
+use super::snapshot::{Check, CompiledAuthority, CompiledPolicy, Mode, NoMatchPolicy, Snapshot};
+use crate::image_ref::ImageRef;
+use crate::verify::cosign::{check_key, KeyCheck, SignatureLayer};
+
+/// The outcome users act on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    Allow,
+    /// Allowed, with warnings (warn-mode policies failed, or no-match-policy=warn).
+    Warn,
+    Deny,
+    /// Could not decide (registry unreachable, bad input). Enforcing front doors deny.
+    Error,
+}
+
+impl Verdict {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Allow => "allow",
+            Verdict::Warn => "warn",
+            Verdict::Deny => "deny",
+            Verdict::Error => "error",
+        }
+    }
+
+    /// Whether the image may be pulled.
+    pub fn admits(self) -> bool {
+        matches!(self, Verdict::Allow | Verdict::Warn)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AuthorityOutcome {
+    pub name: String,
+    pub passed: bool,
+    /// Why it failed, in policy-controller's message shapes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// What satisfied it (signature layer, key fingerprint, log entry).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub evidence: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PolicyOutcome {
+    pub name: String,
+    pub mode: Mode,
+    pub passed: bool,
+    pub authorities: Vec<AuthorityOutcome>,
+    /// Problems that make the policy invalid (it then fails).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub problems: Vec<String>,
+}
+
+/// A complete decision for one image in one namespace.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Decision {
+    /// The image as requested, normalized.
+    pub image: String,
+    /// The manifest digest that was verified (when a registry lookup was needed).
+    pub digest: Option<String>,
+    pub namespace: Option<String>,
+    pub enforced: bool,
+    pub verdict: Verdict,
+    pub reasons: Vec<String>,
+    pub policies: Vec<PolicyOutcome>,
+}
+
+impl Decision {
+    pub fn new(image: &ImageRef, namespace: Option<&str>, enforced: bool) -> Decision {
+        Decision {
+            image: image.to_string(),
+            digest: image.digest().map(str::to_string),
+            namespace: namespace.map(str::to_string),
+            enforced,
+            verdict: Verdict::Allow,
+            reasons: Vec::new(),
+            policies: Vec::new(),
+        }
+    }
+}
+
+/// Signatures fetched for one digest, by signature repository name (`registry/repository`).
+pub type Signatures = HashMap<String, Vec<SignatureLayer>>;
+
+/// The outcome of a policy when it can be decided without any registry access: it is
+/// invalid, has a passing static authority, or has only failing static authorities.
+pub fn static_outcome(p: &CompiledPolicy) -> Option<PolicyOutcome> {
+    let authorities = match &p.authorities {
+        Err(problems) => {
+            return Some(PolicyOutcome {
+                name: p.name.clone(),
+                mode: p.mode,
+                passed: false,
+                authorities: Vec::new(),
+                problems: problems.iter().map(ToString::to_string).collect(),
+            })
+        }
+        Ok(a) => a,
+    };
+    let is_static = |a: &CompiledAuthority| matches!(a.check, Check::Static { .. } | Check::Unusable(_));
+    let static_pass = authorities
+        .iter()
+        .any(|a| matches!(a.check, Check::Static { pass: true, .. }));
+    if !static_pass && !authorities.iter().all(is_static) {
+        return None;
+    }
+    let outcomes: Vec<AuthorityOutcome> = authorities
+        .iter()
+        .filter(|a| is_static(a))
+        .map(|a| static_authority(a))
+        .collect();
+    Some(PolicyOutcome {
+        name: p.name.clone(),
+        mode: p.mode,
+        passed: outcomes.iter().any(|o| o.passed),
+        authorities: outcomes,
+        problems: Vec::new(),
+    })
+}
+
+fn static_authority(a: &CompiledAuthority) -> AuthorityOutcome {
+    let (passed, reason) = match &a.check {
+        Check::Static { pass: true, .. } => (true, None),
+        Check::Static { pass: false, message } => (
+            false,
+            Some(match message.as_deref().filter(|m| !m.is_empty()) {
+                Some(m) => format!("disallowed by static policy: {m}"),
+                None => "disallowed by static policy".to_string(),
+            }),
+        ),
+        Check::Unusable(reason) => (
+            false,
+            Some(format!("authority {} cannot be verified: {reason}", a.name)),
+        ),
+        Check::Key { .. } => (false, None),
+    };
+    AuthorityOutcome {
+        name: a.name.clone(),
+        passed,
+        reason,
+        evidence: None,
+    }
+}
+
+/// Repository names (`registry/repository`) whose signatures the undecided policies need.
+pub fn signature_repos(policies: &[&CompiledPolicy], image: &ImageRef) -> Vec<ImageRef> {
+    let mut repos: Vec<ImageRef> = Vec::new();
+    for p in policies {
+        for a in p.authorities.iter().flatten() {
+            if matches!(a.check, Check::Key { .. }) {
+                let repo = a.signature_repo.clone().unwrap_or_else(|| image.clone());
+                if !repos.iter().any(|r| r.name() == repo.name()) {
+                    repos.push(repo);
+                }
+            }
+        }
+    }
+    repos
+}
+
+/// Evaluates a policy against signatures fetched for `digest`.
+pub fn evaluate_policy(
+    p: &CompiledPolicy,
+    image: &ImageRef,
+    digest: &str,
+    signatures: &Signatures,
+) -> PolicyOutcome {
+    if let Some(outcome) = static_outcome(p) {
+        return outcome;
+    }
+    let authorities: Vec<AuthorityOutcome> = p
+        .authorities
+        .iter()
+        .flatten()
+        .map(|a| match &a.check {
+            Check::Key { keys, hash, tlog } => {
+                let repo = a.signature_repo.as_ref().unwrap_or(image);
+                let layers = signatures
+                    .get(&repo.name())
+                    .map(Vec::as_slice)
+                    .unwrap_or_default();
+                let check = KeyCheck {
+                    keys,
+                    hash: *hash,
+                    tlog: tlog.as_ref(),
+                };
+                match check_key(layers, digest, &check) {
+                    Ok(m) => AuthorityOutcome {
+                        name: a.name.clone(),
+                        passed: true,
+                        reason: None,
+                        evidence: serde_json::to_value(m).ok(),
+                    },
+                    Err(cause) => AuthorityOutcome {
+                        name: a.name.clone(),
+                        passed: false,
+                        reason: Some(format!(
+                            "signature key validation failed for authority {} for {}@{digest}: {cause}",
+                            a.name,
+                            image.name()
+                        )),
+                        evidence: None,
+                    },
+                }
+            }
+            _ => static_authority(a),
+        })
+        .collect();
+    PolicyOutcome {
+        name: p.name.clone(),
+        mode: p.mode,
+        passed: authorities.iter().any(|a| a.passed),
+        authorities,
+        problems: Vec::new(),
+    }
+}
+
+/// The reason line for a failed policy, in policy-controller's shape:
+/// `failed policy: <cip>: <path> <image> <authority errors>`.
+pub fn failure_reason(outcome: &PolicyOutcome, path: &str, image: &str) -> String {
+    let mut causes: Vec<String> = outcome
+        .problems
+        .iter()
+        .map(|p| format!("policy is invalid: {p}"))
+        .collect();
+    causes.extend(outcome.authorities.iter().filter_map(|a| a.reason.clone()));
+    format!(
+        "failed policy: {}: {path} {image} {}",
+        outcome.name,
+        causes.join("; ")
+    )
+}
+
+/// Sets the verdict and reasons of `decision` from its policy outcomes.
+pub fn conclude(decision: &mut Decision, covering: usize, no_match: NoMatchPolicy) {
+    let image = match &decision.digest {
+        Some(d) if !decision.image.contains('@') => format!("{}@{d}", decision.image),
+        _ => decision.image.clone(),
+    };
+    if covering == 0 {
+        let reason = format!("no matching policies: image {image}");
+        decision.verdict = match no_match {
+            NoMatchPolicy::Deny => Verdict::Deny,
+            NoMatchPolicy::Warn => Verdict::Warn,
+            NoMatchPolicy::Allow => Verdict::Allow,
+        };
+        if no_match != NoMatchPolicy::Allow {
+            decision.reasons.push(reason);
+        }
+        return;
+    }
+    let failed = |mode: Mode| -> Vec<String> {
+        decision
+            .policies
+            .iter()
+            .filter(|p| !p.passed && p.mode == mode)
+            .map(|p| failure_reason(p, "image", &image))
+            .collect()
+    };
+    let denials = failed(Mode::Enforce);
+    let warnings = failed(Mode::Warn);
+    decision.verdict = if !denials.is_empty() {
+        Verdict::Deny
+    } else if !warnings.is_empty() {
+        Verdict::Warn
+    } else {
+        Verdict::Allow
+    };
+    decision.reasons = denials;
+    decision.reasons.extend(warnings);
+}
+
+/// Decides without the registry when possible. Returns `None` when signatures are needed.
+pub fn decide_offline(
+    snapshot: &Snapshot,
+    image: &ImageRef,
+    namespace: Option<&str>,
+) -> Result<Decision, (Decision, Vec<usize>)> {
+    let enforced = snapshot.is_enforced(namespace);
+    let mut decision = Decision::new(image, namespace, enforced);
+    if !enforced {
+        decision.reasons.push(format!(
+            "namespace {} is not enforced",
+            namespace.unwrap_or_default()
+        ));
+        return Ok(decision);
+    }
+    let covering = snapshot.applicable(image);
+    let mut undecided = Vec::new();
+    for &i in &covering {
+        match static_outcome(&snapshot.policies[i]) {
+            Some(outcome) => decision.policies.push(outcome),
+            None => undecided.push(i),
+        }
+    }
+    // A statically failing enforce-mode policy denies whatever the signatures say.
+    let static_denial = decision
+        .policies
+        .iter()
+        .any(|p| !p.passed && p.mode == Mode::Enforce);
+    if undecided.is_empty() || static_denial {
+        conclude(&mut decision, covering.len(), snapshot.config.no_match_policy);
+        return Ok(decision);
+    }
+    Err((decision, undecided))
+}

@@ -1,0 +1,10 @@
+//! ClusterImagePolicy model: types, loading, validation, glob matching and evaluation.
+
+pub mod eval;
+pub mod glob;
+pub mod load;
+pub mod snapshot;
+pub mod types;
+pub mod validate;
+
+pub use snapshot::Snapshot;

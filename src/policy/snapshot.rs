@@ -1,0 +1,559 @@
+//! The in-memory policy snapshot every decision reads: CIPs compiled (globs into one index,
+//! keys parsed, Secrets and TrustRoots resolved), namespace labels and controller config.
+//! Built whole from [`Objects`] and swapped whole; nothing in it does I/O.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use k8s_openapi::api::core::v1::Secret;
+use serde::Serialize;
+use sha2::Digest as _;
+
+use super::glob::GlobIndex;
+use super::load::Objects;
+use super::types::{Authority, ClusterImagePolicy, Labels, TrustRoot};
+use super::validate::{validate_cip, validate_trust_root, Problem};
+use crate::image_ref::ImageRef;
+use crate::verify::keys::{parse_pem_keys, HashAlgorithm, PublicKey};
+use crate::verify::rekor::{decode_log_key, LogKeys, PUBLIC_GOOD_REKOR_URL};
+
+/// Namespace label that opts a namespace into enforcement.
+pub const INCLUDE_LABEL: &str = "policy.sigstore.dev/include";
+/// Namespace label that opts a namespace out in opt-out mode.
+pub const EXCLUDE_LABEL: &str = "policy.sigstore.dev/exclude";
+/// The policy-controller ConfigMap name.
+pub const CONFIG_MAP_NAME: &str = "config-policy-controller";
+
+/// Which namespaces are enforced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Scope {
+    /// Only namespaces labelled `policy.sigstore.dev/include=true` (policy-controller's default).
+    #[default]
+    IncludeLabel,
+    /// Every namespace not labelled `policy.sigstore.dev/exclude=true`.
+    OptOut,
+}
+
+/// pullgate's own enforcement settings (flags, not cluster objects).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Settings {
+    pub scope: Scope,
+    /// Never enforced, whatever their labels (default: `kube-system`).
+    pub exempt_namespaces: BTreeSet<String>,
+    /// Where key Secrets and the config ConfigMap live (default: `cosign-system`).
+    pub controller_namespace: String,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            scope: Scope::IncludeLabel,
+            exempt_namespaces: BTreeSet::from(["kube-system".to_string()]),
+            controller_namespace: "cosign-system".to_string(),
+        }
+    }
+}
+
+/// `no-match-policy` of the `config-policy-controller` ConfigMap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NoMatchPolicy {
+    #[default]
+    Deny,
+    Warn,
+    Allow,
+}
+
+/// Settings read from the `config-policy-controller` ConfigMap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct ControllerConfig {
+    pub no_match_policy: NoMatchPolicy,
+    pub fail_on_empty_authorities: bool,
+}
+
+impl Default for ControllerConfig {
+    fn default() -> Self {
+        ControllerConfig {
+            no_match_policy: NoMatchPolicy::Deny,
+            fail_on_empty_authorities: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    Enforce,
+    Warn,
+}
+
+/// What an authority checks, resolved against Secrets and TrustRoots.
+#[derive(Debug, Clone)]
+pub enum Check {
+    Static {
+        pass: bool,
+        message: Option<String>,
+    },
+    Key {
+        keys: Vec<PublicKey>,
+        hash: HashAlgorithm,
+        /// Set when the authority has `ctlog`: a Rekor bundle signed by one of these logs.
+        tlog: Option<LogKeys>,
+    },
+    /// The authority cannot be checked (missing Secret, feature not built, …): it fails with
+    /// this reason. Failing closed is the point: it never passes.
+    Unusable(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct CompiledAuthority {
+    pub name: String,
+    pub check: Check,
+    /// Repository holding the signatures (`source.oci`), when not the image's own.
+    pub signature_repo: Option<ImageRef>,
+}
+
+/// A CIP ready for evaluation. `authorities` is `Err` when the CIP is invalid: every image it
+/// covers is denied with those problems (policy-controller drops such CIPs; that can allow).
+#[derive(Debug, Clone)]
+pub struct CompiledPolicy {
+    pub name: String,
+    pub origin: String,
+    pub mode: Mode,
+    pub globs: Vec<String>,
+    pub authorities: Result<Vec<CompiledAuthority>, Vec<Problem>>,
+}
+
+/// A problem found while building a snapshot, for `pullgate validate` and reload reports.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SnapshotProblem {
+    pub origin: String,
+    pub object: String,
+    pub problem: Problem,
+}
+
+impl std::fmt::Display for SnapshotProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}: {}", self.origin, self.object, self.problem)
+    }
+}
+
+/// Everything a decision needs, immutable once built.
+pub struct Snapshot {
+    pub policies: Vec<CompiledPolicy>,
+    index: GlobIndex,
+    /// Policies whose globs do not compile: they cover every image (fail closed).
+    cover_all: Vec<usize>,
+    namespaces: HashMap<String, Labels>,
+    pub config: ControllerConfig,
+    pub settings: Settings,
+    pub problems: Vec<SnapshotProblem>,
+    fingerprint: String,
+}
+
+impl std::fmt::Debug for Snapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Snapshot")
+            .field("policies", &self.policies.len())
+            .field("namespaces", &self.namespaces.len())
+            .field("fingerprint", &self.fingerprint)
+            .finish()
+    }
+}
+
+impl Snapshot {
+    /// Compiles `objects`. Invalid CIPs are kept (as deny-everything-they-cover) and reported
+    /// in [`Snapshot::problems`].
+    pub fn build(objects: &Objects, settings: Settings) -> Snapshot {
+        let mut problems = Vec::new();
+        let config = controller_config(objects, &settings, &mut problems);
+        let secrets: HashMap<&str, &Secret> = objects
+            .secrets
+            .iter()
+            .filter(|s| {
+                s.metadata.namespace.as_deref().unwrap_or(&settings.controller_namespace)
+                    == settings.controller_namespace
+            })
+            .filter_map(|s| Some((s.metadata.name.as_deref()?, s)))
+            .collect();
+        let mut trust_roots: HashMap<&str, &TrustRoot> = HashMap::new();
+        for tr in &objects.trust_roots {
+            let name = tr.object.metadata.name.as_deref().unwrap_or_default();
+            for problem in validate_trust_root(&tr.object) {
+                problems.push(SnapshotProblem {
+                    origin: tr.origin.clone(),
+                    object: format!("TrustRoot {name}"),
+                    problem,
+                });
+            }
+            trust_roots.insert(name, &tr.object);
+        }
+        let resolver = Resolver {
+            secrets,
+            trust_roots,
+            controller_namespace: &settings.controller_namespace,
+        };
+
+        let mut cips: Vec<_> = objects.cips.iter().collect();
+        cips.sort_by(|a, b| a.object.metadata.name.cmp(&b.object.metadata.name));
+        let mut policies = Vec::with_capacity(cips.len());
+        let mut hasher = sha2::Sha256::new();
+        for cip in cips {
+            let compiled = compile(&cip.object, &cip.origin, &config, &resolver);
+            if let Err(found) = &compiled.authorities {
+                for problem in found {
+                    problems.push(SnapshotProblem {
+                        origin: cip.origin.clone(),
+                        object: format!("ClusterImagePolicy {}", compiled.name),
+                        problem: problem.clone(),
+                    });
+                }
+            }
+            hash_policy(&mut hasher, &cip.object, &compiled);
+            policies.push(compiled);
+        }
+        hasher.update(format!("{config:?}{settings:?}").as_bytes());
+
+        let mut cover_all = Vec::new();
+        let mut entries = Vec::new();
+        for (i, p) in policies.iter().enumerate() {
+            if p.globs.iter().any(|g| super::glob::validate_glob(g).is_err()) {
+                cover_all.push(i);
+            } else {
+                entries.extend(p.globs.iter().map(|g| (g.as_str(), i)));
+            }
+        }
+        // Every glob was validated above, so building the index cannot fail; should it ever,
+        // covering everything keeps the snapshot closed rather than open.
+        let index = match GlobIndex::new(entries) {
+            Ok(index) => index,
+            Err(_) => {
+                cover_all = (0..policies.len()).collect();
+                GlobIndex::new(std::iter::empty()).unwrap_or_else(|_| unreachable!())
+            }
+        };
+
+        let namespaces = objects
+            .namespaces
+            .iter()
+            .filter_map(|ns| {
+                let name = ns.metadata.name.clone()?;
+                Some((name, ns.metadata.labels.clone().unwrap_or_default()))
+            })
+            .collect();
+
+        Snapshot {
+            policies,
+            index,
+            cover_all,
+            namespaces,
+            config,
+            settings,
+            problems,
+            fingerprint: hex::encode(hasher.finalize()),
+        }
+    }
+
+    /// SHA-256 over everything that can change a verdict: CIPs, resolved keys, config and
+    /// settings. Verdict caches key on it, so a changed policy or rotated key invalidates.
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
+    /// Whether decisions in `namespace` are enforced. `None` (no namespace known, as for the
+    /// CLI without `--namespace`) is enforced.
+    pub fn is_enforced(&self, namespace: Option<&str>) -> bool {
+        let Some(ns) = namespace else { return true };
+        if self.settings.exempt_namespaces.contains(ns) {
+            return false;
+        }
+        let label = |key: &str| {
+            self.namespaces
+                .get(ns)
+                .and_then(|l| l.get(key))
+                .is_some_and(|v| v == "true")
+        };
+        match self.settings.scope {
+            Scope::IncludeLabel => label(INCLUDE_LABEL),
+            Scope::OptOut => !label(EXCLUDE_LABEL),
+        }
+    }
+
+    /// Indices of the policies covering `image`: a glob matches its tag form or digest form.
+    pub fn applicable(&self, image: &ImageRef) -> Vec<usize> {
+        let tag_form = image.tag_form();
+        let digest_form = image.digest_form();
+        let forms: Vec<&str> = [tag_form.as_deref(), digest_form.as_deref()]
+            .into_iter()
+            .flatten()
+            .collect();
+        let mut found = self.index.matching(&forms);
+        if !self.cover_all.is_empty() {
+            found.extend(&self.cover_all);
+            found.sort_unstable();
+            found.dedup();
+        }
+        found
+    }
+}
+
+struct Resolver<'a> {
+    secrets: HashMap<&'a str, &'a Secret>,
+    trust_roots: HashMap<&'a str, &'a TrustRoot>,
+    controller_namespace: &'a str,
+}
+
+fn controller_config(
+    objects: &Objects,
+    settings: &Settings,
+    problems: &mut Vec<SnapshotProblem>,
+) -> ControllerConfig {
+    let mut config = ControllerConfig::default();
+    let Some(cm) = objects.config_maps.iter().find(|cm| {
+        cm.metadata.name.as_deref() == Some(CONFIG_MAP_NAME)
+            && cm.metadata.namespace.as_deref().unwrap_or(&settings.controller_namespace)
+                == settings.controller_namespace
+    }) else {
+        return config;
+    };
+    let data = cm.data.clone().unwrap_or_default();
+    if let Some(v) = data.get("no-match-policy") {
+        // Unknown values mean deny, as in policy-controller; say so rather than guess silently.
+        config.no_match_policy = match v.as_str() {
+            "allow" => NoMatchPolicy::Allow,
+            "warn" => NoMatchPolicy::Warn,
+            "deny" => NoMatchPolicy::Deny,
+            other => {
+                problems.push(SnapshotProblem {
+                    origin: "ConfigMap".into(),
+                    object: format!("ConfigMap {CONFIG_MAP_NAME}"),
+                    problem: Problem {
+                        path: "data.no-match-policy".into(),
+                        message: format!("unknown value {other:?}; using deny"),
+                    },
+                });
+                NoMatchPolicy::Deny
+            }
+        };
+    }
+    if let Some(v) = data.get("fail-on-empty-authorities") {
+        config.fail_on_empty_authorities = v != "false";
+    }
+    config
+}
+
+fn compile(
+    cip: &ClusterImagePolicy,
+    origin: &str,
+    config: &ControllerConfig,
+    resolver: &Resolver,
+) -> CompiledPolicy {
+    let name = cip.metadata.name.clone().unwrap_or_default();
+    let mode = match cip.spec.mode.as_deref() {
+        Some("warn") => Mode::Warn,
+        _ => Mode::Enforce,
+    };
+    let globs = cip.spec.images.iter().map(|i| i.glob.clone()).collect();
+    let mut problems = validate_cip(cip, config.fail_on_empty_authorities);
+    if cip.spec.authorities.is_empty() && problems.is_empty() {
+        // Allowed only with fail-on-empty-authorities=false; still never a silent pass.
+        problems.push(Problem {
+            path: "spec.authorities".into(),
+            message: "no authorities: nothing can verify images covered by this policy".into(),
+        });
+    }
+    let authorities = if problems.is_empty() {
+        Ok(cip
+            .spec
+            .authorities
+            .iter()
+            .enumerate()
+            .map(|(i, a)| compile_authority(a, i, cip, resolver))
+            .collect())
+    } else {
+        Err(problems)
+    };
+    CompiledPolicy {
+        name,
+        origin: origin.to_string(),
+        mode,
+        globs,
+        authorities,
+    }
+}
+
+fn compile_authority(
+    a: &Authority,
+    index: usize,
+    cip: &ClusterImagePolicy,
+    resolver: &Resolver,
+) -> CompiledAuthority {
+    let name = a
+        .name
+        .clone()
+        .unwrap_or_else(|| format!("authority-{index}"));
+    let signature_repo = a
+        .source
+        .first()
+        .and_then(|s| s.oci.as_deref())
+        .and_then(|oci| ImageRef::parse(oci).ok());
+    let check = match unsupported(a, cip) {
+        Some(reason) => Check::Unusable(reason),
+        None => resolve_check(a, resolver).unwrap_or_else(Check::Unusable),
+    };
+    CompiledAuthority {
+        name,
+        check,
+        signature_repo,
+    }
+}
+
+/// Features a CIP may use that this build does not verify. They fail closed with a reason.
+fn unsupported(a: &Authority, cip: &ClusterImagePolicy) -> Option<String> {
+    let not_built = |what: &str| Some(format!("{what} is not supported by this version of pullgate"));
+    if cip.spec.policy.is_some() {
+        return not_built("a ClusterImagePolicy-level policy (spec.policy)");
+    }
+    if a.keyless.is_some() {
+        return not_built("keyless verification");
+    }
+    if !a.attestations.is_empty() {
+        return not_built("attestation verification");
+    }
+    if a.rfc3161timestamp.is_some() {
+        return not_built("rfc3161timestamp");
+    }
+    if let Some(key) = &a.key {
+        if let Some(kms) = &key.kms {
+            return not_built(&format!("a KMS key ({kms})"));
+        }
+    }
+    if let Some(source) = a.source.first() {
+        if !source.signature_pull_secrets.is_empty() {
+            return not_built("source.signaturePullSecrets");
+        }
+        if source.tag_prefix.is_some() {
+            return not_built("source.tagPrefix");
+        }
+    }
+    match a.signature_format.as_deref() {
+        None | Some("") | Some("simplesigning") => None,
+        Some(other) => not_built(&format!("signatureFormat {other:?}")),
+    }
+}
+
+fn resolve_check(a: &Authority, resolver: &Resolver) -> Result<Check, String> {
+    if let Some(st) = &a.static_ {
+        return Ok(Check::Static {
+            pass: st.action == "pass",
+            message: st.message.clone(),
+        });
+    }
+    let Some(key) = &a.key else {
+        return Err("authority has no key, keyless or static".into());
+    };
+    let hash = HashAlgorithm::parse(key.hash_algorithm.as_deref().unwrap_or(""))
+        .ok_or_else(|| "unknown hashAlgorithm".to_string())?;
+    let keys = if let Some(data) = &key.data {
+        parse_pem_keys(data).map_err(|e| format!("key.data: {e}"))?
+    } else if let Some(secret_ref) = &key.secret_ref {
+        secret_keys(resolver, &secret_ref.name)?
+    } else {
+        return Err("key has neither data nor secretRef".into());
+    };
+    let tlog = match &a.ctlog {
+        None => None,
+        Some(ctlog) => Some(log_keys(ctlog, resolver)?),
+    };
+    Ok(Check::Key { keys, hash, tlog })
+}
+
+/// Every PEM public key in every data entry of the Secret; any of them may verify.
+fn secret_keys(resolver: &Resolver, name: &str) -> Result<Vec<PublicKey>, String> {
+    let ns = resolver.controller_namespace;
+    let secret = resolver
+        .secrets
+        .get(name)
+        .ok_or_else(|| format!("key Secret {ns}/{name} not found"))?;
+    let mut values: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    for (k, v) in secret.data.iter().flatten() {
+        values.insert(k.clone(), v.0.clone());
+    }
+    for (k, v) in secret.string_data.iter().flatten() {
+        values.insert(k.clone(), v.clone().into_bytes());
+    }
+    let mut keys = Vec::new();
+    for (entry, bytes) in &values {
+        let text = std::str::from_utf8(bytes)
+            .map_err(|_| format!("key Secret {ns}/{name} entry {entry:?} is not text"))?;
+        keys.extend(
+            parse_pem_keys(text)
+                .map_err(|e| format!("key Secret {ns}/{name} entry {entry:?}: {e}"))?,
+        );
+    }
+    if keys.is_empty() {
+        return Err(format!("key Secret {ns}/{name} holds no public key"));
+    }
+    Ok(keys)
+}
+
+/// Transparency log keys for a `ctlog`: a TrustRoot's `tLogs`, or the embedded public-good
+/// Rekor key for `https://rekor.sigstore.dev` (the default when no url is given).
+fn log_keys(ctlog: &super::types::TLog, resolver: &Resolver) -> Result<LogKeys, String> {
+    let url = ctlog
+        .url
+        .as_deref()
+        .filter(|u| !u.is_empty())
+        .unwrap_or(PUBLIC_GOOD_REKOR_URL)
+        .trim_end_matches('/');
+    let mut keys = LogKeys::default();
+    let roots: Vec<&TrustRoot> = match &ctlog.trust_root_ref {
+        Some(name) => vec![*resolver
+            .trust_roots
+            .get(name.as_str())
+            .ok_or_else(|| format!("ctlog.trustRootRef: TrustRoot {name:?} not found"))?],
+        None => resolver.trust_roots.values().copied().collect(),
+    };
+    for root in roots {
+        let tlogs = root.spec.sigstore_keys.iter().flat_map(|k| &k.t_logs);
+        for tlog in tlogs {
+            let matches_url = ctlog.trust_root_ref.is_some()
+                || tlog.base_url.trim_end_matches('/') == url;
+            if matches_url {
+                keys.insert(
+                    decode_log_key(&tlog.public_key).map_err(|e| format!("TrustRoot tLog key: {e}"))?,
+                );
+            }
+        }
+    }
+    if keys.is_empty() && ctlog.trust_root_ref.is_none() && url == PUBLIC_GOOD_REKOR_URL {
+        keys = LogKeys::public_good();
+    }
+    if keys.is_empty() {
+        return Err(format!(
+            "no public key known for transparency log {url}: add a TrustRoot with its tLogs"
+        ));
+    }
+    Ok(keys)
+}
+
+fn hash_policy(hasher: &mut sha2::Sha256, cip: &ClusterImagePolicy, compiled: &CompiledPolicy) {
+    hasher.update(compiled.name.as_bytes());
+    hasher.update(serde_json::to_vec(&cip.spec).unwrap_or_default());
+    if let Ok(authorities) = &compiled.authorities {
+        for a in authorities {
+            match &a.check {
+                Check::Key { keys, tlog, .. } => {
+                    for k in keys {
+                        hasher.update(k.spki_der());
+                    }
+                    for id in tlog.iter().flat_map(|t| t.ids()) {
+                        hasher.update(id.as_bytes());
+                    }
+                }
+                Check::Unusable(reason) => hasher.update(reason.as_bytes()),
+                Check::Static { .. } => {}
+            }
+        }
+    }
+}

@@ -1,0 +1,255 @@
+//! Registry credentials: explicit flags, a docker `config.json`, and the bearer-token
+//! challenge of the distribution token protocol.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use base64::Engine as _;
+use serde::Deserialize;
+
+/// Credentials for one registry.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Credential {
+    Basic { username: String, password: String },
+    /// A registry bearer token sent as is.
+    Bearer(String),
+}
+
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Credential::Basic { username, .. } => write!(f, "Basic({username}, <redacted>)"),
+            Credential::Bearer(_) => write!(f, "Bearer(<redacted>)"),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CredentialError {
+    #[error("cannot read docker config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid docker config {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+/// Credentials by registry host (`index.docker.io` for Docker Hub).
+#[derive(Debug, Clone, Default)]
+pub struct Credentials {
+    by_host: HashMap<String, Credential>,
+    fallback: Option<Credential>,
+}
+
+#[derive(Deserialize)]
+struct DockerConfig {
+    #[serde(default)]
+    auths: HashMap<String, DockerAuth>,
+}
+
+#[derive(Deserialize)]
+struct DockerAuth {
+    #[serde(default)]
+    auth: Option<String>,
+    #[serde(default)]
+    username: Option<String>,
+    #[serde(default)]
+    password: Option<String>,
+    #[serde(default)]
+    registrytoken: Option<String>,
+}
+
+const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+impl Credentials {
+    /// Credentials used for every registry (explicit `--username/--password` or `--token`).
+    pub fn with_fallback(mut self, credential: Credential) -> Self {
+        self.fallback = Some(credential);
+        self
+    }
+
+    pub fn insert(&mut self, host: &str, credential: Credential) {
+        self.by_host.insert(normalize_host(host), credential);
+    }
+
+    /// Reads the `auths` of a docker `config.json`. `credsStore`/`credHelpers` are not consulted.
+    pub fn from_docker_config(path: &Path) -> Result<Credentials, CredentialError> {
+        let read_err = |source| CredentialError::Read {
+            path: path.to_path_buf(),
+            source,
+        };
+        let invalid = |message: String| CredentialError::Invalid {
+            path: path.to_path_buf(),
+            message,
+        };
+        let meta = std::fs::metadata(path).map_err(read_err)?;
+        if meta.len() > MAX_CONFIG_BYTES {
+            return Err(invalid(format!("larger than {MAX_CONFIG_BYTES} bytes")));
+        }
+        let text = std::fs::read(path).map_err(read_err)?;
+        let config: DockerConfig =
+            serde_json::from_slice(&text).map_err(|e| invalid(e.to_string()))?;
+        let mut creds = Credentials::default();
+        for (host, entry) in config.auths {
+            let credential = if let Some(token) = entry.registrytoken {
+                Credential::Bearer(token)
+            } else if let (Some(username), Some(password)) = (entry.username, entry.password) {
+                Credential::Basic { username, password }
+            } else if let Some(auth) = entry.auth.filter(|a| !a.is_empty()) {
+                let decoded = base64::engine::general_purpose::STANDARD
+                    .decode(auth.trim())
+                    .map_err(|e| invalid(format!("auths.{host}.auth is not base64: {e}")))?;
+                let decoded = String::from_utf8(decoded)
+                    .map_err(|_| invalid(format!("auths.{host}.auth is not UTF-8")))?;
+                let Some((username, password)) = decoded.split_once(':') else {
+                    return Err(invalid(format!("auths.{host}.auth is not user:password")));
+                };
+                Credential::Basic {
+                    username: username.to_string(),
+                    password: password.to_string(),
+                }
+            } else {
+                continue;
+            };
+            creds.insert(&host, credential);
+        }
+        Ok(creds)
+    }
+
+    /// The docker config the docker CLI would read: `$DOCKER_CONFIG/config.json` or
+    /// `~/.docker/config.json`, when it exists.
+    pub fn default_docker_config_path() -> Option<PathBuf> {
+        let dir = std::env::var_os("DOCKER_CONFIG")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".docker")))?;
+        let path = dir.join("config.json");
+        path.is_file().then_some(path)
+    }
+
+    pub fn for_host(&self, host: &str) -> Option<&Credential> {
+        self.by_host.get(host).or(self.fallback.as_ref())
+    }
+}
+
+/// `https://index.docker.io/v1/`, `docker.io` and `registry-1.docker.io` all name Docker Hub.
+fn normalize_host(key: &str) -> String {
+    let without_scheme = key
+        .strip_prefix("https://")
+        .or_else(|| key.strip_prefix("http://"))
+        .unwrap_or(key);
+    let host = without_scheme.split('/').next().unwrap_or_default();
+    match host {
+        "docker.io" | "registry-1.docker.io" | "index.docker.io" => "index.docker.io".into(),
+        other => other.to_ascii_lowercase(),
+    }
+}
+
+/// A parsed `WWW-Authenticate` challenge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Challenge {
+    Basic,
+    Bearer {
+        realm: String,
+        service: Option<String>,
+        scope: Option<String>,
+    },
+}
+
+/// Parses `Bearer realm="…",service="…",scope="…"` or `Basic realm="…"`.
+pub fn parse_challenge(header: &str) -> Option<Challenge> {
+    let (scheme, rest) = header.trim().split_once(' ').unwrap_or((header.trim(), ""));
+    if scheme.eq_ignore_ascii_case("basic") {
+        return Some(Challenge::Basic);
+    }
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return None;
+    }
+    let mut params: HashMap<String, String> = HashMap::new();
+    let mut rest = rest.trim();
+    while !rest.is_empty() {
+        let (key, after) = rest.split_once('=')?;
+        let key = key.trim().trim_start_matches(',').trim().to_ascii_lowercase();
+        let after = after.trim_start();
+        let (value, remainder) = if let Some(quoted) = after.strip_prefix('"') {
+            let end = quoted.find('"')?;
+            (&quoted[..end], &quoted[end + 1..])
+        } else {
+            let end = after.find(',').unwrap_or(after.len());
+            (&after[..end], &after[end..])
+        };
+        params.insert(key, value.to_string());
+        rest = remainder.trim_start().trim_start_matches(',').trim_start();
+    }
+    Some(Challenge::Bearer {
+        realm: params.remove("realm")?,
+        service: params.remove("service"),
+        scope: params.remove("scope"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn challenges() {
+        assert_eq!(
+            parse_challenge(
+                r#"Bearer realm="https://auth.example.com/token",service="registry.example.com",scope="repository:a/b:pull""#
+            ),
+            Some(Challenge::Bearer {
+                realm: "https://auth.example.com/token".into(),
+                service: Some("registry.example.com".into()),
+                scope: Some("repository:a/b:pull".into()),
+            })
+        );
+        assert_eq!(parse_challenge(r#"Basic realm="x""#), Some(Challenge::Basic));
+        assert_eq!(parse_challenge("Negotiate"), None);
+        assert_eq!(parse_challenge(r#"Bearer service="x""#), None);
+    }
+
+    #[test]
+    fn docker_config_forms() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.json");
+        std::fs::write(
+            &path,
+            r#"{"auths":{
+                "https://index.docker.io/v1/":{"auth":"dXNlcjpwYXNz"},
+                "127.0.0.1:5000":{"username":"u","password":"p"},
+                "ghcr.io":{"registrytoken":"tok"},
+                "empty.example":{}
+            }}"#,
+        )
+        .unwrap();
+        let creds = Credentials::from_docker_config(&path).unwrap();
+        assert_eq!(
+            creds.for_host("index.docker.io"),
+            Some(&Credential::Basic {
+                username: "user".into(),
+                password: "pass".into()
+            })
+        );
+        assert!(matches!(
+            creds.for_host("127.0.0.1:5000"),
+            Some(Credential::Basic { .. })
+        ));
+        assert_eq!(
+            creds.for_host("ghcr.io"),
+            Some(&Credential::Bearer("tok".into()))
+        );
+        assert_eq!(creds.for_host("empty.example"), None);
+    }
+
+    #[test]
+    fn docker_config_errors_are_clear() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.json");
+        std::fs::write(&path, r#"{"auths":{"x":{"auth":"%%%"}}}"#).unwrap();
+        let err = Credentials::from_docker_config(&path).unwrap_err();
+        assert!(err.to_string().contains("auths.x.auth is not base64"), "{err}");
+        std::fs::write(&path, "not json").unwrap();
+        assert!(Credentials::from_docker_config(&path).is_err());
+    }
+}

@@ -1,0 +1,577 @@
+//! Registry access for verification: resolve a tag to a digest and fetch cosign signature
+//! manifests and blobs, with hard size limits, timeouts and the fewest requests possible.
+//!
+//! One long-lived [`RegistryClient`] serves every verification. Authentication is lazy: a
+//! request goes out anonymously (or with a cached token) and only a `401` triggers the
+//! challenge/token dance, so an open registry costs one request per step: resolve the tag,
+//! fetch the signature manifest, fetch each signature blob.
+
+pub mod auth;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use reqwest::header::{HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_LENGTH, WWW_AUTHENTICATE};
+use reqwest::{Method, StatusCode};
+use serde::Deserialize;
+use sha2::Digest as _;
+
+use crate::image_ref::ImageRef;
+use crate::verify::cosign::{
+    SignatureLayer, BUNDLE_ANNOTATION, CERTIFICATE_ANNOTATION, SIGNATURE_ANNOTATION,
+    SIMPLE_SIGNING_MEDIA_TYPE,
+};
+pub use auth::{Credential, Credentials};
+use auth::{parse_challenge, Challenge};
+
+/// Manifest media types pullgate resolves and reads.
+const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
+application/vnd.docker.distribution.manifest.list.v2+json, \
+application/vnd.oci.image.manifest.v1+json, \
+application/vnd.docker.distribution.manifest.v2+json";
+
+/// Size and count limits on what a registry may send.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub manifest_bytes: u64,
+    pub signature_blob_bytes: u64,
+    pub signature_layers: usize,
+    pub token_bytes: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            manifest_bytes: 4 << 20,
+            signature_blob_bytes: 1 << 20,
+            signature_layers: 256,
+            token_bytes: 1 << 20,
+        }
+    }
+}
+
+/// Settings of a [`RegistryClient`].
+#[derive(Debug, Clone)]
+pub struct RegistryConfig {
+    /// Registries (`host[:port]`) spoken to over plain HTTP. Loopback registries always are.
+    pub insecure: Vec<String>,
+    pub credentials: Credentials,
+    /// Bound on one HTTP request, connect to last byte.
+    pub timeout: Duration,
+    pub limits: Limits,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        RegistryConfig {
+            insecure: Vec::new(),
+            credentials: Credentials::default(),
+            timeout: Duration::from_secs(15),
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// Why the registry could not answer. Any of these means "could not decide", never "allow".
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("cannot reach registry {host}: {message}")]
+    Unreachable { host: String, message: String },
+    #[error("registry {host} timed out")]
+    Timeout { host: String },
+    #[error("{reference}: not found in the registry")]
+    NotFound { reference: String },
+    #[error("registry {host} denied access to {repository}: {message}")]
+    Denied {
+        host: String,
+        repository: String,
+        message: String,
+    },
+    #[error("{url}: unexpected HTTP status {status}")]
+    Status { url: String, status: u16 },
+    #[error("{what} from {host} is larger than the {limit}-byte limit")]
+    TooLarge {
+        what: &'static str,
+        host: String,
+        limit: u64,
+    },
+    #[error("registry {host} sent an invalid {what}: {message}")]
+    Invalid {
+        host: String,
+        what: &'static str,
+        message: String,
+    },
+    #[error("cannot build HTTP client: {0}")]
+    Client(String),
+}
+
+type Result<T, E = RegistryError> = std::result::Result<T, E>;
+
+#[derive(Deserialize)]
+struct Manifest {
+    #[serde(default)]
+    layers: Vec<Descriptor>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Descriptor {
+    #[serde(default)]
+    media_type: String,
+    digest: String,
+    size: u64,
+    #[serde(default)]
+    annotations: HashMap<String, String>,
+}
+
+#[derive(Deserialize)]
+struct TokenResponse {
+    #[serde(default)]
+    token: Option<String>,
+    #[serde(default)]
+    access_token: Option<String>,
+}
+
+/// A long-lived registry client shared by all verifications (cheap to share by reference).
+pub struct RegistryClient {
+    http: reqwest::Client,
+    config: RegistryConfig,
+    /// Bearer tokens by `host/repository`.
+    tokens: Mutex<HashMap<String, String>>,
+    /// Hosts that answered with a Basic challenge.
+    basic_hosts: Mutex<HashSet<String>>,
+    requests: AtomicU64,
+}
+
+/// One endpoint of a repository on a registry.
+struct Target<'a> {
+    host: &'a str,
+    api_host: &'a str,
+    repository: &'a str,
+    plain_http: bool,
+}
+
+impl Target<'_> {
+    fn url(&self, path: &str) -> String {
+        let scheme = if self.plain_http { "http" } else { "https" };
+        format!("{scheme}://{}/v2/{}/{path}", self.api_host, self.repository)
+    }
+
+    fn cache_key(&self) -> String {
+        format!("{}/{}", self.host, self.repository)
+    }
+}
+
+impl RegistryClient {
+    pub fn new(config: RegistryConfig) -> Result<RegistryClient> {
+        let http = reqwest::Client::builder()
+            .timeout(config.timeout)
+            .connect_timeout(config.timeout.min(Duration::from_secs(5)))
+            .user_agent(concat!("pullgate/", env!("CARGO_PKG_VERSION")))
+            .redirect(reqwest::redirect::Policy::limited(5))
+            .build()
+            .map_err(|e| RegistryError::Client(e.to_string()))?;
+        Ok(RegistryClient {
+            http,
+            config,
+            tokens: Mutex::new(HashMap::new()),
+            basic_hosts: Mutex::new(HashSet::new()),
+            requests: AtomicU64::new(0),
+        })
+    }
+
+    /// HTTP requests sent so far (token requests included).
+    pub fn request_count(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    fn target<'a>(&self, image: &'a ImageRef) -> Target<'a> {
+        let host = image.registry();
+        Target {
+            host,
+            api_host: image.api_host(),
+            repository: image.repository(),
+            plain_http: image.is_loopback() || self.config.insecure.iter().any(|h| h == host),
+        }
+    }
+
+    /// The manifest digest `image` names: its digest when it carries one (no request), else
+    /// the digest the registry reports for its tag.
+    pub async fn resolve(&self, image: &ImageRef) -> Result<String> {
+        if let Some(digest) = image.digest() {
+            return Ok(digest.to_string());
+        }
+        let target = self.target(image);
+        let tag = image.tag().unwrap_or("latest");
+        let url = target.url(&format!("manifests/{tag}"));
+        let resp = self.send(&target, Method::HEAD, &url, MANIFEST_ACCEPT).await?;
+        match resp.status() {
+            StatusCode::OK => {}
+            StatusCode::NOT_FOUND => {
+                return Err(RegistryError::NotFound {
+                    reference: image.to_string(),
+                })
+            }
+            s => return Err(status_error(&url, s)),
+        }
+        if let Some(digest) = resp
+            .headers()
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok())
+            .filter(|d| is_digest(d))
+        {
+            return Ok(digest.to_string());
+        }
+        // Registries that omit the header: hash the manifest bytes ourselves.
+        let resp = self.send(&target, Method::GET, &url, MANIFEST_ACCEPT).await?;
+        if resp.status() != StatusCode::OK {
+            return Err(status_error(&url, resp.status()));
+        }
+        let body = self
+            .read_limited(resp, self.config.limits.manifest_bytes, "manifest", target.host)
+            .await?;
+        Ok(format!("sha256:{}", hex::encode(sha2::Sha256::digest(&body))))
+    }
+
+    /// Every cosign signature stored for `digest` in `repo` (`sha256-<hex>.sig`). An absent
+    /// signature tag is an empty list: "no signatures found" is a verdict, not an error.
+    pub async fn fetch_signatures(
+        &self,
+        repo: &ImageRef,
+        digest: &str,
+    ) -> Result<Vec<SignatureLayer>> {
+        let target = self.target(repo);
+        let tag = signature_tag(digest).ok_or_else(|| RegistryError::Invalid {
+            host: target.host.to_string(),
+            what: "digest",
+            message: format!("{digest:?} is not algorithm:hex"),
+        })?;
+        let url = target.url(&format!("manifests/{tag}"));
+        let resp = self.send(&target, Method::GET, &url, MANIFEST_ACCEPT).await?;
+        match resp.status() {
+            StatusCode::OK => {}
+            StatusCode::NOT_FOUND => return Ok(Vec::new()),
+            s => return Err(status_error(&url, s)),
+        }
+        let body = self
+            .read_limited(
+                resp,
+                self.config.limits.manifest_bytes,
+                "signature manifest",
+                target.host,
+            )
+            .await?;
+        let manifest: Manifest =
+            serde_json::from_slice(&body).map_err(|e| RegistryError::Invalid {
+                host: target.host.to_string(),
+                what: "signature manifest",
+                message: e.to_string(),
+            })?;
+        let layers: Vec<Descriptor> = manifest
+            .layers
+            .into_iter()
+            .filter(|l| l.media_type == SIMPLE_SIGNING_MEDIA_TYPE)
+            .collect();
+        if layers.len() > self.config.limits.signature_layers {
+            return Err(RegistryError::TooLarge {
+                what: "signature layer count",
+                host: target.host.to_string(),
+                limit: self.config.limits.signature_layers as u64,
+            });
+        }
+        let fetches = layers.into_iter().map(|d| self.fetch_signature_layer(&target, d));
+        futures_util::future::try_join_all(fetches).await
+    }
+
+    async fn fetch_signature_layer(
+        &self,
+        target: &Target<'_>,
+        mut desc: Descriptor,
+    ) -> Result<SignatureLayer> {
+        let limit = self.config.limits.signature_blob_bytes;
+        let invalid = |message: String| RegistryError::Invalid {
+            host: target.host.to_string(),
+            what: "signature blob",
+            message,
+        };
+        if desc.size > limit {
+            return Err(RegistryError::TooLarge {
+                what: "signature blob",
+                host: target.host.to_string(),
+                limit,
+            });
+        }
+        let Some(expected) = desc.digest.strip_prefix("sha256:").filter(|_| is_digest(&desc.digest))
+        else {
+            return Err(invalid(format!("unsupported layer digest {:?}", desc.digest)));
+        };
+        let url = target.url(&format!("blobs/{}", desc.digest));
+        let resp = self.send(target, Method::GET, &url, "*/*").await?;
+        if resp.status() != StatusCode::OK {
+            return Err(status_error(&url, resp.status()));
+        }
+        let payload = self
+            .read_limited(resp, limit, "signature blob", target.host)
+            .await?;
+        if hex::encode(sha2::Sha256::digest(&payload)) != expected {
+            return Err(invalid(format!(
+                "content of {} does not match its digest",
+                desc.digest
+            )));
+        }
+        Ok(SignatureLayer {
+            layer_digest: desc.digest,
+            payload,
+            signature: desc.annotations.remove(SIGNATURE_ANNOTATION),
+            bundle: desc.annotations.remove(BUNDLE_ANNOTATION),
+            certificate: desc.annotations.remove(CERTIFICATE_ANNOTATION),
+        })
+    }
+
+    /// Sends a request, answering one authentication challenge if the registry asks.
+    async fn send(
+        &self,
+        target: &Target<'_>,
+        method: Method,
+        url: &str,
+        accept: &'static str,
+    ) -> Result<reqwest::Response> {
+        let resp = self
+            .send_once(target, method.clone(), url, accept, self.authorization(target))
+            .await?;
+        if resp.status() != StatusCode::UNAUTHORIZED {
+            return Ok(resp);
+        }
+        let challenge = resp
+            .headers()
+            .get(WWW_AUTHENTICATE)
+            .and_then(|h| h.to_str().ok())
+            .and_then(parse_challenge);
+        let authorization = match challenge {
+            Some(Challenge::Bearer {
+                realm,
+                service,
+                scope,
+            }) => {
+                let scope = scope
+                    .unwrap_or_else(|| format!("repository:{}:pull", target.repository));
+                let token = self.fetch_token(target, &realm, service.as_deref(), &scope).await?;
+                lock(&self.tokens).insert(target.cache_key(), token.clone());
+                format!("Bearer {token}")
+            }
+            Some(Challenge::Basic) => {
+                let Some(Credential::Basic { username, password }) =
+                    self.config.credentials.for_host(target.host)
+                else {
+                    return Err(self.denied(target, "the registry requires a username and password"));
+                };
+                lock(&self.basic_hosts).insert(target.host.to_string());
+                basic_header(username, password)
+            }
+            None => return Err(self.denied(target, "401 without a usable WWW-Authenticate challenge")),
+        };
+        let resp = self
+            .send_once(target, method, url, accept, Some(authorization))
+            .await?;
+        if resp.status() == StatusCode::UNAUTHORIZED || resp.status() == StatusCode::FORBIDDEN {
+            return Err(self.denied(target, "credentials were rejected"));
+        }
+        Ok(resp)
+    }
+
+    fn authorization(&self, target: &Target<'_>) -> Option<String> {
+        if let Some(token) = lock(&self.tokens).get(&target.cache_key()) {
+            return Some(format!("Bearer {token}"));
+        }
+        if lock(&self.basic_hosts).contains(target.host) {
+            if let Some(Credential::Basic { username, password }) =
+                self.config.credentials.for_host(target.host)
+            {
+                return Some(basic_header(username, password));
+            }
+        }
+        None
+    }
+
+    async fn send_once(
+        &self,
+        target: &Target<'_>,
+        method: Method,
+        url: &str,
+        accept: &'static str,
+        authorization: Option<String>,
+    ) -> Result<reqwest::Response> {
+        let mut req = self
+            .http
+            .request(method, url)
+            .header(ACCEPT, HeaderValue::from_static(accept));
+        if let Some(value) = authorization {
+            req = req.header(AUTHORIZATION, value);
+        }
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        req.send().await.map_err(|e| transport_error(target.host, &e))
+    }
+
+    async fn fetch_token(
+        &self,
+        target: &Target<'_>,
+        realm: &str,
+        service: Option<&str>,
+        scope: &str,
+    ) -> Result<String> {
+        let mut params = vec![("scope", scope)];
+        if let Some(service) = service {
+            params.push(("service", service));
+        }
+        let url = reqwest::Url::parse_with_params(realm, &params).map_err(|e| {
+            RegistryError::Invalid {
+                host: target.host.to_string(),
+                what: "token realm",
+                message: format!("{realm:?}: {e}"),
+            }
+        })?;
+        let mut req = self.http.get(url);
+        match self.config.credentials.for_host(target.host) {
+            Some(Credential::Basic { username, password }) => {
+                req = req.basic_auth(username, Some(password));
+            }
+            Some(Credential::Bearer(token)) => return Ok(token.clone()),
+            None => {}
+        }
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        let resp = req.send().await.map_err(|e| transport_error(target.host, &e))?;
+        if !resp.status().is_success() {
+            return Err(self.denied(
+                target,
+                &format!("token endpoint answered HTTP {}", resp.status().as_u16()),
+            ));
+        }
+        let body = self
+            .read_limited(resp, self.config.limits.token_bytes, "token response", target.host)
+            .await?;
+        let token: TokenResponse =
+            serde_json::from_slice(&body).map_err(|e| RegistryError::Invalid {
+                host: target.host.to_string(),
+                what: "token response",
+                message: e.to_string(),
+            })?;
+        token
+            .token
+            .or(token.access_token)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| RegistryError::Invalid {
+                host: target.host.to_string(),
+                what: "token response",
+                message: "no token in the answer".into(),
+            })
+    }
+
+    fn denied(&self, target: &Target<'_>, message: &str) -> RegistryError {
+        RegistryError::Denied {
+            host: target.host.to_string(),
+            repository: target.repository.to_string(),
+            message: message.to_string(),
+        }
+    }
+
+    /// Reads a whole body, refusing to hold more than `limit` bytes.
+    async fn read_limited(
+        &self,
+        mut resp: reqwest::Response,
+        limit: u64,
+        what: &'static str,
+        host: &str,
+    ) -> Result<Vec<u8>> {
+        let too_large = || RegistryError::TooLarge {
+            what,
+            host: host.to_string(),
+            limit,
+        };
+        let declared = resp
+            .headers()
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > limit) {
+            return Err(too_large());
+        }
+        let mut body = Vec::with_capacity(declared.unwrap_or(0).min(limit) as usize);
+        while let Some(chunk) = resp
+            .chunk()
+            .await
+            .map_err(|e| transport_error(host, &e))?
+        {
+            if body.len() as u64 + chunk.len() as u64 > limit {
+                return Err(too_large());
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(body)
+    }
+}
+
+/// cosign's signature tag for a digest: `sha256:abc…` → `sha256-abc….sig`.
+pub fn signature_tag(digest: &str) -> Option<String> {
+    let (alg, hex) = digest.split_once(':')?;
+    (!alg.is_empty() && !hex.is_empty() && hex.bytes().all(|b| b.is_ascii_hexdigit()))
+        .then(|| format!("{alg}-{hex}.sig"))
+}
+
+fn is_digest(d: &str) -> bool {
+    d.strip_prefix("sha256:")
+        .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
+}
+
+fn basic_header(username: &str, password: &str) -> String {
+    use base64::Engine as _;
+    let raw = format!("{username}:{password}");
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(raw)
+    )
+}
+
+fn status_error(url: &str, status: StatusCode) -> RegistryError {
+    RegistryError::Status {
+        url: url.to_string(),
+        status: status.as_u16(),
+    }
+}
+
+fn transport_error(host: &str, e: &reqwest::Error) -> RegistryError {
+    if e.is_timeout() {
+        return RegistryError::Timeout {
+            host: host.to_string(),
+        };
+    }
+    let mut message = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        message = format!("{message}: {s}");
+        source = s.source();
+    }
+    RegistryError::Unreachable {
+        host: host.to_string(),
+        message,
+    }
+}
+
+/// The maps guarded here hold plain data; a panic elsewhere cannot leave them half-updated.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signature_tags() {
+        let d = format!("sha256:{}", "a".repeat(64));
+        assert_eq!(signature_tag(&d), Some(format!("sha256-{}.sig", "a".repeat(64))));
+        assert_eq!(signature_tag("nope"), None);
+        assert_eq!(signature_tag("sha256:zz"), None);
+    }
+}

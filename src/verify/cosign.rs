@@ -1,0 +1,126 @@
+//! cosign "simple signing" signatures (the `sha256-<hex>.sig` tag scheme) checked against a
+//! key authority. Pure: the layers were fetched once per digest by the registry client and
+//! every authority of every policy is checked against that one fetch.
+
+use serde::{Deserialize, Serialize};
+
+use super::keys::{HashAlgorithm, PublicKey};
+use super::rekor::{verify_bundle, LogKeys, LoggedEntry};
+
+/// Media type of a cosign signature layer.
+pub const SIMPLE_SIGNING_MEDIA_TYPE: &str = "application/vnd.dev.cosign.simplesigning.v1+json";
+/// Layer annotation holding the base64 signature over the layer's payload.
+pub const SIGNATURE_ANNOTATION: &str = "dev.cosignproject.cosign/signature";
+/// Layer annotation holding the Rekor bundle.
+pub const BUNDLE_ANNOTATION: &str = "dev.sigstore.cosign/bundle";
+/// Layer annotation holding a signing certificate (keyless).
+pub const CERTIFICATE_ANNOTATION: &str = "dev.sigstore.cosign/certificate";
+
+/// One signature found in a signature manifest: the payload blob and the layer annotations.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SignatureLayer {
+    pub layer_digest: String,
+    #[serde(skip)]
+    pub payload: Vec<u8>,
+    pub signature: Option<String>,
+    pub bundle: Option<String>,
+    pub certificate: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct SimpleSigning {
+    critical: Critical,
+}
+
+#[derive(Deserialize)]
+struct Critical {
+    image: CriticalImage,
+    #[serde(rename = "type")]
+    type_: String,
+}
+
+#[derive(Deserialize)]
+struct CriticalImage {
+    #[serde(rename = "docker-manifest-digest")]
+    docker_manifest_digest: String,
+}
+
+/// The signature that satisfied a key authority.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct KeyMatch {
+    pub layer_digest: String,
+    pub key: String,
+    pub tlog: Option<LoggedEntry>,
+}
+
+/// What a key authority demands of a signature.
+pub struct KeyCheck<'a> {
+    pub keys: &'a [PublicKey],
+    pub hash: HashAlgorithm,
+    /// `Some` when the authority has a `ctlog`: a verified Rekor bundle is required.
+    pub tlog: Option<&'a LogKeys>,
+}
+
+/// Finds a signature among `layers` that binds `digest` and verifies under the authority.
+/// The error is the cause users see: `no signatures found` or `no matching signatures: …`.
+pub fn check_key(layers: &[SignatureLayer], digest: &str, check: &KeyCheck) -> Result<KeyMatch, String> {
+    if layers.is_empty() {
+        return Err("no signatures found".into());
+    }
+    let mut causes = Vec::new();
+    for layer in layers {
+        match check_layer(layer, digest, check) {
+            Ok(m) => return Ok(m),
+            Err(cause) => {
+                if !causes.contains(&cause) {
+                    causes.push(cause);
+                }
+            }
+        }
+    }
+    Err(format!("no matching signatures: {}", causes.join("; ")))
+}
+
+fn check_layer(layer: &SignatureLayer, digest: &str, check: &KeyCheck) -> Result<KeyMatch, String> {
+    let Some(sig) = layer.signature.as_deref() else {
+        return Err("signature layer has no signature annotation".into());
+    };
+    let Some(key) = check
+        .keys
+        .iter()
+        .find(|k| k.verify_b64(check.hash, &layer.payload, sig))
+    else {
+        return Err("signature does not verify with the authority's key".into());
+    };
+    let simple: SimpleSigning = serde_json::from_slice(&layer.payload)
+        .map_err(|e| format!("signed payload is not a cosign simple-signing document: {e}"))?;
+    if simple.critical.type_ != "cosign container image signature" {
+        return Err(format!(
+            "signed payload has type {:?}, not a cosign container image signature",
+            simple.critical.type_
+        ));
+    }
+    let signed = &simple.critical.image.docker_manifest_digest;
+    if signed != digest {
+        return Err(format!(
+            "signature is for digest {signed}, not {digest} (copied from another image?)"
+        ));
+    }
+    let tlog = match check.tlog {
+        None => None,
+        Some(logs) => {
+            let Some(bundle) = layer.bundle.as_deref() else {
+                return Err("ctlog is required but the signature has no Rekor bundle".into());
+            };
+            Some(
+                verify_bundle(bundle, logs, &layer.payload, sig, key)
+                    .map_err(|e| format!("ctlog: {e}"))?,
+            )
+        }
+    };
+    Ok(KeyMatch {
+        layer_digest: layer.layer_digest.clone(),
+        key: key.fingerprint(),
+        tlog,
+    })
+}

@@ -1,0 +1,5 @@
+//! Signature checks: pure functions over signatures already fetched from the registry.
+
+pub mod cosign;
+pub mod keys;
+pub mod rekor;
