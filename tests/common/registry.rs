@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
 
 /// Credentials every `start_with_htpasswd` registry accepts when given this password: the bcrypt
 /// hash below was made once (cost 4, so each authenticated request stays cheap) because no bcrypt
@@ -149,7 +149,10 @@ impl Registry {
         self.child = Some(child);
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
-            let exited = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
+            let exited = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
             if let Some(status) = exited {
                 return Err(format!(
                     "docker-registry exited with {status}\n{}",
@@ -270,6 +273,17 @@ impl Registry {
             .unwrap_or_else(|e| panic!("{method} {path} on {}: {e}", self.addr()))
     }
 
+    /// One HTTP/1.0 request without credentials (to see what an anonymous client gets).
+    pub fn http_anonymous(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> HttpResponse {
+        raw_http(&self.addr(), method, path, headers, &[])
+            .unwrap_or_else(|e| panic!("{method} {path} on {}: {e}", self.addr()))
+    }
+
     /// Every request the registry has logged so far, in order (including the readiness probes
     /// and any requests of the harness itself).
     ///
@@ -338,7 +352,9 @@ fn htpasswd_line(user: &str, pass: &str) -> String {
         .args(["-nbB", "-C", "4", user, pass])
         .output()
     {
-        Ok(out) if out.status.success() => String::from_utf8_lossy(&out.stdout).trim().to_string() + "\n",
+        Ok(out) if out.status.success() => {
+            String::from_utf8_lossy(&out.stdout).trim().to_string() + "\n"
+        }
         _ => panic!(
             "start_with_htpasswd: only the password TEST_PASSWORD is supported without the \
              `htpasswd` tool (no bcrypt implementation available to the tests)"
