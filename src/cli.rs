@@ -23,7 +23,11 @@ pub const EXIT_DENY: u8 = 1;
 pub const EXIT_ERROR: u8 = 2;
 
 #[derive(Parser, Debug)]
-#[command(name = "pullgate", version, about = "Sigstore ClusterImagePolicy enforcement at the node")]
+#[command(
+    name = "pullgate",
+    version,
+    about = "Sigstore ClusterImagePolicy enforcement at the node"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -50,7 +54,13 @@ pub struct NotBuiltArgs {
 #[derive(Args, Debug)]
 pub struct VerifyArgs {
     /// Policy file or directory (repeatable): the objects you would `kubectl apply`.
-    #[arg(long = "policy", visible_alias = "policy-dir", value_name = "PATH", required = true, env = "PULLGATE_POLICY")]
+    #[arg(
+        long = "policy",
+        visible_alias = "policy-dir",
+        value_name = "PATH",
+        required = true,
+        env = "PULLGATE_POLICY"
+    )]
     pub policies: Vec<PathBuf>,
     /// Namespace the image would run in; its labels decide enforcement. Without it the image
     /// is evaluated as in an enforced namespace.
@@ -85,7 +95,11 @@ pub struct ScopeArgs {
     #[arg(long = "exempt-namespace", value_name = "NS", default_values_t = ["kube-system".to_string()])]
     pub exempt_namespaces: Vec<String>,
     /// Namespace of key Secrets and the config-policy-controller ConfigMap.
-    #[arg(long, default_value = "cosign-system", env = "PULLGATE_CONTROLLER_NAMESPACE")]
+    #[arg(
+        long,
+        default_value = "cosign-system",
+        env = "PULLGATE_CONTROLLER_NAMESPACE"
+    )]
     pub controller_namespace: String,
 }
 
@@ -99,7 +113,12 @@ pub struct RegistryArgs {
     #[arg(long, env = "PULLGATE_REGISTRY_PASSWORD", hide_env_values = true)]
     pub password: Option<String>,
     /// Registry bearer token.
-    #[arg(long, env = "PULLGATE_REGISTRY_TOKEN", hide_env_values = true, conflicts_with = "username")]
+    #[arg(
+        long,
+        env = "PULLGATE_REGISTRY_TOKEN",
+        hide_env_values = true,
+        conflicts_with = "username"
+    )]
     pub token: Option<String>,
     /// Registry (host[:port]) to reach over plain HTTP (repeatable). Loopback always is.
     #[arg(long = "insecure-registry", value_name = "HOST")]
@@ -128,7 +147,11 @@ impl ScopeArgs {
                 ScopeArg::IncludeLabel => Scope::IncludeLabel,
                 ScopeArg::OptOut => Scope::OptOut,
             },
-            exempt_namespaces: self.exempt_namespaces.iter().cloned().collect::<BTreeSet<_>>(),
+            exempt_namespaces: self
+                .exempt_namespaces
+                .iter()
+                .cloned()
+                .collect::<BTreeSet<_>>(),
             controller_namespace: self.controller_namespace.clone(),
         }
     }
@@ -208,7 +231,10 @@ async fn verify(args: VerifyArgs) -> ExitCode {
             for p in &problems {
                 eprintln!("pullgate: {p}");
             }
-            return error_exit(&format!("{} problem(s) in the policies; nothing was verified", problems.len()));
+            return error_exit(&format!(
+                "{} problem(s) in the policies; nothing was verified",
+                problems.len()
+            ));
         }
     };
     let config = match args.registry.config() {
@@ -221,7 +247,9 @@ async fn verify(args: VerifyArgs) -> ExitCode {
     };
     let decision = decide(&snapshot, &registry, &image, args.namespace.as_deref()).await;
     let printed = match args.output {
-        Output::Json => serde_json::to_string_pretty(&decision).map(|s| s + "\n").unwrap_or_default(),
+        Output::Json => serde_json::to_string_pretty(&decision)
+            .map(|s| s + "\n")
+            .unwrap_or_default(),
         Output::Text => render_text(&decision),
     };
     let mut stdout = std::io::stdout().lock();
@@ -238,10 +266,22 @@ async fn verify(args: VerifyArgs) -> ExitCode {
 /// Human-readable decision: verdict line, reasons, then each policy and authority.
 pub fn render_text(d: &Decision) -> String {
     let mut out = String::new();
-    let digest = d.digest.as_deref().map(|x| format!(" ({x})")).unwrap_or_default();
-    out.push_str(&format!("{}: {}{digest}\n", d.verdict.as_str().to_uppercase(), d.image));
+    let digest = d
+        .digest
+        .as_deref()
+        .map(|x| format!(" ({x})"))
+        .unwrap_or_default();
+    out.push_str(&format!(
+        "{}: {}{digest}\n",
+        d.verdict.as_str().to_uppercase(),
+        d.image
+    ));
     if let Some(ns) = &d.namespace {
-        let state = if d.enforced { "enforced" } else { "not enforced" };
+        let state = if d.enforced {
+            "enforced"
+        } else {
+            "not enforced"
+        };
         out.push_str(&format!("  namespace: {ns} ({state})\n"));
     }
     for reason in &d.reasons {
@@ -271,7 +311,10 @@ pub fn render_text(d: &Decision) -> String {
 fn validate(args: &ValidateArgs) -> ExitCode {
     match load_snapshot(&args.paths, args.scope.settings()) {
         Ok(snapshot) => {
-            println!("ok: {} ClusterImagePolicy object(s) valid", snapshot.policies.len());
+            println!(
+                "ok: {} ClusterImagePolicy object(s) valid",
+                snapshot.policies.len()
+            );
             ExitCode::SUCCESS
         }
         Err(problems) => {

@@ -2,7 +2,10 @@
 //! needed) resolve the digest and fetch signatures once → pure evaluation → decision.
 
 use crate::image_ref::ImageRef;
-use crate::policy::eval::{conclude, decide_offline, evaluate_policy, signature_repos, Decision, Signatures, Verdict};
+use crate::policy::eval::{
+    conclude, decide_offline, evaluate_policy, signature_repos, Decision, Offline, Signatures,
+    Verdict,
+};
 use crate::policy::Snapshot;
 use crate::registry::RegistryClient;
 
@@ -16,8 +19,8 @@ pub async fn decide(
     namespace: Option<&str>,
 ) -> Decision {
     let (mut decision, undecided) = match decide_offline(snapshot, image, namespace) {
-        Ok(decision) => return decision,
-        Err(pending) => pending,
+        Offline::Decided(decision) => return decision,
+        Offline::NeedsSignatures { partial, undecided } => (partial, undecided),
     };
     let could_not_decide = |mut decision: Decision, reason: String| {
         decision.verdict = Verdict::Error;
@@ -35,7 +38,10 @@ pub async fn decide(
     let repos = signature_repos(&policies, &pinned);
     let digest_ref = digest.as_str();
     let fetches = repos.iter().map(|repo| async move {
-        (repo.name(), registry.fetch_signatures(repo, digest_ref).await)
+        (
+            repo.name(),
+            registry.fetch_signatures(repo, digest_ref).await,
+        )
     });
     let mut signatures = Signatures::new();
     for (name, fetched) in futures_util::future::join_all(fetches).await {
@@ -43,7 +49,9 @@ pub async fn decide(
             Ok(layers) => {
                 signatures.insert(name, layers);
             }
-            Err(e) => return could_not_decide(decision, format!("fetching signatures from {name}: {e}")),
+            Err(e) => {
+                return could_not_decide(decision, format!("fetching signatures from {name}: {e}"))
+            }
         }
     }
     for p in policies {

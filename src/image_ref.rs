@@ -18,10 +18,12 @@ pub const DOCKER_HUB: &str = "index.docker.io";
 /// Docker Hub's API endpoint.
 const DOCKER_HUB_API: &str = "registry-1.docker.io";
 
-static COMPONENT: LazyLock<Regex> =
-    LazyLock::new(|| Regex::new(r"^[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*$").unwrap_or_else(|_| unreachable!()));
-static TAG: LazyLock<Regex> =
-    LazyLock::new(|| Regex::new(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$").unwrap_or_else(|_| unreachable!()));
+static COMPONENT: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(r"^[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*$").unwrap_or_else(|_| unreachable!())
+});
+static TAG: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$").unwrap_or_else(|_| unreachable!())
+});
 static HOST: LazyLock<Regex> = LazyLock::new(|| {
     Regex::new(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?$")
         .unwrap_or_else(|_| unreachable!())
@@ -85,7 +87,9 @@ impl ImageRef {
             return Err(fail("missing repository name"));
         }
         if name.len() > MAX_NAME_LEN {
-            return Err(fail(&format!("repository name longer than {MAX_NAME_LEN} bytes")));
+            return Err(fail(&format!(
+                "repository name longer than {MAX_NAME_LEN} bytes"
+            )));
         }
         let (registry, path) = match name.split_once('/') {
             Some((first, path))
@@ -256,7 +260,12 @@ mod tests {
 
     #[test]
     fn docker_hub_forms_normalize_alike() {
-        for s in ["nginx", "library/nginx", "docker.io/nginx", "index.docker.io/library/nginx:latest"] {
+        for s in [
+            "nginx",
+            "library/nginx",
+            "docker.io/nginx",
+            "index.docker.io/library/nginx:latest",
+        ] {
             let r = ImageRef::parse(s).unwrap();
             assert_eq!(r.to_string(), "index.docker.io/library/nginx:latest", "{s}");
         }

@@ -30,7 +30,10 @@ fn build(case: &Case) -> Snapshot {
     let mut doc = serde_yaml::Mapping::new();
     doc.insert("apiVersion".into(), "policy.sigstore.dev/v1beta1".into());
     doc.insert("kind".into(), "ClusterImagePolicy".into());
-    doc.insert("metadata".into(), serde_yaml::from_str("{name: case}").unwrap());
+    doc.insert(
+        "metadata".into(),
+        serde_yaml::from_str("{name: case}").unwrap(),
+    );
     doc.insert("spec".into(), spec);
     let cip = serde_yaml::to_string(&doc).unwrap();
     let mut objects = Objects::default();
@@ -63,7 +66,10 @@ fn validation_table() {
         let paths_got: Vec<&str> = got.iter().map(|(p, _)| p.as_str()).collect();
         let paths_want: Vec<&str> = case.problems.iter().map(|(p, _)| p.as_str()).collect();
         if paths_got != paths_want {
-            failures.push(format!("{}: paths {paths_got:?}, want {paths_want:?} ({got:?})", case.name));
+            failures.push(format!(
+                "{}: paths {paths_got:?}, want {paths_want:?} ({got:?})",
+                case.name
+            ));
             continue;
         }
         for ((_, msg), (_, want)) in got.iter().zip(&case.problems) {
@@ -72,5 +78,10 @@ fn validation_table() {
             }
         }
     }
-    assert!(failures.is_empty(), "{} failing case(s):\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} failing case(s):\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }

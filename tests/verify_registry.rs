@@ -59,10 +59,21 @@ async fn signed_image_is_allowed_and_unsigned_denied() {
     let unsigned = reg.push_image("app", "unsigned", "seed-unsigned").await;
     let key = TestKey::generate(KeyKind::EcdsaP256);
     reg.sign("app", &signed, &key).await;
-    let cip = key_cip("signed-by-team", &format!("{}/app*", reg.addr()), &[&key.public_pem()], "");
+    let cip = key_cip(
+        "signed-by-team",
+        &format!("{}/app*", reg.addr()),
+        &[&key.public_pem()],
+        "",
+    );
 
     let v = verify(&cip, &reg.tag_ref("app", "signed"), &[]).await;
-    assert_eq!((v.code, v.verdict()), (0, "allow"), "{} {}", v.json, v.stderr);
+    assert_eq!(
+        (v.code, v.verdict()),
+        (0, "allow"),
+        "{} {}",
+        v.json,
+        v.stderr
+    );
     assert_eq!(v.json["digest"], signed.as_str());
     let authority = &v.json["policies"][0]["authorities"][0];
     assert_eq!(authority["passed"], true);
@@ -86,14 +97,36 @@ async fn text_output_names_verdict_policy_and_authority() {
     let reg = Registry::start().await;
     let digest = reg.push_image("app", "v1", "seed-text").await;
     let key = TestKey::generate(KeyKind::EcdsaP256);
-    let cip = key_cip("signed", &format!("{}/**", reg.addr()), &[&key.public_pem()], "");
+    let cip = key_cip(
+        "signed",
+        &format!("{}/**", reg.addr()),
+        &[&key.public_pem()],
+        "",
+    );
     let dir = write_policy_dir(&[("p.yaml", &cip)]);
     let image = reg.tag_ref("app", "v1");
-    let out = run_pullgate_async(&["verify", "--policy", dir.path().to_str().unwrap(), &image], &[]).await;
+    let out = run_pullgate_async(
+        &["verify", "--policy", dir.path().to_str().unwrap(), &image],
+        &[],
+    )
+    .await;
     assert_eq!(out.code, 1, "{}", out.stderr);
-    assert!(out.stdout.starts_with(&format!("DENY: {image} ({digest})")), "{}", out.stdout);
-    assert!(out.stdout.contains("policy signed [enforce]: fail"), "{}", out.stdout);
-    assert!(out.stdout.contains("authority authority-0: fail: signature key validation failed"), "{}", out.stdout);
+    assert!(
+        out.stdout.starts_with(&format!("DENY: {image} ({digest})")),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains("policy signed [enforce]: fail"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout
+            .contains("authority authority-0: fail: signature key validation failed"),
+        "{}",
+        out.stdout
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -106,7 +139,12 @@ async fn wrong_key_is_denied() {
     let cip = key_cip("p", "**", &[&other.public_pem()], "");
     let v = verify(&cip, &reg.tag_ref("app", "v1"), &[]).await;
     assert_eq!((v.code, v.verdict()), (1, "deny"));
-    assert!(v.reasons().contains("no matching signatures: signature does not verify with the authority's key"), "{}", v.reasons());
+    assert!(
+        v.reasons()
+            .contains("no matching signatures: signature does not verify with the authority's key"),
+        "{}",
+        v.reasons()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -117,11 +155,17 @@ async fn signature_copied_from_another_image_is_denied() {
     let key = TestKey::generate(KeyKind::EcdsaP256);
     let sig_a = reg.sign("app", &a, &key).await;
     // Image A's genuine signature layer, placed under image B's signature tag.
-    reg.push_signature_layers("app", &signature_tag(&b), &[sig_a], false).await;
+    reg.push_signature_layers("app", &signature_tag(&b), &[sig_a], false)
+        .await;
     let cip = key_cip("p", "**", &[&key.public_pem()], "");
     let v = verify(&cip, &reg.tag_ref("app", "b"), &[]).await;
     assert_eq!((v.code, v.verdict()), (1, "deny"), "{}", v.json);
-    assert!(v.reasons().contains(&format!("signature is for digest {a}, not {b}")), "{}", v.reasons());
+    assert!(
+        v.reasons()
+            .contains(&format!("signature is for digest {a}, not {b}")),
+        "{}",
+        v.reasons()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -137,7 +181,11 @@ async fn moved_tag_names_the_digest_actually_checked() {
     reg.tag("app", &evil, "v1").await;
     let v = verify(&cip, &reg.tag_ref("app", "v1"), &[]).await;
     assert_eq!((v.code, v.verdict()), (1, "deny"));
-    assert_eq!(v.json["digest"], evil.as_str(), "the verdict names the digest it checked");
+    assert_eq!(
+        v.json["digest"],
+        evil.as_str(),
+        "the verdict names the digest it checked"
+    );
     assert!(v.reasons().contains(&evil), "{}", v.reasons());
 
     // Pinning the good digest still verifies.
@@ -153,12 +201,20 @@ async fn two_policies_one_failing_denies_naming_it() {
     let other = TestKey::generate(KeyKind::EcdsaP256);
     reg.sign("app", &digest, &key).await;
     let policies = key_cip("team-key", "**", &[&key.public_pem()], "")
-        + &key_cip("release-key", &format!("{}/app:*", reg.addr()), &[&other.public_pem()], "");
+        + &key_cip(
+            "release-key",
+            &format!("{}/app:*", reg.addr()),
+            &[&other.public_pem()],
+            "",
+        );
     let v = verify(&policies, &reg.tag_ref("app", "v1"), &[]).await;
     assert_eq!((v.code, v.verdict()), (1, "deny"));
     let reasons = v.json["reasons"].as_array().unwrap();
     assert_eq!(reasons.len(), 1, "{reasons:?}");
-    assert!(reasons[0].as_str().unwrap().starts_with("failed policy: release-key: "));
+    assert!(reasons[0]
+        .as_str()
+        .unwrap()
+        .starts_with("failed policy: release-key: "));
     let passed: Vec<(&str, bool)> = v.json["policies"]
         .as_array()
         .unwrap()
@@ -193,11 +249,11 @@ async fn every_key_type_and_hash_algorithm() {
         let digest = reg.push_image(&repo, "v1", &format!("seed-kind-{i}")).await;
         let key = TestKey::generate(kind);
         reg.sign(&repo, &digest, &key).await;
-        let extra = hash.map(|h| format!("      hashAlgorithm: {h}\n")).unwrap_or_default();
-        let cip = key_cip("p", "**", &[&key.public_pem()], "").replace(
-            "  - key:\n",
-            &format!("  - key:\n{extra}"),
-        );
+        let extra = hash
+            .map(|h| format!("      hashAlgorithm: {h}\n"))
+            .unwrap_or_default();
+        let cip = key_cip("p", "**", &[&key.public_pem()], "")
+            .replace("  - key:\n", &format!("  - key:\n{extra}"));
         let v = verify(&cip, &reg.tag_ref(&repo, "v1"), &[]).await;
         assert_eq!(v.code, 0, "{kind:?}: {} {}", v.json, v.stderr);
     }
@@ -205,7 +261,12 @@ async fn every_key_type_and_hash_algorithm() {
     let digest = reg.push_image("p384", "v1", "seed-p384").await;
     let key = TestKey::generate(KeyKind::EcdsaP384);
     reg.sign("p384", &digest, &key).await;
-    let v = verify(&key_cip("p", "**", &[&key.public_pem()], ""), &reg.tag_ref("p384", "v1"), &[]).await;
+    let v = verify(
+        &key_cip("p", "**", &[&key.public_pem()], ""),
+        &reg.tag_ref("p384", "v1"),
+        &[],
+    )
+    .await;
     assert_eq!(v.code, 1, "{}", v.json);
 }
 
@@ -223,9 +284,21 @@ async fn any_key_in_a_secret_may_verify() {
     );
     let cip = "---\napiVersion: policy.sigstore.dev/v1alpha1\nkind: ClusterImagePolicy\nmetadata: {name: p}\nspec:\n  images: [{glob: \"**\"}]\n  authorities: [{key: {secretRef: {name: team-keys}}}]\n";
     let v = verify(&format!("{secret}{cip}"), &reg.tag_ref("app", "v1"), &[]).await;
-    assert_eq!((v.code, v.verdict()), (0, "allow"), "{} {}", v.json, v.stderr);
+    assert_eq!(
+        (v.code, v.verdict()),
+        (0, "allow"),
+        "{} {}",
+        v.json,
+        v.stderr
+    );
     // The Secret without the new key: denied.
-    let only_old = secret.replace(&format!("  new.pub: {}\n", serde_json::to_string(&new.public_pem()).unwrap()), "");
+    let only_old = secret.replace(
+        &format!(
+            "  new.pub: {}\n",
+            serde_json::to_string(&new.public_pem()).unwrap()
+        ),
+        "",
+    );
     let v = verify(&format!("{only_old}{cip}"), &reg.tag_ref("app", "v1"), &[]).await;
     assert_eq!(v.code, 1, "{}", v.json);
 }
@@ -239,7 +312,11 @@ async fn signatures_in_another_repository_with_source_oci() {
     let image = reg.tag_ref("app", "v1");
     let plain = key_cip("p", "**", &[&key.public_pem()], "");
     let v = verify(&plain, &image, &[]).await;
-    assert_eq!(v.code, 1, "signatures are not in the image's repository: {}", v.json);
+    assert_eq!(
+        v.code, 1,
+        "signatures are not in the image's repository: {}",
+        v.json
+    );
     let with_source = key_cip(
         "p",
         "**",
@@ -247,7 +324,13 @@ async fn signatures_in_another_repository_with_source_oci() {
         &format!("    source:\n    - oci: {}/signatures\n", reg.addr()),
     );
     let v = verify(&with_source, &image, &[]).await;
-    assert_eq!((v.code, v.verdict()), (0, "allow"), "{} {}", v.json, v.stderr);
+    assert_eq!(
+        (v.code, v.verdict()),
+        (0, "allow"),
+        "{} {}",
+        v.json,
+        v.stderr
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -261,9 +344,20 @@ async fn mirrored_image_and_signature_verify_in_the_mirror() {
     tokio::task::spawn_blocking(move || mirror_with_signatures(&src, &dst))
         .await
         .unwrap();
-    let cip = key_cip("p", &format!("{}/mirror/**", reg.addr()), &[&key.public_pem()], "");
+    let cip = key_cip(
+        "p",
+        &format!("{}/mirror/**", reg.addr()),
+        &[&key.public_pem()],
+        "",
+    );
     let v = verify(&cip, &reg.tag_ref("mirror/app", "v1"), &[]).await;
-    assert_eq!((v.code, v.verdict()), (0, "allow"), "{} {}", v.json, v.stderr);
+    assert_eq!(
+        (v.code, v.verdict()),
+        (0, "allow"),
+        "{} {}",
+        v.json,
+        v.stderr
+    );
     assert_eq!(v.json["digest"], digest.as_str());
 }
 
@@ -282,39 +376,82 @@ async fn ctlog_requires_a_valid_rekor_bundle() {
     let key = TestKey::generate(KeyKind::EcdsaP256);
     let url = "https://rekor.example.test";
     let policies = trust_root("private-rekor", url, &rekor)
-        + &key_cip("signed-by-cicd", "**", &[&key.public_pem()], &format!("    ctlog:\n      url: {url}\n"));
+        + &key_cip(
+            "signed-by-cicd",
+            "**",
+            &[&key.public_pem()],
+            &format!("    ctlog:\n      url: {url}\n"),
+        );
 
     let valid = reg.push_image("valid", "v1", "seed-rekor-valid").await;
-    reg.sign_with_bundle("valid", &valid, &key, &rekor, 1_700_000_000).await;
+    reg.sign_with_bundle("valid", &valid, &key, &rekor, 1_700_000_000)
+        .await;
     let v = verify(&policies, &reg.tag_ref("valid", "v1"), &[]).await;
-    assert_eq!((v.code, v.verdict()), (0, "allow"), "{} {}", v.json, v.stderr);
-    assert_eq!(v.json["policies"][0]["authorities"][0]["evidence"]["tlog"]["integrated_time"], 1_700_000_000);
+    assert_eq!(
+        (v.code, v.verdict()),
+        (0, "allow"),
+        "{} {}",
+        v.json,
+        v.stderr
+    );
+    assert_eq!(
+        v.json["policies"][0]["authorities"][0]["evidence"]["tlog"]["integrated_time"],
+        1_700_000_000
+    );
 
     let missing = reg.push_image("missing", "v1", "seed-rekor-missing").await;
     reg.sign("missing", &missing, &key).await;
     let v = verify(&policies, &reg.tag_ref("missing", "v1"), &[]).await;
     assert_eq!(v.code, 1, "{}", v.json);
-    assert!(v.reasons().contains("ctlog is required but the signature has no Rekor bundle"), "{}", v.reasons());
+    assert!(
+        v.reasons()
+            .contains("ctlog is required but the signature has no Rekor bundle"),
+        "{}",
+        v.reasons()
+    );
 
-    let tampered = reg.push_image("tampered", "v1", "seed-rekor-tampered").await;
+    let tampered = reg
+        .push_image("tampered", "v1", "seed-rekor-tampered")
+        .await;
     let layer = cosign_sign_layer(&reg.tag_ref("tampered", "v1"), &tampered, &key);
-    let bundle = rekor.tampered_bundle_for(&layer.payload, layer.signature_b64().unwrap(), &key.public_pem(), 1_700_000_000);
+    let bundle = rekor.tampered_bundle_for(
+        &layer.payload,
+        layer.signature_b64().unwrap(),
+        &key.public_pem(),
+        1_700_000_000,
+    );
     let layer = layer.with_annotation(BUNDLE_ANNOTATION, &bundle);
-    reg.push_signature_layers("tampered", &signature_tag(&tampered), &[layer], false).await;
+    reg.push_signature_layers("tampered", &signature_tag(&tampered), &[layer], false)
+        .await;
     let v = verify(&policies, &reg.tag_ref("tampered", "v1"), &[]).await;
     assert_eq!(v.code, 1, "{}", v.json);
-    assert!(v.reasons().contains("signed entry timestamp does not verify"), "{}", v.reasons());
+    assert!(
+        v.reasons()
+            .contains("signed entry timestamp does not verify"),
+        "{}",
+        v.reasons()
+    );
 
     // A bundle from a log the policy does not trust.
     let stranger = TestRekor::new();
     let foreign = reg.push_image("foreign", "v1", "seed-rekor-foreign").await;
-    reg.sign_with_bundle("foreign", &foreign, &key, &stranger, 1_700_000_000).await;
+    reg.sign_with_bundle("foreign", &foreign, &key, &stranger, 1_700_000_000)
+        .await;
     let v = verify(&policies, &reg.tag_ref("foreign", "v1"), &[]).await;
     assert_eq!(v.code, 1, "{}", v.json);
-    assert!(v.reasons().contains("not a trusted transparency log"), "{}", v.reasons());
+    assert!(
+        v.reasons().contains("not a trusted transparency log"),
+        "{}",
+        v.reasons()
+    );
 
     // Without a TrustRoot, the public-good Rekor key is used: the test log is not trusted.
-    let public_good = key_cip("p", "**", &[&key.public_pem()], "    ctlog:\n      url: https://rekor.sigstore.dev\n");
+    let public_good = key_cip(
+        "p",
+        "**",
+        &[&key.public_pem()],
+        "    ctlog:\n      url: https://rekor.sigstore.dev\n",
+    );
     let v = verify(&public_good, &reg.tag_ref("valid", "v1"), &[]).await;
     assert_eq!(v.code, 1, "{}", v.json);
 }
@@ -325,20 +462,41 @@ async fn malformed_signature_payloads_get_clear_reasons() {
     let digest = reg.push_image("app", "v1", "seed-malformed").await;
     let key = TestKey::generate(KeyKind::EcdsaP256);
     let payload = b"this is not json";
-    reg.push_signature_raw("app", &signature_tag(&digest), payload, &key.sign_b64(payload), BTreeMap::new())
-        .await;
+    reg.push_signature_raw(
+        "app",
+        &signature_tag(&digest),
+        payload,
+        &key.sign_b64(payload),
+        BTreeMap::new(),
+    )
+    .await;
     let cip = key_cip("p", "**", &[&key.public_pem()], "");
     let v = verify(&cip, &reg.tag_ref("app", "v1"), &[]).await;
     assert_eq!(v.code, 1, "{}", v.json);
-    assert!(v.reasons().contains("signed payload is not a cosign simple-signing document"), "{}", v.reasons());
+    assert!(
+        v.reasons()
+            .contains("signed payload is not a cosign simple-signing document"),
+        "{}",
+        v.reasons()
+    );
 
     let garbage_sig = "%%%not-base64";
     let payload = simple_signing_payload(&reg.tag_ref("app", "v1"), &digest);
-    reg.push_signature_raw("app", &signature_tag(&digest), &payload, garbage_sig, BTreeMap::new())
-        .await;
+    reg.push_signature_raw(
+        "app",
+        &signature_tag(&digest),
+        &payload,
+        garbage_sig,
+        BTreeMap::new(),
+    )
+    .await;
     let v = verify(&cip, &reg.tag_ref("app", "v1"), &[]).await;
     assert_eq!(v.code, 1, "{}", v.json);
-    assert!(v.reasons().contains("signature does not verify"), "{}", v.reasons());
+    assert!(
+        v.reasons().contains("signature does not verify"),
+        "{}",
+        v.reasons()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -367,23 +525,57 @@ async fn credentials_from_flags_and_docker_config() {
 
     let v = verify(&cip, &image, &[]).await;
     assert_eq!(v.code, 2, "no credentials: could not decide: {}", v.json);
-    assert!(v.reasons().contains("requires a username and password"), "{}", v.reasons());
+    assert!(
+        v.reasons().contains("requires a username and password"),
+        "{}",
+        v.reasons()
+    );
 
-    let v = verify(&cip, &image, &["--username", TEST_USER, "--password", TEST_PASSWORD]).await;
-    assert_eq!((v.code, v.verdict()), (0, "allow"), "{} {}", v.json, v.stderr);
+    let v = verify(
+        &cip,
+        &image,
+        &["--username", TEST_USER, "--password", TEST_PASSWORD],
+    )
+    .await;
+    assert_eq!(
+        (v.code, v.verdict()),
+        (0, "allow"),
+        "{} {}",
+        v.json,
+        v.stderr
+    );
 
     use base64::Engine as _;
-    let auth = base64::engine::general_purpose::STANDARD.encode(format!("{TEST_USER}:{TEST_PASSWORD}"));
-    let config = format!("{{\"auths\":{{\"{}\":{{\"auth\":\"{auth}\"}}}}}}", reg.addr());
+    let auth =
+        base64::engine::general_purpose::STANDARD.encode(format!("{TEST_USER}:{TEST_PASSWORD}"));
+    let config = format!(
+        "{{\"auths\":{{\"{}\":{{\"auth\":\"{auth}\"}}}}}}",
+        reg.addr()
+    );
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("config.json");
     std::fs::write(&path, config).unwrap();
     let v = verify(&cip, &image, &["--docker-config", path.to_str().unwrap()]).await;
-    assert_eq!((v.code, v.verdict()), (0, "allow"), "{} {}", v.json, v.stderr);
+    assert_eq!(
+        (v.code, v.verdict()),
+        (0, "allow"),
+        "{} {}",
+        v.json,
+        v.stderr
+    );
 
-    let v = verify(&cip, &image, &["--username", TEST_USER, "--password", "wrong"]).await;
+    let v = verify(
+        &cip,
+        &image,
+        &["--username", TEST_USER, "--password", "wrong"],
+    )
+    .await;
     assert_eq!(v.code, 2, "{}", v.json);
-    assert!(v.reasons().contains("credentials were rejected"), "{}", v.reasons());
+    assert!(
+        v.reasons().contains("credentials were rejected"),
+        "{}",
+        v.reasons()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -400,9 +592,18 @@ async fn bad_input_exits_2_with_a_clear_error() {
     let bad_cip = "apiVersion: policy.sigstore.dev/v1beta1\nkind: ClusterImagePolicy\nmetadata: {name: x}\nspec:\n  images: [{glob: \"**\"}]\n  authorities: [{key: {data: \"not a key\"}}]\n";
     let v = verify(bad_cip, "ghcr.io/a/b:1", &[]).await;
     assert_eq!(v.code, 2);
-    assert!(v.stderr.contains("spec.authorities[0].key.data: not a PEM public key"), "{}", v.stderr);
+    assert!(
+        v.stderr
+            .contains("spec.authorities[0].key.data: not a PEM public key"),
+        "{}",
+        v.stderr
+    );
 
-    let out = run_pullgate_async(&["verify", "--policy", "/nonexistent/dir", "ghcr.io/a/b:1"], &[]).await;
+    let out = run_pullgate_async(
+        &["verify", "--policy", "/nonexistent/dir", "ghcr.io/a/b:1"],
+        &[],
+    )
+    .await;
     assert_eq!(out.code, 2);
     assert!(out.stderr.contains("/nonexistent/dir"), "{}", out.stderr);
 }

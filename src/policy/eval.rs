@@ -106,7 +106,8 @@ pub fn static_outcome(p: &CompiledPolicy) -> Option<PolicyOutcome> {
         }
         Ok(a) => a,
     };
-    let is_static = |a: &CompiledAuthority| matches!(a.check, Check::Static { .. } | Check::Unusable(_));
+    let is_static =
+        |a: &CompiledAuthority| matches!(a.check, Check::Static { .. } | Check::Unusable(_));
     let static_pass = authorities
         .iter()
         .any(|a| matches!(a.check, Check::Static { pass: true, .. }));
@@ -116,7 +117,7 @@ pub fn static_outcome(p: &CompiledPolicy) -> Option<PolicyOutcome> {
     let outcomes: Vec<AuthorityOutcome> = authorities
         .iter()
         .filter(|a| is_static(a))
-        .map(|a| static_authority(a))
+        .map(static_authority)
         .collect();
     Some(PolicyOutcome {
         name: p.name.clone(),
@@ -130,7 +131,10 @@ pub fn static_outcome(p: &CompiledPolicy) -> Option<PolicyOutcome> {
 fn static_authority(a: &CompiledAuthority) -> AuthorityOutcome {
     let (passed, reason) = match &a.check {
         Check::Static { pass: true, .. } => (true, None),
-        Check::Static { pass: false, message } => (
+        Check::Static {
+            pass: false,
+            message,
+        } => (
             false,
             Some(match message.as_deref().filter(|m| !m.is_empty()) {
                 Some(m) => format!("disallowed by static policy: {m}"),
@@ -279,12 +283,20 @@ pub fn conclude(decision: &mut Decision, covering: usize, no_match: NoMatchPolic
     decision.reasons.extend(warnings);
 }
 
-/// Decides without the registry when possible. Returns `None` when signatures are needed.
-pub fn decide_offline(
-    snapshot: &Snapshot,
-    image: &ImageRef,
-    namespace: Option<&str>,
-) -> Result<Decision, (Decision, Vec<usize>)> {
+/// Result of the registry-free part of a decision.
+pub enum Offline {
+    /// Decided from policy alone.
+    Decided(Decision),
+    /// `undecided` policies (indices into the snapshot) need the image's signatures;
+    /// `partial` holds the outcomes of the others.
+    NeedsSignatures {
+        partial: Decision,
+        undecided: Vec<usize>,
+    },
+}
+
+/// Decides without the registry when possible.
+pub fn decide_offline(snapshot: &Snapshot, image: &ImageRef, namespace: Option<&str>) -> Offline {
     let enforced = snapshot.is_enforced(namespace);
     let mut decision = Decision::new(image, namespace, enforced);
     if !enforced {
@@ -292,7 +304,7 @@ pub fn decide_offline(
             "namespace {} is not enforced",
             namespace.unwrap_or_default()
         ));
-        return Ok(decision);
+        return Offline::Decided(decision);
     }
     let covering = snapshot.applicable(image);
     let mut undecided = Vec::new();
@@ -308,8 +320,15 @@ pub fn decide_offline(
         .iter()
         .any(|p| !p.passed && p.mode == Mode::Enforce);
     if undecided.is_empty() || static_denial {
-        conclude(&mut decision, covering.len(), snapshot.config.no_match_policy);
-        return Ok(decision);
+        conclude(
+            &mut decision,
+            covering.len(),
+            snapshot.config.no_match_policy,
+        );
+        return Offline::Decided(decision);
     }
-    Err((decision, undecided))
+    Offline::NeedsSignatures {
+        partial: decision,
+        undecided,
+    }
 }

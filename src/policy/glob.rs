@@ -14,7 +14,9 @@ use regex::Regex;
 pub enum GlobError {
     #[error("glob is empty")]
     Empty,
-    #[error("glob {glob:?} has invalid character {ch:?}; allowed: letters, digits and - _ : / * . @")]
+    #[error(
+        "glob {glob:?} has invalid character {ch:?}; allowed: letters, digits and - _ : / * . @"
+    )]
     InvalidChar { glob: String, ch: char },
     #[error("glob {glob:?} does not compile: {message}")]
     Compile { glob: String, message: String },
@@ -115,7 +117,9 @@ pub struct GlobIndex {
 
 impl GlobIndex {
     /// `entries` are (glob, owner) pairs; owners are policy indices and may repeat.
-    pub fn new<'a>(entries: impl IntoIterator<Item = (&'a str, usize)>) -> Result<GlobIndex, GlobError> {
+    pub fn new<'a>(
+        entries: impl IntoIterator<Item = (&'a str, usize)>,
+    ) -> Result<GlobIndex, GlobError> {
         let mut index = GlobIndex::default();
         for (glob, owner) in entries {
             index.len += 1;
@@ -123,7 +127,11 @@ impl GlobIndex {
             match expanded.find('*') {
                 None => {
                     validate_glob(glob)?;
-                    index.exact.entry(expanded.to_string()).or_default().push(owner);
+                    index
+                        .exact
+                        .entry(expanded.to_string())
+                        .or_default()
+                        .push(owner);
                 }
                 Some(star) => {
                     let compiled = Glob::new(glob)?;
@@ -192,7 +200,9 @@ mod tests {
         assert!(g.matches("ghcr.io/org/app:v1"));
         assert!(g.matches("ghcr.io/org/app@sha256:00"));
         assert!(!g.matches("ghcr.io/org/team/app:v1"));
-        assert!(Glob::new("ghcr.io/org/**").unwrap().matches("ghcr.io/org/team/app:v1"));
+        assert!(Glob::new("ghcr.io/org/**")
+            .unwrap()
+            .matches("ghcr.io/org/team/app:v1"));
     }
 
     #[test]

@@ -175,7 +175,10 @@ impl Objects {
 }
 
 fn check_version(api_version: &str, versions: &[&str]) -> Result<(), String> {
-    let version = api_version.split_once('/').map(|(_, v)| v).unwrap_or_default();
+    let version = api_version
+        .split_once('/')
+        .map(|(_, v)| v)
+        .unwrap_or_default();
     if versions.contains(&version) {
         Ok(())
     } else {
@@ -218,7 +221,9 @@ pub fn policy_files(path: &Path) -> Result<Vec<PathBuf>, LoadError> {
         let name = entry.file_name();
         let name = name.to_string_lossy();
         let wanted = !name.starts_with('.')
-            && [".yaml", ".yml", ".json"].iter().any(|ext| name.ends_with(ext));
+            && [".yaml", ".yml", ".json"]
+                .iter()
+                .any(|ext| name.ends_with(ext));
         if wanted && entry.path().is_file() {
             files.push(entry.path());
             if files.len() > MAX_FILES {
@@ -283,7 +288,9 @@ spec:
     #[test]
     fn wrong_kinds_versions_and_syntax() {
         let mut o = Objects::default();
-        let e = o.load_str("apiVersion: apps/v1\nkind: Deployment\n", "d").unwrap_err();
+        let e = o
+            .load_str("apiVersion: apps/v1\nkind: Deployment\n", "d")
+            .unwrap_err();
         assert!(e[0].message.contains("unsupported object"), "{e:?}");
         let e = o
             .load_str(

@@ -171,7 +171,10 @@ impl Snapshot {
             .secrets
             .iter()
             .filter(|s| {
-                s.metadata.namespace.as_deref().unwrap_or(&settings.controller_namespace)
+                s.metadata
+                    .namespace
+                    .as_deref()
+                    .unwrap_or(&settings.controller_namespace)
                     == settings.controller_namespace
             })
             .filter_map(|s| Some((s.metadata.name.as_deref()?, s)))
@@ -217,7 +220,10 @@ impl Snapshot {
         let mut cover_all = Vec::new();
         let mut entries = Vec::new();
         for (i, p) in policies.iter().enumerate() {
-            if p.globs.iter().any(|g| super::glob::validate_glob(g).is_err()) {
+            if p.globs
+                .iter()
+                .any(|g| super::glob::validate_glob(g).is_err())
+            {
                 cover_all.push(i);
             } else {
                 entries.extend(p.globs.iter().map(|g| (g.as_str(), i)));
@@ -311,7 +317,11 @@ fn controller_config(
     let mut config = ControllerConfig::default();
     let Some(cm) = objects.config_maps.iter().find(|cm| {
         cm.metadata.name.as_deref() == Some(CONFIG_MAP_NAME)
-            && cm.metadata.namespace.as_deref().unwrap_or(&settings.controller_namespace)
+            && cm
+                .metadata
+                .namespace
+                .as_deref()
+                .unwrap_or(&settings.controller_namespace)
                 == settings.controller_namespace
     }) else {
         return config;
@@ -410,7 +420,11 @@ fn compile_authority(
 
 /// Features a CIP may use that this build does not verify. They fail closed with a reason.
 fn unsupported(a: &Authority, cip: &ClusterImagePolicy) -> Option<String> {
-    let not_built = |what: &str| Some(format!("{what} is not supported by this version of pullgate"));
+    let not_built = |what: &str| {
+        Some(format!(
+            "{what} is not supported by this version of pullgate"
+        ))
+    };
     if cip.spec.policy.is_some() {
         return not_built("a ClusterImagePolicy-level policy (spec.policy)");
     }
@@ -517,11 +531,12 @@ fn log_keys(ctlog: &super::types::TLog, resolver: &Resolver) -> Result<LogKeys, 
     for root in roots {
         let tlogs = root.spec.sigstore_keys.iter().flat_map(|k| &k.t_logs);
         for tlog in tlogs {
-            let matches_url = ctlog.trust_root_ref.is_some()
-                || tlog.base_url.trim_end_matches('/') == url;
+            let matches_url =
+                ctlog.trust_root_ref.is_some() || tlog.base_url.trim_end_matches('/') == url;
             if matches_url {
                 keys.insert(
-                    decode_log_key(&tlog.public_key).map_err(|e| format!("TrustRoot tLog key: {e}"))?,
+                    decode_log_key(&tlog.public_key)
+                        .map_err(|e| format!("TrustRoot tLog key: {e}"))?,
                 );
             }
         }

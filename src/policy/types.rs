@@ -123,9 +123,17 @@ pub struct Identity {
     pub issuer: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subject: Option<String>,
-    #[serde(default, rename = "issuerRegExp", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        rename = "issuerRegExp",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub issuer_reg_exp: Option<String>,
-    #[serde(default, rename = "subjectRegExp", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        rename = "subjectRegExp",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub subject_reg_exp: Option<String>,
 }
 

@@ -111,7 +111,10 @@ fn validate_authority(a: &Authority, path: &str, p: &mut Problems) {
     ];
     let set: Vec<&str> = kinds.iter().filter(|(_, s)| *s).map(|(n, _)| *n).collect();
     match set.len() {
-        0 => p.push(path, "expected exactly one of key, keyless, static; got none"),
+        0 => p.push(
+            path,
+            "expected exactly one of key, keyless, static; got none",
+        ),
         1 => {}
         _ => p.push(
             path,
@@ -138,7 +141,10 @@ fn validate_authority(a: &Authority, path: &str, p: &mut Problems) {
             }
         }
         if keyless.identities.is_empty() {
-            p.push(format!("{kpath}.identities"), "at least one identity is required");
+            p.push(
+                format!("{kpath}.identities"),
+                "at least one identity is required",
+            );
         }
         for (i, id) in keyless.identities.iter().enumerate() {
             validate_identity(id, &format!("{kpath}.identities[{i}]"), p);

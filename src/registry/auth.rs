@@ -10,7 +10,10 @@ use serde::Deserialize;
 /// Credentials for one registry.
 #[derive(Clone, PartialEq, Eq)]
 pub enum Credential {
-    Basic { username: String, password: String },
+    Basic {
+        username: String,
+        password: String,
+    },
     /// A registry bearer token sent as is.
     Bearer(String),
 }
@@ -169,7 +172,11 @@ pub fn parse_challenge(header: &str) -> Option<Challenge> {
     let mut rest = rest.trim();
     while !rest.is_empty() {
         let (key, after) = rest.split_once('=')?;
-        let key = key.trim().trim_start_matches(',').trim().to_ascii_lowercase();
+        let key = key
+            .trim()
+            .trim_start_matches(',')
+            .trim()
+            .to_ascii_lowercase();
         let after = after.trim_start();
         let (value, remainder) = if let Some(quoted) = after.strip_prefix('"') {
             let end = quoted.find('"')?;
@@ -204,7 +211,10 @@ mod tests {
                 scope: Some("repository:a/b:pull".into()),
             })
         );
-        assert_eq!(parse_challenge(r#"Basic realm="x""#), Some(Challenge::Basic));
+        assert_eq!(
+            parse_challenge(r#"Basic realm="x""#),
+            Some(Challenge::Basic)
+        );
         assert_eq!(parse_challenge("Negotiate"), None);
         assert_eq!(parse_challenge(r#"Bearer service="x""#), None);
     }
@@ -248,7 +258,10 @@ mod tests {
         let path = dir.path().join("config.json");
         std::fs::write(&path, r#"{"auths":{"x":{"auth":"%%%"}}}"#).unwrap();
         let err = Credentials::from_docker_config(&path).unwrap_err();
-        assert!(err.to_string().contains("auths.x.auth is not base64"), "{err}");
+        assert!(
+            err.to_string().contains("auths.x.auth is not base64"),
+            "{err}"
+        );
         std::fs::write(&path, "not json").unwrap();
         assert!(Credentials::from_docker_config(&path).is_err());
     }

@@ -23,8 +23,8 @@ use crate::verify::cosign::{
     SignatureLayer, BUNDLE_ANNOTATION, CERTIFICATE_ANNOTATION, SIGNATURE_ANNOTATION,
     SIMPLE_SIGNING_MEDIA_TYPE,
 };
-pub use auth::{Credential, Credentials};
 use auth::{parse_challenge, Challenge};
+pub use auth::{Credential, Credentials};
 
 /// Manifest media types pullgate resolves and reads.
 const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
@@ -206,7 +206,9 @@ impl RegistryClient {
         let target = self.target(image);
         let tag = image.tag().unwrap_or("latest");
         let url = target.url(&format!("manifests/{tag}"));
-        let resp = self.send(&target, Method::HEAD, &url, MANIFEST_ACCEPT).await?;
+        let resp = self
+            .send(&target, Method::HEAD, &url, MANIFEST_ACCEPT)
+            .await?;
         match resp.status() {
             StatusCode::OK => {}
             StatusCode::NOT_FOUND => {
@@ -225,14 +227,24 @@ impl RegistryClient {
             return Ok(digest.to_string());
         }
         // Registries that omit the header: hash the manifest bytes ourselves.
-        let resp = self.send(&target, Method::GET, &url, MANIFEST_ACCEPT).await?;
+        let resp = self
+            .send(&target, Method::GET, &url, MANIFEST_ACCEPT)
+            .await?;
         if resp.status() != StatusCode::OK {
             return Err(status_error(&url, resp.status()));
         }
         let body = self
-            .read_limited(resp, self.config.limits.manifest_bytes, "manifest", target.host)
+            .read_limited(
+                resp,
+                self.config.limits.manifest_bytes,
+                "manifest",
+                target.host,
+            )
             .await?;
-        Ok(format!("sha256:{}", hex::encode(sha2::Sha256::digest(&body))))
+        Ok(format!(
+            "sha256:{}",
+            hex::encode(sha2::Sha256::digest(&body))
+        ))
     }
 
     /// Every cosign signature stored for `digest` in `repo` (`sha256-<hex>.sig`). An absent
@@ -249,7 +261,9 @@ impl RegistryClient {
             message: format!("{digest:?} is not algorithm:hex"),
         })?;
         let url = target.url(&format!("manifests/{tag}"));
-        let resp = self.send(&target, Method::GET, &url, MANIFEST_ACCEPT).await?;
+        let resp = self
+            .send(&target, Method::GET, &url, MANIFEST_ACCEPT)
+            .await?;
         match resp.status() {
             StatusCode::OK => {}
             StatusCode::NOT_FOUND => return Ok(Vec::new()),
@@ -281,7 +295,9 @@ impl RegistryClient {
                 limit: self.config.limits.signature_layers as u64,
             });
         }
-        let fetches = layers.into_iter().map(|d| self.fetch_signature_layer(&target, d));
+        let fetches = layers
+            .into_iter()
+            .map(|d| self.fetch_signature_layer(&target, d));
         futures_util::future::try_join_all(fetches).await
     }
 
@@ -303,9 +319,15 @@ impl RegistryClient {
                 limit,
             });
         }
-        let Some(expected) = desc.digest.strip_prefix("sha256:").filter(|_| is_digest(&desc.digest))
+        let Some(expected) = desc
+            .digest
+            .strip_prefix("sha256:")
+            .filter(|_| is_digest(&desc.digest))
         else {
-            return Err(invalid(format!("unsupported layer digest {:?}", desc.digest)));
+            return Err(invalid(format!(
+                "unsupported layer digest {:?}",
+                desc.digest
+            )));
         };
         let url = target.url(&format!("blobs/{}", desc.digest));
         let resp = self.send(target, Method::GET, &url, "*/*").await?;
@@ -339,7 +361,13 @@ impl RegistryClient {
         accept: &'static str,
     ) -> Result<reqwest::Response> {
         let resp = self
-            .send_once(target, method.clone(), url, accept, self.authorization(target))
+            .send_once(
+                target,
+                method.clone(),
+                url,
+                accept,
+                self.authorization(target),
+            )
             .await?;
         if resp.status() != StatusCode::UNAUTHORIZED {
             return Ok(resp);
@@ -355,9 +383,11 @@ impl RegistryClient {
                 service,
                 scope,
             }) => {
-                let scope = scope
-                    .unwrap_or_else(|| format!("repository:{}:pull", target.repository));
-                let token = self.fetch_token(target, &realm, service.as_deref(), &scope).await?;
+                let scope =
+                    scope.unwrap_or_else(|| format!("repository:{}:pull", target.repository));
+                let token = self
+                    .fetch_token(target, &realm, service.as_deref(), &scope)
+                    .await?;
                 lock(&self.tokens).insert(target.cache_key(), token.clone());
                 format!("Bearer {token}")
             }
@@ -365,12 +395,16 @@ impl RegistryClient {
                 let Some(Credential::Basic { username, password }) =
                     self.config.credentials.for_host(target.host)
                 else {
-                    return Err(self.denied(target, "the registry requires a username and password"));
+                    return Err(
+                        self.denied(target, "the registry requires a username and password")
+                    );
                 };
                 lock(&self.basic_hosts).insert(target.host.to_string());
                 basic_header(username, password)
             }
-            None => return Err(self.denied(target, "401 without a usable WWW-Authenticate challenge")),
+            None => {
+                return Err(self.denied(target, "401 without a usable WWW-Authenticate challenge"))
+            }
         };
         let resp = self
             .send_once(target, method, url, accept, Some(authorization))
@@ -411,7 +445,9 @@ impl RegistryClient {
             req = req.header(AUTHORIZATION, value);
         }
         self.requests.fetch_add(1, Ordering::Relaxed);
-        req.send().await.map_err(|e| transport_error(target.host, &e))
+        req.send()
+            .await
+            .map_err(|e| transport_error(target.host, &e))
     }
 
     async fn fetch_token(
@@ -441,7 +477,10 @@ impl RegistryClient {
             None => {}
         }
         self.requests.fetch_add(1, Ordering::Relaxed);
-        let resp = req.send().await.map_err(|e| transport_error(target.host, &e))?;
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| transport_error(target.host, &e))?;
         if !resp.status().is_success() {
             return Err(self.denied(
                 target,
@@ -449,7 +488,12 @@ impl RegistryClient {
             ));
         }
         let body = self
-            .read_limited(resp, self.config.limits.token_bytes, "token response", target.host)
+            .read_limited(
+                resp,
+                self.config.limits.token_bytes,
+                "token response",
+                target.host,
+            )
             .await?;
         let token: TokenResponse =
             serde_json::from_slice(&body).map_err(|e| RegistryError::Invalid {
@@ -498,11 +542,7 @@ impl RegistryClient {
             return Err(too_large());
         }
         let mut body = Vec::with_capacity(declared.unwrap_or(0).min(limit) as usize);
-        while let Some(chunk) = resp
-            .chunk()
-            .await
-            .map_err(|e| transport_error(host, &e))?
-        {
+        while let Some(chunk) = resp.chunk().await.map_err(|e| transport_error(host, &e))? {
             if body.len() as u64 + chunk.len() as u64 > limit {
                 return Err(too_large());
             }
@@ -570,7 +610,10 @@ mod tests {
     #[test]
     fn signature_tags() {
         let d = format!("sha256:{}", "a".repeat(64));
-        assert_eq!(signature_tag(&d), Some(format!("sha256-{}.sig", "a".repeat(64))));
+        assert_eq!(
+            signature_tag(&d),
+            Some(format!("sha256-{}.sig", "a".repeat(64)))
+        );
         assert_eq!(signature_tag("nope"), None);
         assert_eq!(signature_tag("sha256:zz"), None);
     }

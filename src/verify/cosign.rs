@@ -63,7 +63,11 @@ pub struct KeyCheck<'a> {
 
 /// Finds a signature among `layers` that binds `digest` and verifies under the authority.
 /// The error is the cause users see: `no signatures found` or `no matching signatures: …`.
-pub fn check_key(layers: &[SignatureLayer], digest: &str, check: &KeyCheck) -> Result<KeyMatch, String> {
+pub fn check_key(
+    layers: &[SignatureLayer],
+    digest: &str,
+    check: &KeyCheck,
+) -> Result<KeyMatch, String> {
     if layers.is_empty() {
         return Err("no signatures found".into());
     }

@@ -135,6 +135,10 @@ impl Registry {
     }
 
     async fn spawn_and_wait(&mut self) -> Result<(), String> {
+        // Ours is listening once *its* log says so (the log is appended across restarts, so
+        // count): a probe alone could be answered by another test's registry that took the port.
+        let listening = format!("listening on {}", self.addr());
+        let before = self.stderr_log().matches(&listening).count();
         // stdout carries the access log (one line per request), stderr the application log.
         let access = append(&self.access_log_path());
         let errlog = append(&self.stderr_log_path());
@@ -159,7 +163,7 @@ impl Registry {
                     self.stderr_log()
                 ));
             }
-            if self.probe() {
+            if self.stderr_log().matches(&listening).count() > before && self.probe() {
                 return Ok(());
             }
             if Instant::now() >= deadline {
