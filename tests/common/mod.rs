@@ -22,7 +22,8 @@
 //!     let key = TestKey::generate(KeyKind::EcdsaP256);
 //!     reg.sign("app", &digest, &key).await;
 //!     let policy = write_policy_dir(&[("cip.yaml", "…")]);
-//!     let out = run_pullgate(&["check", &reg.tag_ref("app", "v1")]);
+//!     let dir = policy.path().to_str().unwrap();
+//!     let out = run_pullgate_async(&["verify", "--policy", dir, &reg.tag_ref("app", "v1")], &[]).await;
 //!     assert_eq!(out.code, 0, "{}", out.stderr);
 //! }
 //! ```
