@@ -1,13 +1,22 @@
-//! ClusterImagePolicy image globs, with policy-controller's semantics, and the compiled index
-//! that selects the policies covering an image.
+//! ClusterImagePolicy image globs, with sigstore policy-controller's semantics, and the
+//! compiled index that selects the policies covering an image.
 //!
-//! `**` matches anything including `/`; `*` matches anything but `/` (it crosses `:` and `@`);
-//! every other character is literal; the whole image string must match. The glob `*` alone
-//! means `index.docker.io/library/*` and `*/*` alone means `index.docker.io/*/*`.
+//! A glob is matched against a normalized image string (`index.docker.io/library/nginx:1.27`,
+//! `ghcr.io/o/r@sha256:…`), and the whole string must match. `**` matches any sequence,
+//! `/` included; `*` matches any sequence without `/` (it does cross `:` and `@`); every other
+//! character is literal. The glob `*` alone means `index.docker.io/library/*` and `*/*` alone
+//! means `index.docker.io/*/*`. Valid glob characters are `[A-Za-z0-9-_:/*.@]`.
+//!
+//! A glob is compiled as its literal prefix (text before the first `*`) plus a matcher for
+//! the rest; the common rests (`**`, `*`, `**:latest`, `*:v1`, nothing) are matched without a
+//! regular expression, and the others with one anchored byte regex. [`GlobIndex`] files every
+//! glob in a byte trie under its literal prefix, or, when its literal suffix (text after the
+//! last `*`) is longer, in a second trie under that suffix read backwards. A query walks each
+//! trie once along the image string and runs only the globs met on the way, so its cost
+//! depends on the image length and on the globs that share the image's prefix or suffix, not
+//! on the total number of globs.
 
-use std::collections::HashMap;
-
-use regex::Regex;
+use regex::bytes::Regex;
 
 /// Why a glob is not valid.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
@@ -18,19 +27,21 @@ pub enum GlobError {
         "glob {glob:?} has invalid character {ch:?}; allowed: letters, digits and - _ : / * . @"
     )]
     InvalidChar { glob: String, ch: char },
-    #[error("glob {glob:?} does not compile: {message}")]
+    /// Only for absurdly large globs, past the regex engine's size limit.
+    #[error("glob {glob:?} is too large to compile: {message}")]
     Compile { glob: String, message: String },
 }
 
-/// Checks the characters of a glob.
+fn is_glob_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | ':' | '/' | '*' | '.' | '@')
+}
+
+/// Checks that `glob` is non-empty and uses only `[A-Za-z0-9-_:/*.@]`.
 pub fn validate_glob(glob: &str) -> Result<(), GlobError> {
     if glob.is_empty() {
         return Err(GlobError::Empty);
     }
-    match glob
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || "-_:/*.@".contains(*c)))
-    {
+    match glob.chars().find(|c| !is_glob_char(*c)) {
         Some(ch) => Err(GlobError::InvalidChar {
             glob: glob.to_string(),
             ch,
@@ -48,145 +59,288 @@ fn expand(glob: &str) -> &str {
     }
 }
 
-/// An anchored regular expression equivalent to `glob` (already expanded).
-fn to_regex(glob: &str) -> String {
-    let mut re = String::with_capacity(glob.len() * 2 + 2);
-    re.push('^');
-    let mut chars = glob.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == '*' {
-            if chars.peek() == Some(&'*') {
-                chars.next();
-                re.push_str(".*");
-            } else {
-                re.push_str("[^/]*");
+/// How the part of the image after the literal prefix is matched.
+#[derive(Debug, Clone)]
+enum Rest {
+    /// Nothing may follow: the glob has no wildcard.
+    Nothing,
+    /// `**…` then a literal: anything ending with the literal (possibly empty).
+    AnyThen(String),
+    /// `*` then a literal: anything ending with the literal, with no `/` before it.
+    SegmentThen(String),
+    /// Anything else, as an anchored regex over the rest.
+    Regex(Regex),
+}
+
+impl Rest {
+    fn matches(&self, rest: &str) -> bool {
+        match self {
+            Rest::Nothing => rest.is_empty(),
+            Rest::AnyThen(lit) => rest.ends_with(lit.as_str()),
+            Rest::SegmentThen(lit) => rest
+                .strip_suffix(lit.as_str())
+                .is_some_and(|head| !head.contains('/')),
+            Rest::Regex(re) => re.is_match(rest.as_bytes()),
+        }
+    }
+}
+
+/// One piece of a glob after the literal prefix.
+enum Piece<'a> {
+    Literal(&'a str),
+    /// A run of one `*`.
+    Segment,
+    /// A run of two or more `*` (`.*` followed by `[^/]*` is still `.*`).
+    Any,
+}
+
+/// Splits `rest` (which starts with `*` or is empty) into literals and star runs.
+fn pieces(rest: &str) -> Vec<Piece<'_>> {
+    let mut out = Vec::new();
+    let mut s = rest;
+    while !s.is_empty() {
+        let stars = s.len() - s.trim_start_matches('*').len();
+        match stars {
+            0 => {
+                let end = s.find('*').unwrap_or(s.len());
+                out.push(Piece::Literal(&s[..end]));
+                s = &s[end..];
             }
-        } else {
-            re.push_str(&regex::escape(c.encode_utf8(&mut [0; 4])));
+            1 => {
+                out.push(Piece::Segment);
+                s = &s[1..];
+            }
+            n => {
+                out.push(Piece::Any);
+                s = &s[n..];
+            }
+        }
+    }
+    out
+}
+
+fn compile_rest(glob: &str, rest: &str) -> Result<Rest, GlobError> {
+    let pieces = pieces(rest);
+    match pieces.as_slice() {
+        [] => return Ok(Rest::Nothing),
+        [Piece::Any] => return Ok(Rest::AnyThen(String::new())),
+        [Piece::Segment] => return Ok(Rest::SegmentThen(String::new())),
+        [Piece::Any, Piece::Literal(lit)] => return Ok(Rest::AnyThen(lit.to_string())),
+        [Piece::Segment, Piece::Literal(lit)] => return Ok(Rest::SegmentThen(lit.to_string())),
+        _ => {}
+    }
+    // Byte semantics (no Unicode): `[^/]` is one byte, which on UTF-8 text matches exactly
+    // what a character class would, since `/` never occurs inside a multi-byte character.
+    let mut re = String::with_capacity(rest.len() * 3 + 8);
+    re.push_str("(?-u)^");
+    for piece in &pieces {
+        match piece {
+            Piece::Literal(lit) => re.push_str(&regex::escape(lit)),
+            Piece::Segment => re.push_str("[^/]*"),
+            Piece::Any => re.push_str(".*"),
         }
     }
     re.push('$');
-    re
+    Regex::new(&re)
+        .map(Rest::Regex)
+        .map_err(|e| GlobError::Compile {
+            glob: glob.to_string(),
+            message: e.to_string(),
+        })
 }
 
 /// One compiled glob.
 #[derive(Debug, Clone)]
 pub struct Glob {
     source: String,
-    regex: Regex,
+    /// The expanded glob's text before its first `*` (all of it when it has none).
+    prefix: String,
+    /// The expanded glob's text after its last `*` (empty when it has none).
+    suffix: String,
+    rest: Rest,
 }
 
 impl Glob {
+    /// Validates and compiles `glob`.
     pub fn new(glob: &str) -> Result<Glob, GlobError> {
         validate_glob(glob)?;
-        let regex = Regex::new(&to_regex(expand(glob))).map_err(|e| GlobError::Compile {
-            glob: glob.to_string(),
-            message: e.to_string(),
-        })?;
+        let expanded = expand(glob);
+        let (prefix, suffix, rest) = match (expanded.find('*'), expanded.rfind('*')) {
+            (Some(first), Some(last)) => (
+                &expanded[..first],
+                &expanded[last + 1..],
+                &expanded[first..],
+            ),
+            _ => (expanded, "", ""),
+        };
         Ok(Glob {
             source: glob.to_string(),
-            regex,
+            prefix: prefix.to_string(),
+            suffix: suffix.to_string(),
+            rest: compile_rest(glob, rest)?,
         })
     }
 
+    /// The glob as written (shorthands not expanded).
     pub fn as_str(&self) -> &str {
         &self.source
     }
 
     /// Whether the whole `image` string matches.
     pub fn matches(&self, image: &str) -> bool {
-        self.regex.is_match(image)
+        image
+            .strip_prefix(self.prefix.as_str())
+            .is_some_and(|rest| self.rest.matches(rest))
+    }
+
+    /// Whether `image` matches, given that it is known to start with the literal prefix.
+    fn matches_after_prefix(&self, image: &str) -> bool {
+        image
+            .get(self.prefix.len()..)
+            .is_some_and(|rest| self.rest.matches(rest))
     }
 }
 
-/// Every glob of every policy in one matcher, built once per snapshot.
-///
-/// Globs without wildcards are found by one hash lookup. Wildcard globs are filed under their
-/// literal prefix (the text before the first `*`): a query looks up each distinct prefix length
-/// once and runs only the regexes of globs whose prefix it starts with, so the cost depends on
-/// the number of distinct prefix lengths and of candidates, not on the number of globs.
-#[derive(Debug, Default)]
+/// A byte trie mapping string keys to lists of glob indices.
+#[derive(Debug, Clone)]
+struct Trie {
+    nodes: Vec<Node>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Node {
+    /// Children sorted by byte.
+    children: Vec<(u8, usize)>,
+    /// Globs filed under the key ending here.
+    globs: Vec<usize>,
+}
+
+impl Default for Trie {
+    fn default() -> Self {
+        Trie {
+            nodes: vec![Node::default()],
+        }
+    }
+}
+
+impl Trie {
+    fn insert(&mut self, key: impl Iterator<Item = u8>, glob: usize) {
+        let mut at = 0usize;
+        for byte in key {
+            let next_id = self.nodes.len();
+            let node = &mut self.nodes[at];
+            at = match node.children.binary_search_by_key(&byte, |c| c.0) {
+                Ok(i) => node.children[i].1,
+                Err(i) => {
+                    node.children.insert(i, (byte, next_id));
+                    self.nodes.push(Node::default());
+                    next_id
+                }
+            };
+        }
+        self.nodes[at].globs.push(glob);
+    }
+
+    /// Calls `visit` with the globs of every key that is a prefix of `key`, shortest first.
+    fn walk(&self, key: impl Iterator<Item = u8>, mut visit: impl FnMut(&[usize])) {
+        let Some(mut node) = self.nodes.first() else {
+            return;
+        };
+        visit(&node.globs);
+        for byte in key {
+            let Ok(i) = node.children.binary_search_by_key(&byte, |c| c.0) else {
+                return;
+            };
+            let Some(next) = self.nodes.get(node.children[i].1) else {
+                return;
+            };
+            node = next;
+            if !node.globs.is_empty() {
+                visit(&node.globs);
+            }
+        }
+    }
+
+    fn shrink(&mut self) {
+        self.nodes.shrink_to_fit();
+        for node in &mut self.nodes {
+            node.children.shrink_to_fit();
+            node.globs.shrink_to_fit();
+        }
+    }
+}
+
+/// All globs of all policies compiled into one matcher. Built once per policy snapshot;
+/// queried on every pull.
+#[derive(Debug, Clone, Default)]
 pub struct GlobIndex {
-    exact: HashMap<String, Vec<usize>>,
-    by_prefix: HashMap<String, Vec<usize>>,
-    /// Distinct prefix lengths in `by_prefix`, ascending.
-    prefix_lens: Vec<usize>,
-    wildcard: Vec<(Glob, usize)>,
-    len: usize,
+    globs: Vec<(Glob, usize)>,
+    /// Globs filed by literal prefix (all exact globs, and those whose prefix is at least as
+    /// long as their suffix).
+    by_prefix: Trie,
+    /// Globs filed by literal suffix, bytes reversed.
+    by_suffix: Trie,
 }
 
 impl GlobIndex {
-    /// `entries` are (glob, owner) pairs; owners are policy indices and may repeat.
+    /// entries: (glob text, owner id). Owners are small integers (policy index); an owner can
+    /// have many globs. Fails on the first invalid glob.
     pub fn new<'a>(
         entries: impl IntoIterator<Item = (&'a str, usize)>,
     ) -> Result<GlobIndex, GlobError> {
         let mut index = GlobIndex::default();
-        for (glob, owner) in entries {
-            index.len += 1;
-            let expanded = expand(glob);
-            match expanded.find('*') {
-                None => {
-                    validate_glob(glob)?;
-                    index
-                        .exact
-                        .entry(expanded.to_string())
-                        .or_default()
-                        .push(owner);
-                }
-                Some(star) => {
-                    let compiled = Glob::new(glob)?;
-                    let prefix = &expanded[..star];
-                    index
-                        .by_prefix
-                        .entry(prefix.to_string())
-                        .or_default()
-                        .push(index.wildcard.len());
-                    index.wildcard.push((compiled, owner));
-                }
+        for (text, owner) in entries {
+            let glob = Glob::new(text)?;
+            let id = index.globs.len();
+            if glob.suffix.len() > glob.prefix.len() {
+                index.by_suffix.insert(glob.suffix.bytes().rev(), id);
+            } else {
+                index.by_prefix.insert(glob.prefix.bytes(), id);
             }
+            index.globs.push((glob, owner));
         }
-        index.prefix_lens = index.by_prefix.keys().map(String::len).collect();
-        index.prefix_lens.sort_unstable();
-        index.prefix_lens.dedup();
+        index.globs.shrink_to_fit();
+        index.by_prefix.shrink();
+        index.by_suffix.shrink();
         Ok(index)
     }
 
-    /// Sorted, deduplicated owners with a glob matching any of `images`.
+    /// Sorted, deduplicated owner ids with at least one glob matching any of `images` (callers
+    /// pass the tag form and the digest form of one image).
     pub fn matching(&self, images: &[&str]) -> Vec<usize> {
         let mut owners = Vec::new();
         for image in images {
-            if let Some(found) = self.exact.get(*image) {
-                owners.extend_from_slice(found);
-            }
-            for &len in &self.prefix_lens {
-                if len > image.len() {
-                    break;
-                }
-                if !image.is_char_boundary(len) {
-                    continue;
-                }
-                let Some(candidates) = self.by_prefix.get(&image[..len]) else {
-                    continue;
-                };
-                for &c in candidates {
-                    let (glob, owner) = &self.wildcard[c];
-                    if glob.matches(image) {
-                        owners.push(*owner);
+            self.by_prefix.walk(image.bytes(), |ids| {
+                for &id in ids {
+                    if let Some((glob, owner)) = self.globs.get(id) {
+                        if glob.matches_after_prefix(image) {
+                            owners.push(*owner);
+                        }
                     }
                 }
-            }
+            });
+            self.by_suffix.walk(image.bytes().rev(), |ids| {
+                for &id in ids {
+                    if let Some((glob, owner)) = self.globs.get(id) {
+                        if glob.matches(image) {
+                            owners.push(*owner);
+                        }
+                    }
+                }
+            });
         }
         owners.sort_unstable();
         owners.dedup();
         owners
     }
 
+    /// Number of globs (entries) in the index.
     pub fn len(&self) -> usize {
-        self.len
+        self.globs.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.globs.is_empty()
     }
 }
 
@@ -194,30 +348,221 @@ impl GlobIndex {
 mod tests {
     use super::*;
 
-    #[test]
-    fn star_stays_within_a_path_component() {
-        let g = Glob::new("ghcr.io/org/*").unwrap();
-        assert!(g.matches("ghcr.io/org/app:v1"));
-        assert!(g.matches("ghcr.io/org/app@sha256:00"));
-        assert!(!g.matches("ghcr.io/org/team/app:v1"));
-        assert!(Glob::new("ghcr.io/org/**")
-            .unwrap()
-            .matches("ghcr.io/org/team/app:v1"));
+    const D: &str = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    fn glob(g: &str) -> Glob {
+        Glob::new(g).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn index(entries: &[(&str, usize)]) -> GlobIndex {
+        GlobIndex::new(entries.iter().copied()).unwrap_or_else(|e| panic!("{e}"))
     }
 
     #[test]
-    fn index_finds_exact_prefix_and_anywhere_globs() {
-        let index = GlobIndex::new([
+    fn validation() {
+        assert_eq!(validate_glob(""), Err(GlobError::Empty));
+        assert!(validate_glob("ghcr.io/o_r-g/*:v1.2@sha256:*").is_ok());
+        for (g, ch) in [
+            ("a^", '^'),
+            ("a$", '$'),
+            ("a?", '?'),
+            ("[a]", '['),
+            ("a b", ' '),
+            ("a+b", '+'),
+            ("ghcr.io/é", 'é'),
+        ] {
+            assert_eq!(
+                validate_glob(g),
+                Err(GlobError::InvalidChar {
+                    glob: g.to_string(),
+                    ch
+                })
+            );
+        }
+        assert_eq!(
+            validate_glob("x^").map_err(|e| e.to_string()),
+            Err(
+                "glob \"x^\" has invalid character '^'; allowed: letters, digits and - _ : / * . @"
+                    .to_string()
+            )
+        );
+        assert!(Glob::new("").is_err());
+        assert!(GlobIndex::new([("ok/**", 0), ("bad glob", 1)]).is_err());
+    }
+
+    #[test]
+    fn star_stays_within_a_path_component() {
+        let g = glob("ghcr.io/org/*");
+        assert!(g.matches("ghcr.io/org/app:v1"));
+        assert!(g.matches(&format!("ghcr.io/org/app@{D}")));
+        assert!(g.matches("ghcr.io/org/"));
+        assert!(!g.matches("ghcr.io/org/team/app:v1"));
+        assert!(glob("ghcr.io/org/**").matches("ghcr.io/org/team/app:v1"));
+        assert!(glob("ghcr.io/*/app:*").matches("ghcr.io/org/app:v1"));
+        assert!(!glob("ghcr.io/*/app:*").matches("ghcr.io/a/b/app:v1"));
+    }
+
+    #[test]
+    fn shorthands() {
+        assert!(glob("*").matches("index.docker.io/library/nginx:1.27"));
+        assert!(!glob("*").matches("index.docker.io/myorg/app:1"));
+        assert!(!glob("*").matches("nginx"));
+        assert!(glob("*/*").matches("index.docker.io/myorg/app:1"));
+        assert!(glob("*/*").matches("index.docker.io/library/nginx:1"));
+        assert!(!glob("*/*").matches("ghcr.io/o/r:1"));
+        assert_eq!(glob("*").as_str(), "*");
+        // Only the whole glob is a shorthand.
+        assert!(glob("*/**").matches("ghcr.io/o/r:1"));
+        assert!(!glob("**/*").matches("nginx:latest"));
+    }
+
+    #[test]
+    fn literals_and_anchoring() {
+        let g = glob("ghcr.io/foo");
+        assert!(g.matches("ghcr.io/foo"));
+        assert!(!g.matches("ghcr.io/foo-suffix"));
+        assert!(!g.matches("prefix-ghcr.io/foo"));
+        assert!(!glob("ghcr.io/**").matches("ghcrxio/foo"));
+        assert!(glob("**:latest").matches("ghcr.io/a/b:latest"));
+        assert!(!glob("**:latest").matches("ghcr.io/a/b:latest2"));
+        assert!(glob("*a*b*").matches("xaybz"));
+        assert!(!glob("*a*b*").matches("xa/ybz"));
+        assert!(glob("**a*b").matches("x/ayb"));
+        assert!(!glob("**a*b").matches("x/a/yb"));
+        assert!(glob("a***").matches("a/b/c"));
+        assert!(glob("ghcr.io/o/r@sha256:*").matches(&format!("ghcr.io/o/r@{D}")));
+    }
+
+    #[test]
+    fn rest_matchers_agree_with_regex() {
+        // Every fast path must give the regex's answer.
+        let images = [
+            "",
+            "a",
+            "a/b",
+            "ghcr.io/o/r:latest",
+            "ghcr.io/o/r/x:latest",
+            ":latest",
+            "/:latest",
+            "x/",
+            "é/:latest",
+        ];
+        for rest in ["", "*", "**", "***", "*:latest", "**:latest", "*/", "**/"] {
+            let fast = compile_rest("t", rest).unwrap_or_else(|e| panic!("{e}"));
+            let mut re = String::from("(?-u)^");
+            for p in pieces(rest) {
+                match p {
+                    Piece::Literal(l) => re.push_str(&regex::escape(l)),
+                    Piece::Segment => re.push_str("[^/]*"),
+                    Piece::Any => re.push_str(".*"),
+                }
+            }
+            re.push('$');
+            let slow = Regex::new(&re).unwrap_or_else(|e| panic!("{e}"));
+            for image in images {
+                assert_eq!(
+                    fast.matches(image),
+                    slow.is_match(image.as_bytes()),
+                    "rest {rest:?} image {image:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn index_finds_exact_prefix_suffix_and_anywhere_globs() {
+        let index = index(&[
             ("ghcr.io/org/app:v1", 0),
             ("ghcr.io/org/*", 1),
             ("**", 2),
             ("quay.io/**", 3),
             ("*", 4),
-        ])
-        .unwrap();
-        assert_eq!(index.matching(&["ghcr.io/org/app:v1"]), [0, 1, 2]);
-        assert_eq!(index.matching(&["index.docker.io/library/nginx:1"]), [2, 4]);
-        assert_eq!(index.len(), 5);
-        assert!(GlobIndex::new([("bad glob", 0)]).is_err());
+            ("**:latest", 5),
+            ("**/app:v1", 6),
+            ("ghcr.io/**", 7),
+            ("ghcr.io/org/**", 7),
+        ]);
+        assert_eq!(index.len(), 9);
+        assert!(!index.is_empty());
+        assert_eq!(index.matching(&["ghcr.io/org/app:v1"]), [0, 1, 2, 6, 7]);
+        assert_eq!(
+            index.matching(&["index.docker.io/library/nginx:latest"]),
+            [2, 4, 5]
+        );
+        assert_eq!(index.matching(&["quay.io/x/y:1"]), [2, 3]);
+        assert_eq!(index.matching(&[]), Vec::<usize>::new());
+        let digest = format!("ghcr.io/org/app@{D}");
+        assert_eq!(
+            index.matching(&["ghcr.io/org/app:v2", &digest]),
+            [1, 2, 7]
+        );
+    }
+
+    #[test]
+    fn index_without_globs() {
+        let empty = index(&[]);
+        assert!(empty.is_empty());
+        assert_eq!(empty.matching(&["ghcr.io/a/b:c"]), Vec::<usize>::new());
+    }
+
+    #[test]
+    fn index_agrees_with_linear_scan() {
+        let globs = [
+            "ghcr.io/org/*",
+            "ghcr.io/org/app",
+            "ghcr.io/org/app:*",
+            "ghcr.io/**",
+            "ghcr.io/*/*:v1",
+            "**/app*",
+            "**@sha256:*",
+            "*:latest",
+            "*/*",
+            "*",
+            "localhost:5000/**",
+            "index.docker.io/library/nginx:1.27",
+            "**",
+            "ghcr*",
+            "g*",
+        ];
+        let index = index(
+            &globs
+                .iter()
+                .enumerate()
+                .map(|(i, g)| (*g, i))
+                .collect::<Vec<_>>(),
+        );
+        let compiled: Vec<Glob> = globs.iter().map(|g| glob(g)).collect();
+        let images = [
+            "ghcr.io/org/app",
+            "ghcr.io/org/app:v1",
+            "ghcr.io/org/app:latest",
+            "ghcr.io/x/y:v1",
+            "ghcr.io/x/y/z:v1",
+            "index.docker.io/library/nginx:1.27",
+            "index.docker.io/library/nginx:latest",
+            "index.docker.io/me/app:latest",
+            "localhost:5000/app:1",
+            "gx",
+            "",
+            "é/ü:latest",
+            &format!("ghcr.io/org/app@{D}"),
+        ];
+        for image in images {
+            let want: Vec<usize> = compiled
+                .iter()
+                .enumerate()
+                .filter(|(_, g)| g.matches(image))
+                .map(|(i, _)| i)
+                .collect();
+            assert_eq!(index.matching(&[image]), want, "{image}");
+        }
+    }
+
+    #[test]
+    fn non_ascii_images_do_not_panic() {
+        let index = index(&[("ghcr.io/**", 0), ("**", 1), ("a*", 2)]);
+        assert_eq!(index.matching(&["ghcr.ioé/x"]), [1]);
+        assert_eq!(index.matching(&["é"]), [1]);
+        assert_eq!(index.matching(&["aé"]), [1, 2]);
     }
 }
