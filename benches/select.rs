@@ -38,20 +38,29 @@ fn select(c: &mut Criterion) {
         let globs = globs(n);
         let index = GlobIndex::new(globs.iter().enumerate().map(|(i, g)| (g.as_str(), i))).unwrap();
         let compiled: Vec<Glob> = globs.iter().map(|g| Glob::new(g).unwrap()).collect();
-        for (label, forms) in [("hit", [HIT_TAG, HIT_DIGEST]), ("miss", [MISS_TAG, MISS_DIGEST])] {
-            group.bench_with_input(BenchmarkId::new(format!("index/{label}"), n), &forms, |b, forms| {
-                b.iter(|| index.matching(black_box(forms)))
-            });
-            group.bench_with_input(BenchmarkId::new(format!("loop/{label}"), n), &forms, |b, forms| {
-                b.iter(|| {
-                    compiled
-                        .iter()
-                        .enumerate()
-                        .filter(|(_, g)| forms.iter().any(|f| g.matches(black_box(f))))
-                        .map(|(i, _)| i)
-                        .collect::<Vec<_>>()
-                })
-            });
+        for (label, forms) in [
+            ("hit", [HIT_TAG, HIT_DIGEST]),
+            ("miss", [MISS_TAG, MISS_DIGEST]),
+        ] {
+            group.bench_with_input(
+                BenchmarkId::new(format!("index/{label}"), n),
+                &forms,
+                |b, forms| b.iter(|| index.matching(black_box(forms))),
+            );
+            group.bench_with_input(
+                BenchmarkId::new(format!("loop/{label}"), n),
+                &forms,
+                |b, forms| {
+                    b.iter(|| {
+                        compiled
+                            .iter()
+                            .enumerate()
+                            .filter(|(_, g)| forms.iter().any(|f| g.matches(black_box(f))))
+                            .map(|(i, _)| i)
+                            .collect::<Vec<_>>()
+                    })
+                },
+            );
         }
     }
     group.finish();
@@ -74,10 +83,14 @@ fn decide(c: &mut Criterion) {
     let snapshot = snapshot_with(10_000);
     let image = ImageRef::parse(HIT_TAG).unwrap();
     group.bench_function("static_pass/10000", |b| {
-        b.iter(|| match decide_offline(&snapshot, black_box(&image), None) {
-            Offline::Decided(d) => d,
-            Offline::NeedsSignatures { .. } => unreachable!("static policies need no signatures"),
-        })
+        b.iter(
+            || match decide_offline(&snapshot, black_box(&image), None) {
+                Offline::Decided(d) => d,
+                Offline::NeedsSignatures { .. } => {
+                    unreachable!("static policies need no signatures")
+                }
+            },
+        )
     });
 
     // One signature made with a fixed P-256 key (the public-good Rekor key cannot sign, so a
@@ -85,7 +98,10 @@ fn decide(c: &mut Criterion) {
     use p256::ecdsa::signature::Signer as _;
     use p256::pkcs8::EncodePublicKey as _;
     let signing = p256::ecdsa::SigningKey::from_slice(&[7u8; 32]).unwrap();
-    let pem = signing.verifying_key().to_public_key_pem(Default::default()).unwrap();
+    let pem = signing
+        .verifying_key()
+        .to_public_key_pem(Default::default())
+        .unwrap();
     let key = PublicKey::from_pem(&pem).unwrap();
     let digest = "sha256:4f1ea7b2a0d2d5e1c0b1fa8d9d0d3a7b6f5e4d3c2b1a09f8e7d6c5b4a3928170";
     let payload = format!(

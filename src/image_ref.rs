@@ -457,7 +457,9 @@ fn is_dns_label(label: &str) -> bool {
         (Some(first), Some(last)) => {
             first.is_ascii_alphanumeric()
                 && last.is_ascii_alphanumeric()
-                && bytes.iter().all(|b| b.is_ascii_alphanumeric() || *b == b'-')
+                && bytes
+                    .iter()
+                    .all(|b| b.is_ascii_alphanumeric() || *b == b'-')
         }
         _ => false,
     }
@@ -592,8 +594,14 @@ mod tests {
             assert_eq!(r.api_host(), registry, "{s}");
         }
         // A single component is never a registry, even `localhost` or a dotted name.
-        assert_eq!(parse("localhost").name(), "index.docker.io/library/localhost");
-        assert_eq!(parse("example.com").name(), "index.docker.io/library/example.com");
+        assert_eq!(
+            parse("localhost").name(),
+            "index.docker.io/library/localhost"
+        );
+        assert_eq!(
+            parse("example.com").name(),
+            "index.docker.io/library/example.com"
+        );
     }
 
     #[test]
@@ -614,7 +622,10 @@ mod tests {
         assert_eq!(r.to_string(), format!("ghcr.io/o/r:v1@{D256}"));
 
         let sha512 = format!("sha512:{}", "ab".repeat(64));
-        assert_eq!(parse(&format!("x/y@{sha512}")).digest(), Some(sha512.as_str()));
+        assert_eq!(
+            parse(&format!("x/y@{sha512}")).digest(),
+            Some(sha512.as_str())
+        );
 
         // A port is not a tag; a tag after a port is.
         let r = parse("localhost:5000/app:5000");
@@ -657,7 +668,16 @@ mod tests {
 
     #[test]
     fn path_components() {
-        for ok in ["a", "a1", "a.b", "a_b", "a__b", "a-b", "a---b", "a.b_c-d__e"] {
+        for ok in [
+            "a",
+            "a1",
+            "a.b",
+            "a_b",
+            "a__b",
+            "a-b",
+            "a---b",
+            "a.b_c-d__e",
+        ] {
             assert!(is_path_component(ok), "{ok}");
         }
         for bad in [
@@ -675,8 +695,14 @@ mod tests {
         assert!(
             matches!(error("https://ghcr.io/o/r"), RefError::Scheme { scheme, .. } if scheme == "https")
         );
-        assert!(matches!(error("ghcr.io/o/r$"), RefError::InvalidChar { ch: '$', .. }));
-        assert!(matches!(error("ghcr.io/ö/r"), RefError::InvalidChar { ch: 'ö', .. }));
+        assert!(matches!(
+            error("ghcr.io/o/r$"),
+            RefError::InvalidChar { ch: '$', .. }
+        ));
+        assert!(matches!(
+            error("ghcr.io/ö/r"),
+            RefError::InvalidChar { ch: 'ö', .. }
+        ));
         assert!(matches!(error(&"ab".repeat(32)), RefError::ImageId { .. }));
         assert!(matches!(error("nginx:"), RefError::InvalidTag { .. }));
         assert!(matches!(error("nginx:.x"), RefError::InvalidTag { .. }));
@@ -686,7 +712,10 @@ mod tests {
             RefError::InvalidTag { .. }
         ));
         assert!(matches!(error("nginx@"), RefError::InvalidDigest { .. }));
-        assert!(matches!(error("nginx@sha256:abc"), RefError::InvalidDigest { .. }));
+        assert!(matches!(
+            error("nginx@sha256:abc"),
+            RefError::InvalidDigest { .. }
+        ));
         assert!(matches!(
             error(&format!("nginx@{}", D256.to_uppercase())),
             RefError::InvalidDigest { .. }
@@ -699,11 +728,20 @@ mod tests {
             error(&format!("nginx@{D256}@{D256}")),
             RefError::InvalidDigest { .. }
         ));
-        assert!(matches!(error("bad_host.io/x"), RefError::InvalidRegistry { .. }));
+        assert!(matches!(
+            error("bad_host.io/x"),
+            RefError::InvalidRegistry { .. }
+        ));
         assert!(matches!(error("-a.io/x"), RefError::InvalidRegistry { .. }));
-        assert!(matches!(error("a.io:99999/x"), RefError::InvalidRegistry { .. }));
+        assert!(matches!(
+            error("a.io:99999/x"),
+            RefError::InvalidRegistry { .. }
+        ));
         assert!(matches!(error("a.io:/x"), RefError::InvalidRegistry { .. }));
-        assert!(matches!(error("[zz::1]:5000/x"), RefError::InvalidRegistry { .. }));
+        assert!(matches!(
+            error("[zz::1]:5000/x"),
+            RefError::InvalidRegistry { .. }
+        ));
         assert!(matches!(error("[::1/x"), RefError::InvalidRegistry { .. }));
         for missing in [
             "example.com:5000",
@@ -721,10 +759,19 @@ mod tests {
             );
         }
         assert!(matches!(error("a//b"), RefError::EmptyComponent { .. }));
-        assert!(matches!(error("ghcr.io/a//b"), RefError::EmptyComponent { .. }));
-        assert!(matches!(error("ghcr.io/a/-b"), RefError::InvalidComponent { .. }));
+        assert!(matches!(
+            error("ghcr.io/a//b"),
+            RefError::EmptyComponent { .. }
+        ));
+        assert!(matches!(
+            error("ghcr.io/a/-b"),
+            RefError::InvalidComponent { .. }
+        ));
         assert!(matches!(error("Foo"), RefError::Uppercase { .. }));
-        assert!(matches!(error("ghcr.io/Org/app"), RefError::Uppercase { .. }));
+        assert!(matches!(
+            error("ghcr.io/Org/app"),
+            RefError::Uppercase { .. }
+        ));
         assert!(matches!(
             error(&format!("ghcr.io/{}", "a".repeat(250))),
             RefError::NameTooLong { len: 258, .. }

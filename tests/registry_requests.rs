@@ -12,7 +12,12 @@ use sigstore::registry::OciReference;
 fn key_cip(name: &str, pems: &[String]) -> String {
     let authorities: String = pems
         .iter()
-        .map(|pem| format!("  - key:\n      data: {}\n", serde_json::to_string(pem).unwrap()))
+        .map(|pem| {
+            format!(
+                "  - key:\n      data: {}\n",
+                serde_json::to_string(pem).unwrap()
+            )
+        })
         .collect();
     format!(
         "---\napiVersion: policy.sigstore.dev/v1beta1\nkind: ClusterImagePolicy\nmetadata: {{name: {name}}}\nspec:\n  images: [{{glob: \"**\"}}]\n  authorities:\n{authorities}"
@@ -22,7 +27,11 @@ fn key_cip(name: &str, pems: &[String]) -> String {
 async fn count_verification(reg: &Registry, policy: &str, image: &str) -> Vec<(String, String)> {
     let dir = write_policy_dir(&[("p.yaml", policy)]);
     let mark = reg.request_count().await;
-    let out = run_pullgate_async(&["verify", "--policy", dir.path().to_str().unwrap(), image], &[]).await;
+    let out = run_pullgate_async(
+        &["verify", "--policy", dir.path().to_str().unwrap(), image],
+        &[],
+    )
+    .await;
     assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
     reg.requests_since(mark).await
 }
@@ -33,20 +42,31 @@ async fn one_fetch_per_digest_serves_every_authority() {
     let digest = reg.push_image("app", "v1", "seed-requests").await;
     let key = TestKey::generate(KeyKind::EcdsaP256);
     reg.sign("app", &digest, &key).await;
-    let wrong: Vec<String> = (0..3).map(|_| TestKey::generate(KeyKind::EcdsaP256).public_pem()).collect();
+    let wrong: Vec<String> = (0..3)
+        .map(|_| TestKey::generate(KeyKind::EcdsaP256).public_pem())
+        .collect();
 
     let one = key_cip("one", &[key.public_pem()]);
     let requests = count_verification(&reg, &one, &reg.tag_ref("app", "v1")).await;
-    println!("pullgate, tag reference, 1 authority: {} requests: {requests:?}", requests.len());
+    println!(
+        "pullgate, tag reference, 1 authority: {} requests: {requests:?}",
+        requests.len()
+    );
     assert_eq!(requests.len(), 3, "{requests:?}");
-    assert_eq!(requests[0].0, "HEAD", "the tag is resolved without downloading the manifest");
+    assert_eq!(
+        requests[0].0, "HEAD",
+        "the tag is resolved without downloading the manifest"
+    );
 
     // Four authorities in one policy plus a second policy: still one signature fetch.
     let mut pems = wrong.clone();
     pems.push(key.public_pem());
     let many = key_cip("many", &pems) + &key_cip("another", &[key.public_pem()]);
     let requests = count_verification(&reg, &many, &reg.tag_ref("app", "v1")).await;
-    println!("pullgate, 2 policies / 5 authorities: {} requests", requests.len());
+    println!(
+        "pullgate, 2 policies / 5 authorities: {} requests",
+        requests.len()
+    );
     assert_eq!(requests.len(), 3, "{requests:?}");
 
     // A digest reference needs no resolution.
@@ -62,7 +82,9 @@ async fn naive_sigstore_client_makes_more_requests() {
     reg.sign("app", &digest, &key).await;
 
     let policy = key_cip("one", &[key.public_pem()]);
-    let ours = count_verification(&reg, &policy, &reg.tag_ref("app", "v1")).await.len();
+    let ours = count_verification(&reg, &policy, &reg.tag_ref("app", "v1"))
+        .await
+        .len();
 
     // The sigstore crate's documented flow, with a client built beforehand (as a daemon would).
     let mut client = reg.cosign_client(None);

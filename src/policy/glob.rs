@@ -492,10 +492,7 @@ mod tests {
         assert_eq!(index.matching(&["quay.io/x/y:1"]), [2, 3]);
         assert_eq!(index.matching(&[]), Vec::<usize>::new());
         let digest = format!("ghcr.io/org/app@{D}");
-        assert_eq!(
-            index.matching(&["ghcr.io/org/app:v2", &digest]),
-            [1, 2, 7]
-        );
+        assert_eq!(index.matching(&["ghcr.io/org/app:v2", &digest]), [1, 2, 7]);
     }
 
     #[test]
