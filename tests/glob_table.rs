@@ -43,7 +43,9 @@ fn check_match(glob: &str, image: &str, want: bool) -> Result<(), String> {
     let owners = index.matching(&[image]);
     let expected: Vec<usize> = if want { vec![7] } else { vec![] };
     if owners != expected {
-        return Err(format!("GlobIndex::matching gave {owners:?}, want {expected:?}"));
+        return Err(format!(
+            "GlobIndex::matching gave {owners:?}, want {expected:?}"
+        ));
     }
     Ok(())
 }
@@ -90,17 +92,29 @@ impl Case {
         match (&self.glob, &self.image, &self.index) {
             (Some(g), Some(i), _) => format!("glob {g:?} image {i:?}"),
             (Some(g), None, _) => format!("glob {g:?}"),
-            (_, _, Some(entries)) => format!("index of {} globs, images {:?}", entries.len(), self.images),
+            (_, _, Some(entries)) => {
+                format!("index of {} globs, images {:?}", entries.len(), self.images)
+            }
             _ => "malformed case".to_string(),
         }
     }
 
     fn check(&self) -> Result<(), String> {
-        match (&self.glob, &self.image, self.matches, &self.error, &self.index) {
+        match (
+            &self.glob,
+            &self.image,
+            self.matches,
+            &self.error,
+            &self.index,
+        ) {
             (Some(glob), Some(image), Some(want), None, None) => check_match(glob, image, want),
             (Some(glob), None, None, Some(want), None) => check_error(glob, want),
-            (None, None, None, None, Some(entries)) => check_index(entries, &self.images, &self.owners),
-            _ => Err("a case is {glob, image, matches}, {glob, error} or {index, images, owners}".into()),
+            (None, None, None, None, Some(entries)) => {
+                check_index(entries, &self.images, &self.owners)
+            }
+            _ => Err(
+                "a case is {glob, image, matches}, {glob, error} or {index, images, owners}".into(),
+            ),
         }
     }
 }
@@ -115,7 +129,11 @@ fn glob_table() {
     assert!(cases.iter().any(|c| c.index.is_some()), "no GlobIndex case");
     let failures: Vec<String> = cases
         .iter()
-        .filter_map(|c| c.check().err().map(|why| format!("{}: {why}", c.describe())))
+        .filter_map(|c| {
+            c.check()
+                .err()
+                .map(|why| format!("{}: {why}", c.describe()))
+        })
         .collect();
     assert!(
         failures.is_empty(),

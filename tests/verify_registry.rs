@@ -607,3 +607,76 @@ async fn bad_input_exits_2_with_a_clear_error() {
     assert_eq!(out.code, 2);
     assert!(out.stderr.contains("/nonexistent/dir"), "{}", out.stderr);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cosign_encrypted_key_files_sign_verifiable_signatures() {
+    use sigstore::crypto::signing_key::SigStoreKeyPair;
+    use sigstore::crypto::SigningScheme;
+    let reg = Registry::start().await;
+    let digest = reg.push_image("app", "v1", "seed-encrypted").await;
+    let key = TestKey::generate(KeyKind::EcdsaP256);
+    let encrypted = key.encrypted_private_pem("correct horse");
+    assert!(
+        encrypted.contains("ENCRYPTED SIGSTORE PRIVATE KEY"),
+        "{encrypted}"
+    );
+    // Reload the key as `cosign sign --key cosign.key` would, and sign with it.
+    let reloaded = SigStoreKeyPair::from_encrypted_pem(encrypted.as_bytes(), b"correct horse")
+        .unwrap()
+        .to_sigstore_signer(&SigningScheme::ECDSA_P256_SHA256_ASN1)
+        .unwrap();
+    let payload = simple_signing_payload(&reg.repo_ref("app"), &digest);
+    let signature = {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode(reloaded.sign(&payload).unwrap())
+    };
+    reg.push_signature_raw(
+        "app",
+        &signature_tag(&digest),
+        &payload,
+        &signature,
+        BTreeMap::new(),
+    )
+    .await;
+    let cip = key_cip("p", "**", &[&key.public_pem()], "");
+    let v = verify(&cip, &reg.tag_ref("app", "v1"), &[]).await;
+    assert_eq!(
+        (v.code, v.verdict()),
+        (0, "allow"),
+        "{} {}",
+        v.json,
+        v.stderr
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn oversized_signature_blob_is_refused_not_read() {
+    let reg = Registry::start().await;
+    let digest = reg.push_image("app", "v1", "seed-huge").await;
+    let key = TestKey::generate(KeyKind::EcdsaP256);
+    let huge = vec![b'x'; 2 << 20];
+    reg.push_signature_raw(
+        "app",
+        &signature_tag(&digest),
+        &huge,
+        &key.sign_b64(&huge),
+        BTreeMap::new(),
+    )
+    .await;
+    let cip = key_cip("p", "**", &[&key.public_pem()], "");
+    let v = verify(&cip, &reg.tag_ref("app", "v1"), &[]).await;
+    assert_eq!((v.code, v.verdict()), (2, "error"), "{}", v.json);
+    assert!(
+        v.reasons().contains("larger than the 1048576-byte limit"),
+        "{}",
+        v.reasons()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn oversized_policy_file_is_refused() {
+    let big = format!("# {}\n", "x".repeat(5 << 20));
+    let v = verify(&big, "ghcr.io/a/b:1", &[]).await;
+    assert_eq!(v.code, 2);
+    assert!(v.stderr.contains("the limit is 4194304"), "{}", v.stderr);
+}

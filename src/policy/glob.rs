@@ -9,12 +9,16 @@
 //!
 //! A glob is compiled as its literal prefix (text before the first `*`) plus a matcher for
 //! the rest; the common rests (`**`, `*`, `**:latest`, `*:v1`, nothing) are matched without a
-//! regular expression, and the others with one anchored byte regex. [`GlobIndex`] files every
-//! glob in a byte trie under its literal prefix, or, when its literal suffix (text after the
-//! last `*`) is longer, in a second trie under that suffix read backwards. A query walks each
-//! trie once along the image string and runs only the globs met on the way, so its cost
-//! depends on the image length and on the globs that share the image's prefix or suffix, not
-//! on the total number of globs.
+//! regular expression, and the others with one anchored byte regex.
+//!
+//! [`GlobIndex`] files every glob under its longest literal key, in one of three byte tries:
+//! its literal prefix (text before the first `*`), its literal suffix (text after the last
+//! `*`, stored reversed), or its longest literal between two `*`s (`**/mirror/*`). A query
+//! walks the prefix trie once along the image, the suffix trie once along the reversed image,
+//! and the infix trie from each position of the image (only when it holds any glob), and runs
+//! only the globs whose key it meets. The cost thus depends on the image length and on the
+//! globs sharing a literal with the image, not on the total number of globs; only globs
+//! without any literal (`**`, `*:*`) are tried on every query.
 
 use regex::bytes::Regex;
 
@@ -119,9 +123,8 @@ fn pieces(rest: &str) -> Vec<Piece<'_>> {
     out
 }
 
-fn compile_rest(glob: &str, rest: &str) -> Result<Rest, GlobError> {
-    let pieces = pieces(rest);
-    match pieces.as_slice() {
+fn compile_rest(glob: &str, pieces: &[Piece<'_>]) -> Result<Rest, GlobError> {
+    match pieces {
         [] => return Ok(Rest::Nothing),
         [Piece::Any] => return Ok(Rest::AnyThen(String::new())),
         [Piece::Segment] => return Ok(Rest::SegmentThen(String::new())),
@@ -131,9 +134,8 @@ fn compile_rest(glob: &str, rest: &str) -> Result<Rest, GlobError> {
     }
     // Byte semantics (no Unicode): `[^/]` is one byte, which on UTF-8 text matches exactly
     // what a character class would, since `/` never occurs inside a multi-byte character.
-    let mut re = String::with_capacity(rest.len() * 3 + 8);
-    re.push_str("(?-u)^");
-    for piece in &pieces {
+    let mut re = String::from("(?-u)^");
+    for piece in pieces {
         match piece {
             Piece::Literal(lit) => re.push_str(&regex::escape(lit)),
             Piece::Segment => re.push_str("[^/]*"),
@@ -157,6 +159,8 @@ pub struct Glob {
     prefix: String,
     /// The expanded glob's text after its last `*` (empty when it has none).
     suffix: String,
+    /// The longest literal between two `*`s (empty when there is none).
+    infix: String,
     rest: Rest,
 }
 
@@ -173,11 +177,26 @@ impl Glob {
             ),
             _ => (expanded, "", ""),
         };
+        let pieces = pieces(rest);
+        // Literals between stars: all but a trailing one (that is the suffix).
+        let inner = match pieces.split_last() {
+            Some((Piece::Literal(_), inner)) => inner,
+            _ => &pieces[..],
+        };
+        let infix = inner
+            .iter()
+            .filter_map(|p| match p {
+                Piece::Literal(lit) => Some(*lit),
+                _ => None,
+            })
+            .max_by_key(|lit| lit.len())
+            .unwrap_or("");
         Ok(Glob {
             source: glob.to_string(),
             prefix: prefix.to_string(),
             suffix: suffix.to_string(),
-            rest: compile_rest(glob, rest)?,
+            infix: infix.to_string(),
+            rest: compile_rest(glob, &pieces)?,
         })
     }
 
@@ -205,6 +224,8 @@ impl Glob {
 #[derive(Debug, Clone)]
 struct Trie {
     nodes: Vec<Node>,
+    /// Number of globs filed.
+    count: usize,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -219,6 +240,7 @@ impl Default for Trie {
     fn default() -> Self {
         Trie {
             nodes: vec![Node::default()],
+            count: 0,
         }
     }
 }
@@ -239,6 +261,7 @@ impl Trie {
             };
         }
         self.nodes[at].globs.push(glob);
+        self.count += 1;
     }
 
     /// Calls `visit` with the globs of every key that is a prefix of `key`, shortest first.
@@ -261,6 +284,10 @@ impl Trie {
         }
     }
 
+    fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
     fn shrink(&mut self) {
         self.nodes.shrink_to_fit();
         for node in &mut self.nodes {
@@ -280,6 +307,8 @@ pub struct GlobIndex {
     by_prefix: Trie,
     /// Globs filed by literal suffix, bytes reversed.
     by_suffix: Trie,
+    /// Globs filed by a literal between two stars, found anywhere in the image.
+    by_infix: Trie,
 }
 
 impl GlobIndex {
@@ -292,16 +321,20 @@ impl GlobIndex {
         for (text, owner) in entries {
             let glob = Glob::new(text)?;
             let id = index.globs.len();
-            if glob.suffix.len() > glob.prefix.len() {
+            let (p, s, m) = (glob.prefix.len(), glob.suffix.len(), glob.infix.len());
+            if p >= s && p >= m {
+                index.by_prefix.insert(glob.prefix.bytes(), id);
+            } else if s >= m {
                 index.by_suffix.insert(glob.suffix.bytes().rev(), id);
             } else {
-                index.by_prefix.insert(glob.prefix.bytes(), id);
+                index.by_infix.insert(glob.infix.bytes(), id);
             }
             index.globs.push((glob, owner));
         }
         index.globs.shrink_to_fit();
         index.by_prefix.shrink();
         index.by_suffix.shrink();
+        index.by_infix.shrink();
         Ok(index)
     }
 
@@ -310,28 +343,46 @@ impl GlobIndex {
     pub fn matching(&self, images: &[&str]) -> Vec<usize> {
         let mut owners = Vec::new();
         for image in images {
-            self.by_prefix.walk(image.bytes(), |ids| {
-                for &id in ids {
-                    if let Some((glob, owner)) = self.globs.get(id) {
-                        if glob.matches_after_prefix(image) {
-                            owners.push(*owner);
-                        }
-                    }
-                }
-            });
-            self.by_suffix.walk(image.bytes().rev(), |ids| {
-                for &id in ids {
-                    if let Some((glob, owner)) = self.globs.get(id) {
-                        if glob.matches(image) {
-                            owners.push(*owner);
-                        }
-                    }
-                }
-            });
+            self.collect(image, &mut owners);
         }
         owners.sort_unstable();
         owners.dedup();
         owners
+    }
+
+    /// Pushes the owners of the globs matching `image`; returns how many globs were tried.
+    fn collect(&self, image: &str, owners: &mut Vec<usize>) -> usize {
+        let mut tried = 0;
+        self.by_prefix.walk(image.bytes(), |ids| {
+            for &id in ids {
+                if let Some((glob, owner)) = self.globs.get(id) {
+                    tried += 1;
+                    if glob.matches_after_prefix(image) {
+                        owners.push(*owner);
+                    }
+                }
+            }
+        });
+        let mut check = |ids: &[usize]| {
+            for &id in ids {
+                if let Some((glob, owner)) = self.globs.get(id) {
+                    tried += 1;
+                    if glob.matches(image) {
+                        owners.push(*owner);
+                    }
+                }
+            }
+        };
+        self.by_suffix.walk(image.bytes().rev(), &mut check);
+        if !self.by_infix.is_empty() {
+            // Infix keys are never empty, so no root visit finds anything; a glob whose key
+            // occurs twice in the image is tried twice, which only costs a duplicate owner.
+            for start in 0..image.len() {
+                let from = image.as_bytes().get(start..).unwrap_or_default();
+                self.by_infix.walk(from.iter().copied(), &mut check);
+            }
+        }
+        tried
     }
 
     /// Number of globs (entries) in the index.
@@ -448,7 +499,7 @@ mod tests {
             "é/:latest",
         ];
         for rest in ["", "*", "**", "***", "*:latest", "**:latest", "*/", "**/"] {
-            let fast = compile_rest("t", rest).unwrap_or_else(|e| panic!("{e}"));
+            let fast = compile_rest("t", &pieces(rest)).unwrap_or_else(|e| panic!("{e}"));
             let mut re = String::from("(?-u)^");
             for p in pieces(rest) {
                 match p {
@@ -520,6 +571,12 @@ mod tests {
             "**",
             "ghcr*",
             "g*",
+            "**/org/*",
+            "**/app:*",
+            "**o*",
+            "*/*/app*:*",
+            "**/x/**/x/*",
+            "**a**a",
         ];
         let index = index(
             &globs
@@ -541,6 +598,9 @@ mod tests {
             "localhost:5000/app:1",
             "gx",
             "",
+            "quay.io/x/a/x/b:a",
+            "a/a",
+            "mirror.local/org/app:v1",
             "é/ü:latest",
             &format!("ghcr.io/org/app@{D}"),
         ];
@@ -553,6 +613,33 @@ mod tests {
                 .collect();
             assert_eq!(index.matching(&[image]), want, "{image}");
         }
+    }
+
+    #[test]
+    fn queries_try_only_globs_sharing_a_literal() {
+        let mut texts = Vec::new();
+        for i in 0..2000 {
+            texts.push(format!("registry.example.com/team-{i}/**"));
+            texts.push(format!("ghcr.io/org{i}/app-*"));
+            texts.push(format!("**/mirror-{i}/*"));
+            texts.push(format!("**:release-{i}"));
+            texts.push(format!("index.docker.io/library/tool{i}:1.{i}"));
+        }
+        texts.push("**".to_string());
+        let index = GlobIndex::new(texts.iter().enumerate().map(|(i, g)| (g.as_str(), i)))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let tried = |image: &str| index.collect(image, &mut Vec::new());
+        // `**` plus the one glob each of these names.
+        assert_eq!(tried("registry.example.com/team-7/a/b:1"), 2);
+        assert_eq!(tried("ghcr.io/org7/app-x:1"), 2);
+        assert_eq!(tried("index.docker.io/library/tool7:1.7"), 2);
+        assert_eq!(tried("quay.io/mirror-7/x:1"), 2);
+        assert_eq!(tried("quay.io/x/y:release-7"), 2);
+        assert_eq!(tried("docker.example.org/other/app:2.0"), 1);
+        assert_eq!(
+            index.matching(&["quay.io/mirror-7/x:1"]),
+            [7 * 5 + 2, 10_000]
+        );
     }
 
     #[test]
