@@ -12,9 +12,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::decide::decide;
 use crate::image_ref::ImageRef;
 use crate::policy::eval::{Decision, Verdict};
-use crate::policy::load::Objects;
 use crate::policy::snapshot::{Scope, Settings};
-use crate::policy::Snapshot;
+use crate::policy::source::load_snapshot;
 use crate::registry::{Credential, Credentials, RegistryClient, RegistryConfig};
 
 /// Exit code of `verify` when the image is denied.
@@ -39,8 +38,8 @@ pub enum Command {
     Verify(VerifyArgs),
     /// Check policy files (ClusterImagePolicy, TrustRoot, …) and print every problem.
     Validate(ValidateArgs),
-    /// Serve the CRI ImageService proxy (not built yet).
-    Serve(NotBuiltArgs),
+    /// Serve the CRI ImageService proxy between kubelet and containerd.
+    Serve(ServeArgs),
     /// Serve the admission shim (not built yet).
     Admission(NotBuiltArgs),
 }
@@ -74,6 +73,62 @@ pub struct VerifyArgs {
     pub registry: RegistryArgs,
     /// Image reference, e.g. ghcr.io/org/app:v1 or registry:5000/app@sha256:…
     pub image: String,
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Unix socket to serve CRI `runtime.v1.ImageService` on (kubelet's imageServiceEndpoint).
+    #[arg(
+        long,
+        default_value = "/run/pullgate/pullgate.sock",
+        env = "PULLGATE_LISTEN"
+    )]
+    pub listen: PathBuf,
+    /// containerd's CRI socket.
+    #[arg(
+        long,
+        default_value = "/run/containerd/containerd.sock",
+        env = "PULLGATE_CONTAINERD"
+    )]
+    pub containerd: PathBuf,
+    /// Policy files or directories (repeatable), reloaded when they change.
+    #[arg(long = "policy-dir", visible_alias = "policy", value_name = "PATH", default_values_t = [PathBuf::from("/etc/pullgate/policies").display().to_string()], env = "PULLGATE_POLICY_DIR")]
+    pub policy_dirs: Vec<String>,
+    /// Audit log file: one JSON line per decision.
+    #[arg(
+        long,
+        default_value = "/var/log/pullgate/audit.log",
+        env = "PULLGATE_AUDIT_LOG"
+    )]
+    pub audit_log: PathBuf,
+    /// Rotate the audit log past this many bytes.
+    #[arg(long, default_value_t = 50 << 20)]
+    pub audit_max_bytes: u64,
+    /// Rotated audit files kept.
+    #[arg(long, default_value_t = 5)]
+    pub audit_keep: usize,
+    /// Do not copy audit lines to stdout (the journal under systemd).
+    #[arg(long)]
+    pub no_audit_stdout: bool,
+    /// Node name written in audit lines (default: the host name).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Seconds an allow or deny verdict stays cached (per digest and policy set).
+    #[arg(long, default_value_t = 300)]
+    pub cache_ttl: u64,
+    /// Most verdicts cached.
+    #[arg(long, default_value_t = 10_000)]
+    pub cache_size: usize,
+    /// How often the policy files are checked for changes, in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    pub reload_interval_ms: u64,
+    /// Seconds in-flight pulls may take to finish after SIGTERM.
+    #[arg(long, default_value_t = 30)]
+    pub shutdown_grace: u64,
+    #[command(flatten)]
+    pub scope: ScopeArgs,
+    #[command(flatten)]
+    pub registry: RegistryArgs,
 }
 
 #[derive(Args, Debug)]
@@ -190,7 +245,7 @@ pub async fn run(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Verify(args) => verify(args).await,
         Command::Validate(args) => validate(&args),
-        Command::Serve(_) => not_built("serve", "the CRI ImageService proxy"),
+        Command::Serve(args) => serve(args).await,
         Command::Admission(_) => not_built("admission", "the admission shim"),
     }
 }
@@ -206,18 +261,6 @@ fn not_built(command: &str, what: &str) -> ExitCode {
 fn error_exit(message: &str) -> ExitCode {
     eprintln!("pullgate: {message}");
     ExitCode::from(EXIT_ERROR)
-}
-
-/// Loads policy paths into a snapshot, reporting every load and validation problem.
-fn load_snapshot(paths: &[PathBuf], settings: Settings) -> Result<Snapshot, Vec<String>> {
-    let objects = Objects::load_paths(paths)
-        .map_err(|errors| errors.iter().map(ToString::to_string).collect::<Vec<_>>())?;
-    let snapshot = Snapshot::build(&objects, settings);
-    if snapshot.problems.is_empty() {
-        Ok(snapshot)
-    } else {
-        Err(snapshot.problems.iter().map(ToString::to_string).collect())
-    }
 }
 
 async fn verify(args: VerifyArgs) -> ExitCode {
@@ -323,6 +366,123 @@ fn validate(args: &ValidateArgs) -> ExitCode {
             }
             eprintln!("pullgate: {} problem(s) found", problems.len());
             ExitCode::from(1)
+        }
+    }
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "unknown".to_string())
+}
+
+async fn serve(args: ServeArgs) -> ExitCode {
+    use crate::audit::AuditLog;
+    use crate::cri::{bind, containerd_channel, Proxy, ServeError};
+    use crate::policy::source::PolicyDir;
+    use crate::verify::cache::VerdictCache;
+    use std::sync::Arc;
+
+    if !args.containerd.exists() {
+        return error_exit(&ServeError::NoContainerd(args.containerd.clone()).to_string());
+    }
+    let registry = match args
+        .registry
+        .config()
+        .map_err(|e| e.to_string())
+        .and_then(|c| RegistryClient::new(c).map_err(|e| e.to_string()))
+    {
+        Ok(r) => r,
+        Err(e) => return error_exit(&e),
+    };
+    let audit = match AuditLog::open(
+        Some(&args.audit_log),
+        args.audit_max_bytes,
+        args.audit_keep,
+        !args.no_audit_stdout,
+    ) {
+        Ok(a) => a,
+        Err(e) => return error_exit(&e.to_string()),
+    };
+    let paths: Vec<PathBuf> = args.policy_dirs.iter().map(PathBuf::from).collect();
+    let (policies, problems) = PolicyDir::open(paths, args.scope.settings());
+    for p in &problems {
+        tracing::error!(problem = %p, "policy set cannot be loaded: denying every pull outside exempt namespaces until it is fixed");
+    }
+    let policies = Arc::new(policies);
+    let containerd = match containerd_channel(&args.containerd) {
+        Ok(c) => c,
+        Err(e) => return error_exit(&e.to_string()),
+    };
+    let listener = match bind(&args.listen).await {
+        Ok(l) => l,
+        Err(e) => return error_exit(&e.to_string()),
+    };
+    let proxy = Arc::new(Proxy {
+        containerd,
+        policies: policies.clone(),
+        registry,
+        cache: VerdictCache::new(
+            Duration::from_secs(args.cache_ttl),
+            Duration::from_secs(5),
+            args.cache_size,
+        ),
+        audit,
+        node: args.node_name.clone().unwrap_or_else(host_name),
+    });
+    let watcher = tokio::spawn(
+        policies
+            .clone()
+            .watch(Duration::from_millis(args.reload_interval_ms.max(50))),
+    );
+    tracing::info!(listen = %args.listen.display(), containerd = %args.containerd.display(), "pullgate serving");
+    eprintln!(
+        "pullgate: serving runtime.v1.ImageService on {} for {}",
+        args.listen.display(),
+        args.containerd.display()
+    );
+
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stopped| *stopped).await;
+    };
+    let shutdown = stopped(stop.clone());
+    let grace = Duration::from_secs(args.shutdown_grace);
+    let server = proxy.serve(listener, shutdown);
+    tokio::pin!(server);
+    let result = tokio::select! {
+        r = &mut server => r,
+        _ = async { stopped(stop).await; tokio::time::sleep(grace).await } => {
+            tracing::warn!("shutdown grace period over; pulls still in flight are abandoned");
+            Ok(())
+        }
+    };
+    watcher.abort();
+    let _ = std::fs::remove_file(&args.listen);
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => error_exit(&e.to_string()),
+    }
+}
+
+/// SIGTERM (systemd stop) or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
         }
     }
 }

@@ -7,7 +7,7 @@ use crate::policy::eval::{
     Verdict,
 };
 use crate::policy::Snapshot;
-use crate::registry::RegistryClient;
+use crate::registry::{Credential, RegistryClient};
 
 /// Decides whether `image` may run in `namespace` under `snapshot`.
 ///
@@ -18,6 +18,18 @@ pub async fn decide(
     image: &ImageRef,
     namespace: Option<&str>,
 ) -> Decision {
+    decide_with_auth(snapshot, registry, image, namespace, None).await
+}
+
+/// [`decide`] with the caller's registry credential (e.g. the one kubelet resolved for the
+/// pull), used for the tag lookup and signature fetches.
+pub async fn decide_with_auth(
+    snapshot: &Snapshot,
+    registry: &RegistryClient,
+    image: &ImageRef,
+    namespace: Option<&str>,
+    auth: Option<&Credential>,
+) -> Decision {
     let (mut decision, undecided) = match decide_offline(snapshot, image, namespace) {
         Offline::Decided(decision) => return decision,
         Offline::NeedsSignatures { partial, undecided } => (partial, undecided),
@@ -27,7 +39,7 @@ pub async fn decide(
         decision.reasons = vec![format!("could not verify {image}: {reason}")];
         decision
     };
-    let digest = match registry.resolve(image).await {
+    let digest = match registry.resolve(image, auth).await {
         Ok(d) => d,
         Err(e) => return could_not_decide(decision, e.to_string()),
     };
@@ -40,7 +52,7 @@ pub async fn decide(
     let fetches = repos.iter().map(|repo| async move {
         (
             repo.name(),
-            registry.fetch_signatures(repo, digest_ref).await,
+            registry.fetch_signatures(repo, digest_ref, auth).await,
         )
     });
     let mut signatures = Signatures::new();

@@ -5,7 +5,9 @@
 //! registry access ([`registry`]) and signature checking ([`verify`]) sit at the edge.
 #![forbid(unsafe_code)]
 
+pub mod audit;
 pub mod cli;
+pub mod cri;
 pub mod decide;
 pub mod image_ref;
 pub mod policy;

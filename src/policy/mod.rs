@@ -4,6 +4,7 @@ pub mod eval;
 pub mod glob;
 pub mod load;
 pub mod snapshot;
+pub mod source;
 pub mod types;
 pub mod validate;
 

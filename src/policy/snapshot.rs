@@ -260,6 +260,37 @@ impl Snapshot {
         }
     }
 
+    /// A snapshot for when no policy set could be loaded at all (e.g. a broken policy
+    /// directory at start-up): every namespace but the exempt ones is enforced and every image
+    /// is denied with `reason`. Exempt namespaces keep pulling, so the node stays manageable.
+    pub fn unusable(settings: Settings, reason: &str) -> Snapshot {
+        let policy = CompiledPolicy {
+            name: "pullgate-policies-unavailable".to_string(),
+            origin: String::new(),
+            mode: Mode::Enforce,
+            globs: vec!["**".to_string()],
+            authorities: Err(vec![Problem {
+                path: "policies".to_string(),
+                message: reason.to_string(),
+            }]),
+        };
+        let settings = Settings {
+            scope: Scope::OptOut,
+            ..settings
+        };
+        let fingerprint = hex::encode(sha2::Sha256::digest(format!("unusable:{reason}")));
+        Snapshot {
+            policies: vec![policy],
+            index: GlobIndex::default(),
+            cover_all: vec![0],
+            namespaces: HashMap::new(),
+            config: ControllerConfig::default(),
+            settings,
+            problems: Vec::new(),
+            fingerprint,
+        }
+    }
+
     /// SHA-256 over everything that can change a verdict: CIPs, resolved keys, config and
     /// settings. Verdict caches key on it, so a changed policy or rotated key invalidates.
     pub fn fingerprint(&self) -> &str {

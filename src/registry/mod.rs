@@ -151,6 +151,9 @@ struct Target<'a> {
     api_host: &'a str,
     repository: &'a str,
     plain_http: bool,
+    /// The request's own credential (e.g. the one kubelet resolved for a pull), else the
+    /// configured one for the host.
+    credential: Option<&'a Credential>,
 }
 
 impl Target<'_> {
@@ -159,8 +162,17 @@ impl Target<'_> {
         format!("{scheme}://{}/v2/{}/{path}", self.api_host, self.repository)
     }
 
+    /// Tokens are cached per repository and per credential: a token obtained with one pod's
+    /// pull secret is never presented for another's.
     fn cache_key(&self) -> String {
-        format!("{}/{}", self.host, self.repository)
+        let who = match self.credential {
+            None => String::new(),
+            Some(Credential::Basic { username, password }) => {
+                hex::encode(sha2::Sha256::digest(format!("{username}\0{password}")))
+            }
+            Some(Credential::Bearer(token)) => hex::encode(sha2::Sha256::digest(token)),
+        };
+        format!("{}/{}#{who}", self.host, self.repository)
     }
 }
 
@@ -187,23 +199,25 @@ impl RegistryClient {
         self.requests.load(Ordering::Relaxed)
     }
 
-    fn target<'a>(&self, image: &'a ImageRef) -> Target<'a> {
+    fn target<'a>(&'a self, image: &'a ImageRef, auth: Option<&'a Credential>) -> Target<'a> {
         let host = image.registry();
         Target {
             host,
             api_host: image.api_host(),
             repository: image.repository(),
             plain_http: image.is_loopback() || self.config.insecure.iter().any(|h| h == host),
+            credential: auth.or_else(|| self.config.credentials.for_host(host)),
         }
     }
 
     /// The manifest digest `image` names: its digest when it carries one (no request), else
-    /// the digest the registry reports for its tag.
-    pub async fn resolve(&self, image: &ImageRef) -> Result<String> {
+    /// the digest the registry reports for its tag. `auth` overrides the configured
+    /// credentials for this call.
+    pub async fn resolve(&self, image: &ImageRef, auth: Option<&Credential>) -> Result<String> {
         if let Some(digest) = image.digest() {
             return Ok(digest.to_string());
         }
-        let target = self.target(image);
+        let target = self.target(image, auth);
         let tag = image.tag().unwrap_or("latest");
         let url = target.url(&format!("manifests/{tag}"));
         let resp = self
@@ -253,8 +267,9 @@ impl RegistryClient {
         &self,
         repo: &ImageRef,
         digest: &str,
+        auth: Option<&Credential>,
     ) -> Result<Vec<SignatureLayer>> {
-        let target = self.target(repo);
+        let target = self.target(repo, auth);
         let tag = signature_tag(digest).ok_or_else(|| RegistryError::Invalid {
             host: target.host.to_string(),
             what: "digest",
@@ -392,9 +407,7 @@ impl RegistryClient {
                 format!("Bearer {token}")
             }
             Some(Challenge::Basic) => {
-                let Some(Credential::Basic { username, password }) =
-                    self.config.credentials.for_host(target.host)
-                else {
+                let Some(Credential::Basic { username, password }) = target.credential else {
                     return Err(
                         self.denied(target, "the registry requires a username and password")
                     );
@@ -420,9 +433,7 @@ impl RegistryClient {
             return Some(format!("Bearer {token}"));
         }
         if lock(&self.basic_hosts).contains(target.host) {
-            if let Some(Credential::Basic { username, password }) =
-                self.config.credentials.for_host(target.host)
-            {
+            if let Some(Credential::Basic { username, password }) = target.credential {
                 return Some(basic_header(username, password));
             }
         }
@@ -469,7 +480,7 @@ impl RegistryClient {
             }
         })?;
         let mut req = self.http.get(url);
-        match self.config.credentials.for_host(target.host) {
+        match target.credential {
             Some(Credential::Basic { username, password }) => {
                 req = req.basic_auth(username, Some(password));
             }

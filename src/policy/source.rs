@@ -1,0 +1,163 @@
+//! The policy directory as a live source: loaded once, then re-read when its files change.
+//! Readers get the current snapshot lock-free; a reload builds a new snapshot and swaps it in
+//! whole. An invalid change is reported and the last good snapshot stays in force.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+
+use super::load::{policy_files, Objects};
+use super::snapshot::{Settings, Snapshot};
+
+/// Loads `paths` into a snapshot; every load and validation problem is returned on failure.
+pub fn load_snapshot(paths: &[PathBuf], settings: Settings) -> Result<Snapshot, Vec<String>> {
+    let objects = Objects::load_paths(paths)
+        .map_err(|errors| errors.iter().map(ToString::to_string).collect::<Vec<_>>())?;
+    let snapshot = Snapshot::build(&objects, settings);
+    if snapshot.problems.is_empty() {
+        Ok(snapshot)
+    } else {
+        Err(snapshot.problems.iter().map(ToString::to_string).collect())
+    }
+}
+
+/// What identifies the content of the policy paths cheaply: file names, sizes and mtimes.
+type Stamp = Vec<(PathBuf, u64, Option<SystemTime>)>;
+
+fn stamp(paths: &[PathBuf]) -> Stamp {
+    let mut out = Vec::new();
+    for path in paths {
+        for file in policy_files(path).unwrap_or_default() {
+            let meta = std::fs::metadata(&file).ok();
+            out.push((
+                file,
+                meta.as_ref().map_or(0, |m| m.len()),
+                meta.and_then(|m| m.modified().ok()),
+            ));
+        }
+    }
+    out
+}
+
+/// A policy directory kept current.
+pub struct PolicyDir {
+    paths: Vec<PathBuf>,
+    settings: Settings,
+    current: ArcSwap<Snapshot>,
+    last_stamp: std::sync::Mutex<Stamp>,
+}
+
+impl PolicyDir {
+    /// Loads the paths. A set that cannot be loaded still yields a `PolicyDir`, holding
+    /// [`Snapshot::unusable`] (deny all but exempt namespaces) until a valid set appears; the
+    /// problems are returned for the caller to report.
+    pub fn open(paths: Vec<PathBuf>, settings: Settings) -> (PolicyDir, Vec<String>) {
+        let last_stamp = stamp(&paths);
+        let (snapshot, problems) = match load_snapshot(&paths, settings.clone()) {
+            Ok(s) => (s, Vec::new()),
+            Err(problems) => {
+                let reason = format!(
+                    "the policy set could not be loaded ({} problem(s); first: {})",
+                    problems.len(),
+                    problems.first().map(String::as_str).unwrap_or_default()
+                );
+                (Snapshot::unusable(settings.clone(), &reason), problems)
+            }
+        };
+        let dir = PolicyDir {
+            paths,
+            settings,
+            current: ArcSwap::from_pointee(snapshot),
+            last_stamp: std::sync::Mutex::new(last_stamp),
+        };
+        (dir, problems)
+    }
+
+    /// The snapshot in force.
+    pub fn current(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+
+    /// Re-reads the paths if any file changed. `Ok(true)`: a new snapshot is in force;
+    /// `Err`: the change is invalid and the previous snapshot stays.
+    pub fn reload_if_changed(&self) -> Result<bool, Vec<String>> {
+        let now = stamp(&self.paths);
+        {
+            let mut last = self.last_stamp.lock().unwrap_or_else(|p| p.into_inner());
+            if *last == now {
+                return Ok(false);
+            }
+            *last = now;
+        }
+        let snapshot = load_snapshot(&self.paths, self.settings.clone())?;
+        self.current.store(Arc::new(snapshot));
+        Ok(true)
+    }
+
+    /// Polls for changes every `interval` until the task is dropped. Polling (rather than
+    /// inotify) also sees ConfigMap volume updates, which swap a symlink.
+    pub async fn watch(self: Arc<Self>, interval: Duration) {
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            match self.reload_if_changed() {
+                Ok(true) => tracing::info!(
+                    fingerprint = self.current().fingerprint(),
+                    policies = self.current().policies.len(),
+                    "policy set reloaded"
+                ),
+                Ok(false) => {}
+                Err(problems) => {
+                    for p in &problems {
+                        tracing::error!(problem = %p, "invalid policy change ignored; the last good policy set stays in force");
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ALLOW: &str = "apiVersion: policy.sigstore.dev/v1beta1\nkind: ClusterImagePolicy\nmetadata: {name: p}\nspec:\n  images: [{glob: \"**\"}]\n  authorities: [{static: {action: pass}}]\n";
+
+    #[test]
+    fn reload_swaps_valid_changes_and_keeps_last_good() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("p.yaml");
+        std::fs::write(&file, ALLOW).unwrap();
+        let (source, problems) =
+            PolicyDir::open(vec![dir.path().to_path_buf()], Settings::default());
+        assert!(problems.is_empty());
+        let first = source.current().fingerprint().to_string();
+        assert_eq!(source.reload_if_changed(), Ok(false));
+
+        std::fs::write(&file, ALLOW.replace("pass", "fail")).unwrap();
+        assert_eq!(source.reload_if_changed(), Ok(true));
+        let second = source.current().fingerprint().to_string();
+        assert_ne!(first, second);
+
+        std::fs::write(&file, "spec: [broken\n").unwrap();
+        assert!(source.reload_if_changed().is_err());
+        assert_eq!(source.current().fingerprint(), second, "last good stays");
+    }
+
+    #[test]
+    fn unloadable_start_denies_all_but_exempt_namespaces() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("p.yaml"), "{{{").unwrap();
+        let (source, problems) =
+            PolicyDir::open(vec![dir.path().to_path_buf()], Settings::default());
+        assert_eq!(problems.len(), 1);
+        let snap = source.current();
+        assert!(snap.is_enforced(Some("default")));
+        assert!(!snap.is_enforced(Some("kube-system")));
+        let image = "ghcr.io/a/b:1".parse().unwrap();
+        assert_eq!(snap.applicable(&image), [0]);
+    }
+}

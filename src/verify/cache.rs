@@ -1,0 +1,210 @@
+//! Verdict cache keyed by (pinned image, enforcement, policy fingerprint), with single-flight:
+//! concurrent pulls of one image wait for one verification instead of each running their own.
+//!
+//! A changed policy or rotated key changes the snapshot fingerprint, so no stale verdict
+//! survives a policy change. Could-not-decide verdicts are cached briefly, so a registry outage
+//! is not hammered but recovers quickly.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::OnceCell;
+use tokio::time::Instant;
+
+use crate::policy::eval::{Decision, Verdict};
+
+/// What a verdict depends on besides the namespace name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct CacheKey {
+    /// `registry/repository[:tag]@digest`: the tag matters because globs may match it.
+    pub image: String,
+    pub enforced: bool,
+    pub fingerprint: String,
+}
+
+struct Entry {
+    decision: Decision,
+    expires: Instant,
+}
+
+/// Bounded TTL cache with single-flight computation.
+pub struct VerdictCache {
+    ttl: Duration,
+    error_ttl: Duration,
+    max_entries: usize,
+    entries: Mutex<HashMap<CacheKey, Entry>>,
+    inflight: Mutex<HashMap<CacheKey, Arc<OnceCell<Decision>>>>,
+}
+
+impl VerdictCache {
+    pub fn new(ttl: Duration, error_ttl: Duration, max_entries: usize) -> VerdictCache {
+        VerdictCache {
+            ttl,
+            error_ttl,
+            max_entries: max_entries.max(1),
+            entries: Mutex::new(HashMap::new()),
+            inflight: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The cached decision for `key`, or the result of `compute` (run once however many callers
+    /// ask at the same time). The flag is true when no computation was run for this caller.
+    pub async fn get_or_compute<F, Fut>(&self, key: CacheKey, compute: F) -> (Decision, bool)
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Decision>,
+    {
+        if let Some(hit) = self.lookup(&key) {
+            return (hit, true);
+        }
+        let cell = lock(&self.inflight)
+            .entry(key.clone())
+            .or_insert_with(|| Arc::new(OnceCell::new()))
+            .clone();
+        let mut ran = false;
+        let decision = cell
+            .get_or_init(|| {
+                ran = true;
+                compute()
+            })
+            .await
+            .clone();
+        if ran {
+            self.store(key.clone(), decision.clone());
+            lock(&self.inflight).remove(&key);
+        }
+        (decision, !ran)
+    }
+
+    fn lookup(&self, key: &CacheKey) -> Option<Decision> {
+        let entries = lock(&self.entries);
+        let entry = entries.get(key)?;
+        (entry.expires > Instant::now()).then(|| entry.decision.clone())
+    }
+
+    fn store(&self, key: CacheKey, decision: Decision) {
+        let ttl = if decision.verdict == Verdict::Error {
+            self.error_ttl
+        } else {
+            self.ttl
+        };
+        let now = Instant::now();
+        let mut entries = lock(&self.entries);
+        if entries.len() >= self.max_entries {
+            entries.retain(|_, e| e.expires > now);
+        }
+        if entries.len() >= self.max_entries {
+            // Still full of live entries: start over rather than grow without bound.
+            entries.clear();
+        }
+        entries.insert(
+            key,
+            Entry {
+                decision,
+                expires: now + ttl,
+            },
+        );
+    }
+
+    pub fn len(&self) -> usize {
+        lock(&self.entries).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    fn key(image: &str) -> CacheKey {
+        CacheKey {
+            image: image.into(),
+            enforced: true,
+            fingerprint: "f".into(),
+        }
+    }
+
+    fn decision(verdict: Verdict) -> Decision {
+        let mut d = Decision::new(&"ghcr.io/a/b:1".parse().unwrap(), None, true);
+        d.verdict = verdict;
+        d
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn single_flight_and_ttl() {
+        let cache = Arc::new(VerdictCache::new(
+            Duration::from_secs(60),
+            Duration::from_secs(5),
+            100,
+        ));
+        let runs = Arc::new(AtomicUsize::new(0));
+        let mut tasks = Vec::new();
+        for _ in 0..50 {
+            let cache = cache.clone();
+            let runs = runs.clone();
+            tasks.push(tokio::spawn(async move {
+                cache
+                    .get_or_compute(key("a"), || async {
+                        runs.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        decision(Verdict::Allow)
+                    })
+                    .await
+            }));
+        }
+        let mut hits = 0;
+        for t in tasks {
+            let (d, hit) = t.await.unwrap();
+            assert_eq!(d.verdict, Verdict::Allow);
+            hits += usize::from(hit);
+        }
+        assert_eq!(
+            runs.load(Ordering::SeqCst),
+            1,
+            "one verification for 50 pulls"
+        );
+        assert_eq!(hits, 49);
+
+        tokio::time::advance(Duration::from_secs(59)).await;
+        let (_, hit) = cache
+            .get_or_compute(key("a"), || async { decision(Verdict::Deny) })
+            .await;
+        assert!(hit);
+        tokio::time::advance(Duration::from_secs(2)).await;
+        let (d, hit) = cache
+            .get_or_compute(key("a"), || async { decision(Verdict::Deny) })
+            .await;
+        assert!(!hit, "expired after the TTL");
+        assert_eq!(d.verdict, Verdict::Deny);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn errors_expire_quickly_and_size_is_bounded() {
+        let cache = VerdictCache::new(Duration::from_secs(60), Duration::from_secs(5), 3);
+        cache
+            .get_or_compute(key("e"), || async { decision(Verdict::Error) })
+            .await;
+        tokio::time::advance(Duration::from_secs(6)).await;
+        let (d, hit) = cache
+            .get_or_compute(key("e"), || async { decision(Verdict::Allow) })
+            .await;
+        assert!(!hit);
+        assert_eq!(d.verdict, Verdict::Allow);
+        for i in 0..10 {
+            cache
+                .get_or_compute(key(&format!("k{i}")), || async { decision(Verdict::Allow) })
+                .await;
+            assert!(cache.len() <= 3);
+        }
+    }
+}
