@@ -125,6 +125,9 @@ pub struct ServeArgs {
     /// Seconds in-flight pulls may take to finish after SIGTERM.
     #[arg(long, default_value_t = 30)]
     pub shutdown_grace: u64,
+    /// Cluster mode (policies from the API server): not built yet; refused with a clear error.
+    #[arg(long, value_name = "PATH", hide = true)]
+    pub kubeconfig: Option<PathBuf>,
     #[command(flatten)]
     pub scope: ScopeArgs,
     #[command(flatten)]
@@ -385,6 +388,12 @@ async fn serve(args: ServeArgs) -> ExitCode {
     use crate::verify::cache::VerdictCache;
     use std::sync::Arc;
 
+    if args.kubeconfig.is_some() {
+        return error_exit(
+            "cluster mode (--kubeconfig: policies, namespaces and keys from the API server) is not \
+             built in this version of pullgate; serve from --policy-dir",
+        );
+    }
     if !args.containerd.exists() {
         return error_exit(&ServeError::NoContainerd(args.containerd.clone()).to_string());
     }
