@@ -113,9 +113,12 @@ pub struct ServeArgs {
     /// Node name written in audit lines (default: the host name).
     #[arg(long, env = "NODE_NAME")]
     pub node_name: Option<String>,
-    /// Seconds an allow or deny verdict stays cached (per digest and policy set).
+    /// Seconds an allow verdict stays cached (per digest and policy set).
     #[arg(long, default_value_t = 300)]
     pub cache_ttl: u64,
+    /// Seconds a deny verdict stays cached (short, so a freshly signed image is admitted soon).
+    #[arg(long, default_value_t = 30)]
+    pub deny_cache_ttl: u64,
     /// Most verdicts cached.
     #[arg(long, default_value_t = 10_000)]
     pub cache_size: usize,
@@ -435,6 +438,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
         registry,
         cache: VerdictCache::new(
             Duration::from_secs(args.cache_ttl),
+            Duration::from_secs(args.deny_cache_ttl.min(args.cache_ttl)),
             Duration::from_secs(5),
             args.cache_size,
         ),

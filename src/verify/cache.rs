@@ -32,6 +32,7 @@ struct Entry {
 /// Bounded TTL cache with single-flight computation.
 pub struct VerdictCache {
     ttl: Duration,
+    deny_ttl: Duration,
     error_ttl: Duration,
     max_entries: usize,
     entries: Mutex<HashMap<CacheKey, Entry>>,
@@ -39,9 +40,17 @@ pub struct VerdictCache {
 }
 
 impl VerdictCache {
-    pub fn new(ttl: Duration, error_ttl: Duration, max_entries: usize) -> VerdictCache {
+    /// `ttl` for allow/warn, `deny_ttl` for deny (short: a user who signs an image after a
+    /// denial should not wait long), `error_ttl` for could-not-decide.
+    pub fn new(
+        ttl: Duration,
+        deny_ttl: Duration,
+        error_ttl: Duration,
+        max_entries: usize,
+    ) -> VerdictCache {
         VerdictCache {
             ttl,
+            deny_ttl,
             error_ttl,
             max_entries: max_entries.max(1),
             entries: Mutex::new(HashMap::new()),
@@ -85,10 +94,10 @@ impl VerdictCache {
     }
 
     fn store(&self, key: CacheKey, decision: Decision) {
-        let ttl = if decision.verdict == Verdict::Error {
-            self.error_ttl
-        } else {
-            self.ttl
+        let ttl = match decision.verdict {
+            Verdict::Allow | Verdict::Warn => self.ttl,
+            Verdict::Deny => self.deny_ttl,
+            Verdict::Error => self.error_ttl,
         };
         let now = Instant::now();
         let mut entries = lock(&self.entries);
@@ -144,6 +153,7 @@ mod tests {
     async fn single_flight_and_ttl() {
         let cache = Arc::new(VerdictCache::new(
             Duration::from_secs(60),
+            Duration::from_secs(10),
             Duration::from_secs(5),
             100,
         ));
@@ -186,11 +196,22 @@ mod tests {
             .await;
         assert!(!hit, "expired after the TTL");
         assert_eq!(d.verdict, Verdict::Deny);
+        tokio::time::advance(Duration::from_secs(11)).await;
+        let (d, hit) = cache
+            .get_or_compute(key("a"), || async { decision(Verdict::Allow) })
+            .await;
+        assert!(!hit, "a deny expires after the shorter deny TTL");
+        assert_eq!(d.verdict, Verdict::Allow);
     }
 
     #[tokio::test(start_paused = true)]
     async fn errors_expire_quickly_and_size_is_bounded() {
-        let cache = VerdictCache::new(Duration::from_secs(60), Duration::from_secs(5), 3);
+        let cache = VerdictCache::new(
+            Duration::from_secs(60),
+            Duration::from_secs(10),
+            Duration::from_secs(5),
+            3,
+        );
         cache
             .get_or_compute(key("e"), || async { decision(Verdict::Error) })
             .await;

@@ -344,7 +344,10 @@ kBbmLSGtks4L3qX6yYY0zufBnhC8Ur/iy55GhWP/9A/bY2LhC30M9+RYtw==
             } else {
                 HashAlgorithm::Sha256
             };
-            assert!(!key.verify(other, msg, der.as_bytes()), "{hash:?} vs {other:?}");
+            assert!(
+                !key.verify(other, msg, der.as_bytes()),
+                "{hash:?} vs {other:?}"
+            );
         }
         assert!(!key.verify(HashAlgorithm::Sha256, msg, b"not der"));
     }

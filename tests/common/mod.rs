@@ -29,6 +29,7 @@
 //! ```
 #![allow(dead_code, unused_imports)]
 
+mod containerd;
 mod cosign;
 mod image;
 mod keys;
@@ -40,6 +41,10 @@ mod skopeo;
 use std::fs;
 use std::path::Path;
 
+pub use containerd::{
+    connect_uds, cri_client, image_fs_info, image_status, image_status_response, list_images, pull,
+    pull_request, pull_with, remove_image, status_parts, Containerd, Pullgate, K8S_NAMESPACE,
+};
 pub use cosign::{
     cosign_sign_layer, signature_tag, simple_signing_payload, SigLayer, BUNDLE_ANNOTATION,
     CERTIFICATE_ANNOTATION, CHAIN_ANNOTATION, SIGNATURE_ANNOTATION, SIMPLESIGNING_MEDIA_TYPE,
