@@ -1012,3 +1012,64 @@ async fn policy_dir_hot_reload() {
         &pg,
     );
 }
+
+/// A method pullgate has never heard of reaches containerd, and containerd's answer (here:
+/// Unimplemented) comes back unchanged.
+#[tokio::test(flavor = "multi_thread")]
+async fn unknown_methods_are_forwarded() {
+    use pullgate::cri::raw::RawCodec;
+    let ctd = Containerd::start().await;
+    let policy = write_policy_dir(&[(
+        "ns.yaml",
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: x}\n",
+    )]);
+    let pg = Pullgate::start(&ctd.socket(), policy.path(), &[]).await;
+    let call = |sock: std::path::PathBuf| async move {
+        let channel = connect_uds(&sock).await.unwrap();
+        let mut grpc = tonic::client::Grpc::new(channel);
+        grpc.ready().await.unwrap();
+        let path = http::uri::PathAndQuery::from_static("/runtime.v1.ImageService/FutureMethod");
+        grpc.unary::<_, bytes::Bytes, _>(
+            tonic::Request::new(bytes::Bytes::from_static(b"\x0a\x01x")),
+            path,
+            RawCodec,
+        )
+        .await
+        .map(|r| r.into_inner())
+    };
+    let via = call(pg.socket()).await;
+    let direct = call(ctd.socket()).await;
+    assert_eq!(status_parts(&direct), status_parts(&via));
+    assert_eq!(direct.unwrap_err().code(), Code::Unimplemented);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn missing_containerd_socket_is_a_clear_start_up_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let listen = dir.path().join("pg.sock");
+    let audit = dir.path().join("audit.log");
+    let out = run_pullgate_async(
+        &[
+            "serve",
+            "--containerd",
+            "/nonexistent/containerd.sock",
+            "--listen",
+            listen.to_str().unwrap(),
+            "--policy-dir",
+            dir.path().to_str().unwrap(),
+            "--audit-log",
+            audit.to_str().unwrap(),
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    assert!(
+        out.stderr.contains(
+            "containerd socket /nonexistent/containerd.sock does not exist: is containerd running?"
+        ),
+        "{}",
+        out.stderr
+    );
+    assert!(!listen.exists(), "nothing is served without containerd");
+}
