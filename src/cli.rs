@@ -421,7 +421,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
     let paths: Vec<PathBuf> = args.policy_dirs.iter().map(PathBuf::from).collect();
     let (policies, problems) = PolicyDir::open(paths, args.scope.settings());
     for p in &problems {
-        tracing::error!(problem = %p, "policy set cannot be loaded: denying every pull outside exempt namespaces until it is fixed");
+        tracing::error!(problem = %p, "policy problem: images it concerns are denied until it is fixed");
     }
     let policies = Arc::new(policies);
     let containerd = match containerd_channel(&args.containerd) {

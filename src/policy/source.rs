@@ -50,14 +50,20 @@ pub struct PolicyDir {
 }
 
 impl PolicyDir {
-    /// Loads the paths. A set that cannot be loaded still yields a `PolicyDir`, holding
-    /// [`Snapshot::unusable`] (deny all but exempt namespaces) until a valid set appears; the
-    /// problems are returned for the caller to report.
+    /// Loads the paths. Problems are returned for the caller to report, and never leave the
+    /// node open: invalid ClusterImagePolicies are kept and deny every image they cover, and a
+    /// set that cannot be read at all yields [`Snapshot::unusable`] (deny all but the exempt
+    /// namespaces) until a valid set appears.
     pub fn open(paths: Vec<PathBuf>, settings: Settings) -> (PolicyDir, Vec<String>) {
         let last_stamp = stamp(&paths);
-        let (snapshot, problems) = match load_snapshot(&paths, settings.clone()) {
-            Ok(s) => (s, Vec::new()),
-            Err(problems) => {
+        let (snapshot, problems) = match Objects::load_paths(&paths) {
+            Ok(objects) => {
+                let snapshot = Snapshot::build(&objects, settings.clone());
+                let problems = snapshot.problems.iter().map(ToString::to_string).collect();
+                (snapshot, problems)
+            }
+            Err(errors) => {
+                let problems: Vec<String> = errors.iter().map(ToString::to_string).collect();
                 let reason = format!(
                     "the policy set could not be loaded ({} problem(s); first: {})",
                     problems.len(),
@@ -145,6 +151,23 @@ mod tests {
         std::fs::write(&file, "spec: [broken\n").unwrap();
         assert!(source.reload_if_changed().is_err());
         assert_eq!(source.current().fingerprint(), second, "last good stays");
+    }
+
+    #[test]
+    fn invalid_policy_at_start_denies_only_what_it_covers() {
+        let dir = tempfile::tempdir().unwrap();
+        let bad = ALLOW
+            .replace("glob: \"**\"", "glob: \"ghcr.io/**\"")
+            .replace("pass", "maybe");
+        std::fs::write(dir.path().join("p.yaml"), bad).unwrap();
+        let (source, problems) =
+            PolicyDir::open(vec![dir.path().to_path_buf()], Settings::default());
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        let snap = source.current();
+        assert_eq!(snap.applicable(&"ghcr.io/a/b:1".parse().unwrap()), [0]);
+        assert!(snap
+            .applicable(&"quay.io/a/b:1".parse().unwrap())
+            .is_empty());
     }
 
     #[test]
