@@ -1073,3 +1073,40 @@ async fn missing_containerd_socket_is_a_clear_start_up_error() {
     );
     assert!(!listen.exists(), "nothing is served without containerd");
 }
+
+/// kubelet's `auth` for a pull is what pullgate uses for the tag lookup and signatures.
+#[tokio::test(flavor = "multi_thread")]
+async fn pull_credentials_from_kubelet_are_reused() {
+    let reg = Registry::start_with_htpasswd(TEST_USER, TEST_PASSWORD).await;
+    let digest = reg.push_image("private/app", "v1", "seed-t-auth").await;
+    let key = TestKey::generate(KeyKind::EcdsaP256);
+    reg.sign("private/app", &digest, &key).await;
+    let ctd = Containerd::start().await;
+    let policy = write_policy_dir(&[(
+        "p.yaml",
+        &(namespaces_yaml() + &key_cip("signed", &format!("{}/**", reg.addr()), &key.public_pem())),
+    )]);
+    let pg = Pullgate::start(&ctd.socket(), policy.path(), &[]).await;
+    let image = reg.tag_ref("private/app", "v1");
+
+    let anonymous = pull(&pg.socket(), &image, Some("prod"), "anon").await;
+    let err = anonymous.expect_err("no credentials: could not verify");
+    assert_eq!(err.code(), Code::Unknown);
+    assert!(
+        err.message()
+            .starts_with("SignatureValidationFailed: could not verify"),
+        "{}",
+        err.message()
+    );
+
+    let mut req = pull_request(&image, Some("prod"), "with-auth");
+    req.auth = Some(k8s_cri::v1::AuthConfig {
+        username: TEST_USER.to_string(),
+        password: TEST_PASSWORD.to_string(),
+        ..Default::default()
+    });
+    let image_ref = pull_with(&pg.socket(), req)
+        .await
+        .expect("pull with kubelet's credentials");
+    assert!(image_ref.starts_with("sha256:"), "{image_ref}");
+}
