@@ -40,8 +40,8 @@ pub enum Command {
     Validate(ValidateArgs),
     /// Serve the CRI ImageService proxy between kubelet and containerd.
     Serve(ServeArgs),
-    /// Serve the admission shim (not built yet).
-    Admission(NotBuiltArgs),
+    /// Serve the admission webhooks (AdmissionReview v1 over HTTPS) on the same engine.
+    Admission(AdmissionArgs),
 }
 
 #[derive(Args, Debug)]
@@ -126,6 +126,67 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 1000)]
     pub reload_interval_ms: u64,
     /// Seconds in-flight pulls may take to finish after SIGTERM.
+    #[arg(long, default_value_t = 30)]
+    pub shutdown_grace: u64,
+    /// Cluster mode (policies from the API server): not built yet; refused with a clear error.
+    #[arg(long, value_name = "PATH", hide = true)]
+    pub kubeconfig: Option<PathBuf>,
+    #[command(flatten)]
+    pub scope: ScopeArgs,
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct AdmissionArgs {
+    /// PEM certificate (chain) served to the API server; re-read when the file changes.
+    #[arg(long, value_name = "PEM", env = "PULLGATE_TLS_CERT")]
+    pub tls_cert: PathBuf,
+    /// PEM private key of --tls-cert.
+    #[arg(long, value_name = "PEM", env = "PULLGATE_TLS_KEY")]
+    pub tls_key: PathBuf,
+    /// Address to serve HTTPS on (webhooks, /livez, /readyz).
+    #[arg(
+        long,
+        default_value = "0.0.0.0:8443",
+        env = "PULLGATE_ADMISSION_LISTEN"
+    )]
+    pub listen: std::net::SocketAddr,
+    /// Policy files or directories (repeatable), reloaded when they change.
+    #[arg(long = "policy-dir", visible_alias = "policy", value_name = "PATH", default_values_t = [PathBuf::from("/etc/pullgate/policies").display().to_string()], env = "PULLGATE_POLICY_DIR")]
+    pub policy_dirs: Vec<String>,
+    /// Label new namespaces policy.sigstore.dev/include=true unless excluded
+    /// (policy.sigstore.dev/exclude=true or --exempt-namespace).
+    #[arg(long)]
+    pub enforce_by_default: bool,
+    /// Audit log file: one JSON line per image decided.
+    #[arg(long, env = "PULLGATE_AUDIT_LOG")]
+    pub audit_log: Option<PathBuf>,
+    /// Rotate the audit log past this many bytes.
+    #[arg(long, default_value_t = 50 << 20)]
+    pub audit_max_bytes: u64,
+    /// Rotated audit files kept.
+    #[arg(long, default_value_t = 5)]
+    pub audit_keep: usize,
+    /// Do not copy audit lines to stdout.
+    #[arg(long)]
+    pub no_audit_stdout: bool,
+    /// Name written in audit lines' `node` field (default: the host name).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Seconds an allow verdict stays cached (per digest and policy set).
+    #[arg(long, default_value_t = 300)]
+    pub cache_ttl: u64,
+    /// Seconds a deny verdict stays cached.
+    #[arg(long, default_value_t = 30)]
+    pub deny_cache_ttl: u64,
+    /// Most verdicts cached.
+    #[arg(long, default_value_t = 10_000)]
+    pub cache_size: usize,
+    /// How often the policy files and the TLS pair are checked for changes, in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    pub reload_interval_ms: u64,
+    /// Seconds in-flight reviews may take to finish after SIGTERM.
     #[arg(long, default_value_t = 30)]
     pub shutdown_grace: u64,
     /// Cluster mode (policies from the API server): not built yet; refused with a clear error.
@@ -252,7 +313,11 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Verify(args) => verify(args).await,
         Command::Validate(args) => validate(&args),
         Command::Serve(args) => serve(args).await,
-        Command::Admission(_) => not_built("admission", "the admission shim"),
+        Command::Admission(args) if args.kubeconfig.is_some() => not_built(
+            "admission --kubeconfig",
+            "cluster mode (policies, namespaces and keys from the API server)",
+        ),
+        Command::Admission(args) => admission(args).await,
     }
 }
 
@@ -482,6 +547,106 @@ async fn serve(args: ServeArgs) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => error_exit(&e.to_string()),
     }
+}
+
+async fn admission(args: AdmissionArgs) -> ExitCode {
+    use crate::admission::{bind, serve, CertFiles, Shim};
+    use crate::audit::AuditLog;
+    use crate::policy::source::PolicyDir;
+    use crate::verify::cache::VerdictCache;
+    use std::sync::Arc;
+
+    let tls = match CertFiles::open(&args.tls_cert, &args.tls_key) {
+        Ok(t) => t,
+        Err(e) => return error_exit(&e.to_string()),
+    };
+    let server_config = match tls.server_config() {
+        Ok(c) => c,
+        Err(e) => return error_exit(&e.to_string()),
+    };
+    let registry = match args
+        .registry
+        .config()
+        .map_err(|e| e.to_string())
+        .and_then(|c| RegistryClient::new(c).map_err(|e| e.to_string()))
+    {
+        Ok(r) => r,
+        Err(e) => return error_exit(&e),
+    };
+    let audit = match AuditLog::open(
+        args.audit_log.as_deref(),
+        args.audit_max_bytes,
+        args.audit_keep,
+        !args.no_audit_stdout,
+    ) {
+        Ok(a) => a,
+        Err(e) => return error_exit(&e.to_string()),
+    };
+    let paths: Vec<PathBuf> = args.policy_dirs.iter().map(PathBuf::from).collect();
+    let (policies, problems) = PolicyDir::open(paths, args.scope.settings());
+    for p in &problems {
+        tracing::error!(problem = %p, "policy problem: images it concerns are denied until it is fixed");
+    }
+    let policies = Arc::new(policies);
+    let listener = match bind(args.listen).await {
+        Ok(l) => l,
+        Err(e) => return error_exit(&e.to_string()),
+    };
+    let shim = Arc::new(Shim {
+        policies: policies.clone(),
+        registry,
+        cache: VerdictCache::new(
+            Duration::from_secs(args.cache_ttl),
+            Duration::from_secs(args.deny_cache_ttl.min(args.cache_ttl)),
+            Duration::from_secs(5),
+            args.cache_size,
+        ),
+        audit,
+        node: args.node_name.clone().unwrap_or_else(host_name),
+        enforce_by_default: args.enforce_by_default,
+    });
+    let interval = Duration::from_millis(args.reload_interval_ms.max(50));
+    let watcher = tokio::spawn(policies.clone().watch(interval));
+    let cert_watcher = tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            match tls.reload_if_changed() {
+                Ok(true) => tracing::info!("TLS certificate reloaded"),
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::error!(error = %e, "TLS certificate change ignored; the last good pair stays in use")
+                }
+            }
+        }
+    });
+    let local = listener
+        .local_addr()
+        .map_or_else(|_| args.listen.to_string(), |a| a.to_string());
+    tracing::info!(listen = %local, "pullgate admission serving");
+    eprintln!("pullgate: serving admission webhooks on https://{local}");
+
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stopped| *stopped).await;
+    };
+    let grace = Duration::from_secs(args.shutdown_grace);
+    let server = serve(listener, server_config, shim, stopped(stop.clone()));
+    tokio::pin!(server);
+    tokio::select! {
+        _ = &mut server => {}
+        _ = async { stopped(stop).await; tokio::time::sleep(grace).await } => {
+            tracing::warn!("shutdown grace period over; reviews still in flight are abandoned");
+        }
+    }
+    watcher.abort();
+    cert_watcher.abort();
+    ExitCode::SUCCESS
 }
 
 /// SIGTERM (systemd stop) or SIGINT.

@@ -5,6 +5,7 @@
 //! registry access ([`registry`]) and signature checking ([`verify`]) sit at the edge.
 #![forbid(unsafe_code)]
 
+pub mod admission;
 pub mod audit;
 pub mod cli;
 pub mod cri;

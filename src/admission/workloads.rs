@@ -1,0 +1,412 @@
+//! `POST /validate/workloads`: every container image of a Pod or workload template, decided by
+//! the node's engine, answered in policy-controller's message format.
+//!
+//! Image lists are read in policy-controller's order (`initContainers`, `containers`, then
+//! `ephemeralContainers`); each distinct image is decided once per request, however many
+//! containers use it, and audited once.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use serde_json::Value;
+use tracing::Instrument as _;
+
+use super::field_error::FieldErrors;
+use super::review::{GroupVersionKind, Request, Response};
+use super::Shim;
+use crate::audit::{AuditLine, Source};
+use crate::decide::decide_with_auth;
+use crate::image_ref::ImageRef;
+use crate::policy::eval::{decide_offline, failure_reason, Decision, Offline, Verdict};
+use crate::policy::snapshot::Mode;
+use crate::policy::Snapshot;
+use crate::verify::cache::CacheKey;
+
+/// Container lists of a pod spec, in the order policy-controller checks them.
+const CONTAINER_LISTS: [&str; 3] = ["initContainers", "containers", "ephemeralContainers"];
+
+/// Where a kind keeps its pod spec (JSON object keys from the object root), or `None` for kinds
+/// that run no containers.
+pub fn pod_spec_path(kind: &GroupVersionKind) -> Option<&'static [&'static str]> {
+    match (kind.group.as_str(), kind.kind.as_str()) {
+        ("", "Pod") => Some(&["spec"]),
+        ("apps", "Deployment" | "ReplicaSet" | "StatefulSet" | "DaemonSet") | ("batch", "Job") => {
+            Some(&["spec", "template", "spec"])
+        }
+        ("batch", "CronJob") => Some(&["spec", "jobTemplate", "spec", "template", "spec"]),
+        _ => None,
+    }
+}
+
+/// A container image as written in the object, and the field path it was read from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageAt {
+    pub path: String,
+    pub image: String,
+}
+
+/// Every container image under `spec_path` of `object`. Containers without an image are
+/// skipped: workload templates may leave it to other tooling, and the Pods they create are
+/// checked when created. `Err` names a pod spec of an unexpected shape.
+pub fn images(object: &Value, spec_path: &[&str]) -> Result<Vec<ImageAt>, String> {
+    let prefix = spec_path.join(".");
+    let mut spec = object;
+    for key in spec_path {
+        match spec.get(key) {
+            Some(v) => spec = v,
+            None => return Ok(Vec::new()),
+        }
+    }
+    if spec.is_null() {
+        return Ok(Vec::new());
+    }
+    if !spec.is_object() {
+        return Err(format!("{prefix}: expected an object"));
+    }
+    let mut found = Vec::new();
+    for list in CONTAINER_LISTS {
+        let containers = match spec.get(list) {
+            None | Some(Value::Null) => continue,
+            Some(Value::Array(items)) => items,
+            Some(_) => return Err(format!("{prefix}.{list}: expected a list")),
+        };
+        for (i, container) in containers.iter().enumerate() {
+            match container.get("image") {
+                None | Some(Value::Null) => {}
+                Some(Value::String(image)) => found.push(ImageAt {
+                    path: format!("{prefix}.{list}[{i}].image"),
+                    image: image.clone(),
+                }),
+                Some(_) => return Err(format!("{prefix}.{list}[{i}].image: expected a string")),
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// Adds the problems of `decision` for the image written `image` at `path`: denials to
+/// `errors`, warn-mode failures and no-match=warn to `warnings`.
+pub fn problems(
+    decision: &Decision,
+    image: &str,
+    path: &str,
+    errors: &mut FieldErrors,
+    warnings: &mut FieldErrors,
+) {
+    match decision.verdict {
+        Verdict::Allow => {}
+        Verdict::Error => errors.push(
+            "could not decide",
+            path,
+            format!("{image} {}", decision.reasons.join("; ")),
+        ),
+        Verdict::Deny | Verdict::Warn if decision.policies.is_empty() => {
+            let target = if decision.verdict == Verdict::Deny {
+                errors
+            } else {
+                warnings
+            };
+            target.push("no matching policies", path, image);
+        }
+        Verdict::Deny | Verdict::Warn => {
+            let mut denied = false;
+            for outcome in decision.policies.iter().filter(|p| !p.passed) {
+                let headline = format!("failed policy: {}", outcome.name);
+                // The engine's own wording of the causes, so node and shim say the same thing:
+                // `failed policy: <cip>: <path> <image> <causes>` minus the headline and path.
+                let full = failure_reason(outcome, path, image);
+                let details = full
+                    .strip_prefix(&format!("{headline}: {path} "))
+                    .unwrap_or(&full)
+                    .to_string();
+                let target = match outcome.mode {
+                    Mode::Enforce => {
+                        denied = true;
+                        &mut *errors
+                    }
+                    Mode::Warn => &mut *warnings,
+                };
+                target.push(headline, path, details);
+            }
+            // A denial must never turn into an allow for want of a failed policy to show.
+            if decision.verdict == Verdict::Deny && !denied {
+                errors.push(
+                    "denied",
+                    path,
+                    format!("{image} {}", decision.reasons.join("; ")),
+                );
+            }
+        }
+    }
+}
+
+/// The decision (for the audit log) on an image reference that does not parse: could not
+/// decide where enforced; where not, no business of the shim's.
+fn unparsable(image: &str, namespace: Option<&str>, enforced: bool, reason: String) -> Decision {
+    Decision {
+        image: image.to_string(),
+        digest: None,
+        namespace: namespace.map(str::to_string),
+        enforced,
+        verdict: if enforced {
+            Verdict::Error
+        } else {
+            Verdict::Allow
+        },
+        reasons: vec![reason],
+        policies: Vec::new(),
+    }
+}
+
+/// Decides one image as the node would: registry-free when possible, else resolve the tag,
+/// then the verdict cached by digest and policy fingerprint. Returns (decision, cache hit).
+async fn decide(
+    shim: &Shim,
+    snapshot: &Snapshot,
+    image: &ImageRef,
+    namespace: Option<&str>,
+) -> (Decision, bool) {
+    if let Offline::Decided(d) = decide_offline(snapshot, image, namespace) {
+        return (d, false);
+    }
+    // Tags move: resolve on every review, then reuse verdicts by digest.
+    let digest = match shim.registry.resolve(image, None).await {
+        Ok(d) => d,
+        Err(e) => {
+            let mut d = Decision::new(image, namespace, true);
+            d.verdict = Verdict::Error;
+            d.reasons = vec![format!("could not verify {image}: {e}")];
+            return (d, false);
+        }
+    };
+    let pinned = image.with_digest(&digest);
+    let key = CacheKey {
+        image: pinned.to_string(),
+        enforced: true,
+        fingerprint: snapshot.fingerprint().to_string(),
+    };
+    let (mut decision, hit) = shim
+        .cache
+        .get_or_compute(key, || {
+            decide_with_auth(snapshot, &shim.registry, &pinned, namespace, None)
+        })
+        .await;
+    decision.namespace = namespace.map(str::to_string);
+    (decision, hit)
+}
+
+fn str_at<'a>(object: &'a Value, pointer: &str) -> Option<&'a str> {
+    object
+        .pointer(pointer)
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+}
+
+/// Answers a workload review.
+pub async fn review(shim: &Shim, snapshot: &Snapshot, req: &Request) -> Response {
+    if !matches!(req.operation.as_str(), "CREATE" | "UPDATE") {
+        return Response::allow(&req.uid);
+    }
+    let Some(spec_path) = pod_spec_path(&req.kind) else {
+        return Response::allow(&req.uid);
+    };
+    let Some(object) = &req.object else {
+        return Response::deny(
+            &req.uid,
+            format!(
+                "validation failed: the {} request carries no object",
+                req.operation
+            ),
+        );
+    };
+    // An object being deleted only has its finalizers removed; blocking that helps no one.
+    if object
+        .pointer("/metadata/deletionTimestamp")
+        .is_some_and(|t| !t.is_null())
+    {
+        return Response::allow(&req.uid);
+    }
+    let namespace = req
+        .namespace
+        .as_deref()
+        .filter(|s| !s.is_empty())
+        .or_else(|| str_at(object, "/metadata/namespace"));
+    let name = str_at(object, "/metadata/name")
+        .or(req.name.as_deref().filter(|s| !s.is_empty()))
+        .or_else(|| str_at(object, "/metadata/generateName"))
+        .unwrap_or_default();
+    // The audit line's `pod` field: the pod's name, or `Kind/name` for a workload.
+    let pod = if req.kind.kind == "Pod" {
+        name.to_string()
+    } else {
+        format!("{}/{name}", req.kind.kind)
+    };
+    let found = match images(object, spec_path) {
+        Ok(found) => found,
+        Err(problem) => {
+            return Response::deny(
+                &req.uid,
+                format!("validation failed: cannot read the pod spec: {problem}"),
+            )
+        }
+    };
+    let span =
+        tracing::info_span!("admission", uid = %req.uid, kind = %req.kind.kind, namespace, name);
+    async move {
+        let mut distinct: Vec<&str> = Vec::new();
+        for f in &found {
+            if !distinct.contains(&f.image.as_str()) {
+                distinct.push(&f.image);
+            }
+        }
+        let enforced = snapshot.is_enforced(namespace);
+        let pod = pod.as_str();
+        let decisions = futures_util::future::join_all(distinct.iter().map(|&image| async move {
+            let started = Instant::now();
+            let (decision, hit) = match ImageRef::parse(image) {
+                Err(e) => (unparsable(image, namespace, enforced, e.to_string()), false),
+                Ok(parsed) => decide(shim, snapshot, &parsed, namespace).await,
+            };
+            shim.audit.record(&AuditLine::new(
+                Source::Admission,
+                &shim.node,
+                Some(pod),
+                &decision,
+                hit,
+                started.elapsed(),
+            ));
+            (image, decision)
+        }))
+        .await;
+        let decisions: HashMap<&str, Decision> = decisions.into_iter().collect();
+
+        let mut errors = FieldErrors::default();
+        let mut warnings = FieldErrors::default();
+        for f in &found {
+            match (ImageRef::parse(&f.image), decisions.get(f.image.as_str())) {
+                // policy-controller's shape for a reference that does not parse.
+                (Err(e), _) if enforced => errors.push(e.to_string(), &f.path, &f.image),
+                (Err(_), _) => {}
+                (Ok(_), Some(decision)) => {
+                    problems(decision, &f.image, &f.path, &mut errors, &mut warnings)
+                }
+                // Every distinct image was decided above; should one be missing, deny.
+                (Ok(_), None) => errors.push("could not decide", &f.path, &f.image),
+            }
+        }
+        let mut response = if errors.is_empty() {
+            Response::allow(&req.uid)
+        } else {
+            tracing::warn!(reasons = %errors, "admission denied");
+            Response::deny(&req.uid, format!("validation failed: {errors}"))
+        };
+        response.warnings = warnings.to_list();
+        response
+    }
+    .instrument(span)
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::eval::{AuthorityOutcome, PolicyOutcome};
+
+    fn gvk(group: &str, kind: &str) -> GroupVersionKind {
+        GroupVersionKind {
+            group: group.into(),
+            version: "v1".into(),
+            kind: kind.into(),
+        }
+    }
+
+    #[test]
+    fn images_of_every_list_with_paths() {
+        let pod = serde_json::json!({"spec": {
+            "containers": [{"name": "a", "image": "nginx"}, {"name": "b"}],
+            "initContainers": [{"image": "busybox:1"}],
+            "ephemeralContainers": [{"image": "debug@sha256:00"}]}});
+        let found = images(&pod, pod_spec_path(&gvk("", "Pod")).unwrap()).unwrap();
+        let got: Vec<(&str, &str)> = found
+            .iter()
+            .map(|f| (f.path.as_str(), f.image.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("spec.initContainers[0].image", "busybox:1"),
+                ("spec.containers[0].image", "nginx"),
+                ("spec.ephemeralContainers[0].image", "debug@sha256:00"),
+            ]
+        );
+        let cron = serde_json::json!({"spec": {"jobTemplate": {"spec": {"template": {"spec": {
+            "containers": [{"image": "x"}]}}}}}});
+        let found = images(&cron, pod_spec_path(&gvk("batch", "CronJob")).unwrap()).unwrap();
+        assert_eq!(
+            found[0].path,
+            "spec.jobTemplate.spec.template.spec.containers[0].image"
+        );
+        assert!(pod_spec_path(&gvk("", "ConfigMap")).is_none());
+        assert!(pod_spec_path(&gvk("example.com", "Deployment")).is_none());
+        let bad = serde_json::json!({"spec": {"containers": {"image": "x"}}});
+        assert_eq!(
+            images(&bad, &["spec"]).unwrap_err(),
+            "spec.containers: expected a list"
+        );
+    }
+
+    #[test]
+    fn failed_policies_in_policy_controller_shape() {
+        let decision = Decision {
+            image: "ghcr.io/a/b:1".into(),
+            digest: None,
+            namespace: None,
+            enforced: true,
+            verdict: Verdict::Deny,
+            reasons: Vec::new(),
+            policies: vec![
+                PolicyOutcome {
+                    name: "strict".into(),
+                    mode: Mode::Enforce,
+                    passed: false,
+                    authorities: vec![AuthorityOutcome {
+                        name: "authority-0".into(),
+                        passed: false,
+                        reason: Some("disallowed by static policy: no".into()),
+                        evidence: None,
+                    }],
+                    problems: Vec::new(),
+                },
+                PolicyOutcome {
+                    name: "soft".into(),
+                    mode: Mode::Warn,
+                    passed: false,
+                    authorities: vec![AuthorityOutcome {
+                        name: "authority-0".into(),
+                        passed: false,
+                        reason: Some("disallowed by static policy".into()),
+                        evidence: None,
+                    }],
+                    problems: Vec::new(),
+                },
+            ],
+        };
+        let (mut errors, mut warnings) = (FieldErrors::default(), FieldErrors::default());
+        problems(
+            &decision,
+            "ghcr.io/a/b:1",
+            "spec.containers[0].image",
+            &mut errors,
+            &mut warnings,
+        );
+        assert_eq!(
+            errors.to_string(),
+            "failed policy: strict: spec.containers[0].image\n\
+             ghcr.io/a/b:1 disallowed by static policy: no"
+        );
+        assert_eq!(
+            warnings.to_list(),
+            ["failed policy: soft: spec.containers[0].image\nghcr.io/a/b:1 disallowed by static policy"]
+        );
+    }
+}

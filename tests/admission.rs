@@ -1,0 +1,822 @@
+//! `pullgate admission`: the real binary serving HTTPS, fed AdmissionReview fixtures from
+//! `tests/fixtures/admission/` with a client that trusts only the test's self-signed
+//! certificate. Exact `allowed`, `status.message`, `warnings`, `patch` and echoed `uid`.
+
+mod common;
+use common::*;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use serde_json::{json, Value};
+
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Static policies: no registry needed. `demo` is enforced, `open` is not.
+const POLICIES: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: demo, labels: {policy.sigstore.dev/include: "true"}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: open}
+---
+apiVersion: policy.sigstore.dev/v1beta1
+kind: ClusterImagePolicy
+metadata: {name: allow-acme}
+spec:
+  images: [{glob: "ghcr.io/acme/allowed*"}]
+  authorities: [{static: {action: pass}}]
+---
+apiVersion: policy.sigstore.dev/v1beta1
+kind: ClusterImagePolicy
+metadata: {name: deny-acme}
+spec:
+  images: [{glob: "ghcr.io/acme/denied*"}]
+  authorities: [{static: {action: fail, message: "not this one"}}]
+---
+apiVersion: policy.sigstore.dev/v1beta1
+kind: ClusterImagePolicy
+metadata: {name: warn-acme}
+spec:
+  mode: warn
+  images: [{glob: "ghcr.io/acme/warned*"}]
+  authorities: [{static: {action: fail}}]
+"#;
+
+const NO_MATCH_WARN: &str = r#"
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: config-policy-controller, namespace: cosign-system}
+data: {no-match-policy: warn}
+"#;
+
+/// A self-signed serving certificate for 127.0.0.1 (not a CA, so webpki accepts it as the
+/// server's own certificate), made with the openssl CLI.
+fn make_cert(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    let config = dir.join(format!("{name}.cnf"));
+    fs::write(
+        &config,
+        "[req]\ndistinguished_name = dn\nx509_extensions = ext\nprompt = no\n\
+         [dn]\nCN = pullgate-admission\n\
+         [ext]\nbasicConstraints = critical, CA:FALSE\nkeyUsage = critical, digitalSignature\n\
+         extendedKeyUsage = serverAuth\nsubjectAltName = IP:127.0.0.1, DNS:localhost\n",
+    )
+    .unwrap();
+    let cert = dir.join(format!("{name}.crt"));
+    let key = dir.join(format!("{name}.key"));
+    let mut cmd = Command::new("openssl");
+    cmd.args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+        .arg("ec_paramgen_curve:prime256v1")
+        .args(["-nodes", "-days", "2", "-config"])
+        .arg(&config)
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert);
+    let out = run_with_timeout(cmd, Duration::from_secs(30));
+    assert!(out.success(), "openssl req failed: {}", out.stderr);
+    (cert, key)
+}
+
+/// A `pullgate admission` child process on 127.0.0.1 (a port the kernel picks), killed on drop.
+struct Admission {
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+    base: String,
+    client: reqwest::Client,
+}
+
+impl Admission {
+    async fn start(policy_dir: &Path, extra: &[&str]) -> Admission {
+        let dir = tempfile::Builder::new()
+            .prefix("pullgate-admission-")
+            .tempdir()
+            .unwrap();
+        fs::create_dir_all(dir.path().join("home")).unwrap();
+        let (cert, key) = make_cert(dir.path(), "tls");
+        let mut args: Vec<String> = vec![
+            "admission".into(),
+            "--tls-cert".into(),
+            cert.display().to_string(),
+            "--tls-key".into(),
+            key.display().to_string(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--policy-dir".into(),
+            policy_dir.display().to_string(),
+            "--audit-log".into(),
+            dir.path().join("audit.log").display().to_string(),
+            "--no-audit-stdout".into(),
+            "--node-name".into(),
+            "shim-0".into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut cmd = pullgate_command(&dir.path().join("home"), &argv, &[]);
+        cmd.stdin(Stdio::null())
+            .stdout(fs::File::create(dir.path().join("stdout.log")).unwrap())
+            .stderr(fs::File::create(dir.path().join("stderr.log")).unwrap());
+        let child = cmd.spawn().expect("start pullgate admission");
+        let pem = fs::read(&cert).unwrap();
+        let client = reqwest::Client::builder()
+            .tls_certs_only([reqwest::Certificate::from_pem(&pem).unwrap()])
+            .timeout(Duration::from_secs(30))
+            .build()
+            .unwrap();
+        let mut shim = Admission {
+            dir,
+            child: Some(child),
+            base: String::new(),
+            client,
+        };
+        shim.wait_ready().await;
+        shim
+    }
+
+    fn log(&self) -> String {
+        let out = fs::read_to_string(self.dir.path().join("stdout.log")).unwrap_or_default();
+        let err = fs::read_to_string(self.dir.path().join("stderr.log")).unwrap_or_default();
+        format!("{out}{err}")
+    }
+
+    async fn wait_ready(&mut self) {
+        const BANNER: &str = "pullgate: serving admission webhooks on ";
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
+                self.child = None;
+                panic!("pullgate admission exited with {status}\n{}", self.log());
+            }
+            let log = self.log();
+            if let Some(line) = log.lines().find(|l| l.starts_with(BANNER)) {
+                self.base = line[BANNER.len()..].trim().to_string();
+                if let Ok(r) = self.get("/readyz").await {
+                    if r.0 == 200 {
+                        return;
+                    }
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "pullgate admission not ready within {READY_TIMEOUT:?}\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn get(&self, path: &str) -> reqwest::Result<(u16, String)> {
+        let r = self
+            .client
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await?;
+        Ok((r.status().as_u16(), r.text().await?))
+    }
+
+    /// POSTs raw bytes; (status, body).
+    async fn post(&self, path: &str, body: Vec<u8>) -> (u16, String) {
+        let r = self
+            .client
+            .post(format!("{}{path}", self.base))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("POST {path}: {e}\n{}", self.log()));
+        (r.status().as_u16(), r.text().await.unwrap())
+    }
+
+    /// POSTs a review and returns its `response`, checking the envelope and the echoed uid.
+    async fn review(&self, path: &str, review: &Value) -> Value {
+        let (status, body) = self.post(path, serde_json::to_vec(review).unwrap()).await;
+        assert_eq!(status, 200, "{body}\n{}", self.log());
+        let answer: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(answer["apiVersion"], "admission.k8s.io/v1", "{answer}");
+        assert_eq!(answer["kind"], "AdmissionReview", "{answer}");
+        assert_eq!(
+            answer["response"]["uid"], review["request"]["uid"],
+            "{answer}"
+        );
+        answer["response"].clone()
+    }
+
+    fn audit_records(&self) -> Vec<Value> {
+        fs::read_to_string(self.dir.path().join("audit.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn fixture(name: &str) -> Value {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/admission")
+        .join(name);
+    serde_json::from_str(&fs::read_to_string(&path).unwrap())
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// Asserts a denial with exactly `message` and no warnings.
+fn assert_denied(response: &Value, message: &str) {
+    assert_eq!(response["allowed"], false, "{response}");
+    assert_eq!(response["status"]["message"], message, "{response}");
+    assert_eq!(response["status"]["code"], 403, "{response}");
+    assert!(response.get("warnings").is_none(), "{response}");
+    assert!(response.get("patch").is_none(), "{response}");
+}
+
+/// Asserts an allow with exactly `warnings` and no patch.
+fn assert_allowed(response: &Value, warnings: &[&str]) {
+    assert_eq!(response["allowed"], true, "{response}");
+    assert!(response.get("status").is_none(), "{response}");
+    assert!(response.get("patch").is_none(), "{response}");
+    let got: Vec<&str> = response
+        .get("warnings")
+        .and_then(Value::as_array)
+        .map(|w| w.iter().map(|s| s.as_str().unwrap()).collect())
+        .unwrap_or_default();
+    assert_eq!(got, warnings, "{response}");
+}
+
+/// The decoded JSONPatch of a response.
+fn patch_of(response: &Value) -> Option<Value> {
+    let patch = response.get("patch")?.as_str().unwrap();
+    assert_eq!(response["patchType"], "JSONPatch", "{response}");
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(patch)
+        .unwrap();
+    Some(serde_json::from_slice(&bytes).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn workload_fixtures_get_policy_controller_messages() {
+    let policies = write_policy_dir(&[("policies.yaml", POLICIES)]);
+    let shim = Admission::start(policies.path(), &[]).await;
+
+    // Pod: a static failure, a passing init container, an image no policy covers.
+    let r = shim
+        .review("/validate/workloads", &fixture("pod.json"))
+        .await;
+    assert_denied(
+        &r,
+        "validation failed: failed policy: deny-acme: spec.containers[0].image\n\
+         ghcr.io/acme/denied:v1 disallowed by static policy: not this one\n\
+         no matching policies: spec.containers[1].image\n\
+         quay.io/other/app:v1",
+    );
+
+    // Deployment: a warn-mode failure is allowed with a warning.
+    let r = shim
+        .review("/validate/workloads", &fixture("deployment.json"))
+        .await;
+    assert_allowed(
+        &r,
+        &[
+            "failed policy: warn-acme: spec.template.spec.containers[0].image\n\
+           ghcr.io/acme/warned:v1 disallowed by static policy",
+        ],
+    );
+
+    // CronJob (an UPDATE): one image in two containers is one problem at two paths.
+    let r = shim
+        .review("/validate/workloads", &fixture("cronjob.json"))
+        .await;
+    assert_denied(
+        &r,
+        "validation failed: failed policy: deny-acme: \
+         spec.jobTemplate.spec.template.spec.containers[0].image, \
+         spec.jobTemplate.spec.template.spec.containers[1].image\n\
+         ghcr.io/acme/denied:v2 disallowed by static policy: not this one",
+    );
+
+    // `kubectl debug`: the ephemeral container is checked too.
+    let r = shim
+        .review("/validate/workloads", &fixture("pod-ephemeral.json"))
+        .await;
+    assert_denied(
+        &r,
+        "validation failed: no matching policies: spec.ephemeralContainers[0].image\nbusybox:1.36",
+    );
+
+    // StatefulSet in a namespace that is not enforced: allowed, whatever the image.
+    let statefulset = fixture("statefulset.json");
+    let r = shim.review("/validate/workloads", &statefulset).await;
+    assert_allowed(&r, &[]);
+    // The same StatefulSet in the enforced namespace is denied.
+    let mut enforced = statefulset.clone();
+    enforced["request"]["namespace"] = json!("demo");
+    enforced["request"]["uid"] = json!("statefulset-in-demo");
+    let r = shim.review("/validate/workloads", &enforced).await;
+    assert_denied(
+        &r,
+        "validation failed: failed policy: deny-acme: spec.template.spec.containers[0].image\n\
+         ghcr.io/acme/denied:v1 disallowed by static policy: not this one",
+    );
+
+    // DELETE, and kinds that run no containers, are allowed without a look.
+    let mut delete = fixture("pod.json");
+    delete["request"]["operation"] = json!("DELETE");
+    assert_allowed(&shim.review("/validate/workloads", &delete).await, &[]);
+    let mut config_map = fixture("pod.json");
+    config_map["request"]["kind"] = json!({"group": "", "version": "v1", "kind": "ConfigMap"});
+    assert_allowed(&shim.review("/validate/workloads", &config_map).await, &[]);
+
+    // One audit line per image decided, source admission.
+    let records = shim.audit_records();
+    let pod_lines: Vec<&Value> = records.iter().filter(|r| r["pod"] == "web").collect();
+    assert_eq!(pod_lines.len(), 5, "{records:#?}"); // pod.json: 3 images; ephemeral: 2
+    let denied = records
+        .iter()
+        .find(|r| r["image"] == "ghcr.io/acme/denied:v1" && r["namespace"] == "demo")
+        .unwrap();
+    assert_eq!(denied["source"], "admission");
+    assert_eq!(denied["node"], "shim-0");
+    assert_eq!(denied["verdict"], "deny");
+    assert_eq!(denied["policies"], json!(["deny-acme"]));
+    let cron: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["pod"] == "CronJob/nightly")
+        .collect();
+    assert_eq!(
+        cron.len(),
+        1,
+        "one line for the image shared by two containers"
+    );
+    let open = records.iter().find(|r| r["namespace"] == "open").unwrap();
+    assert_eq!(open["verdict"], "allow");
+    assert_eq!(open["enforced"], false);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_match_warn_and_could_not_decide() {
+    let key = TestKey::generate(KeyKind::EcdsaP256);
+    let unreachable = format!(
+        "apiVersion: policy.sigstore.dev/v1beta1\nkind: ClusterImagePolicy\n\
+         metadata: {{name: gone-registry}}\nspec:\n  images: [{{glob: \"127.0.0.1:1/**\"}}]\n\
+         \x20 authorities: [{{key: {{data: {:?}}}}}]\n",
+        key.public_pem()
+    );
+    let policies = write_policy_dir(&[
+        ("policies.yaml", POLICIES),
+        ("config.yaml", NO_MATCH_WARN),
+        ("unreachable.yaml", &unreachable),
+    ]);
+    let shim = Admission::start(policies.path(), &["--registry-timeout", "2"]).await;
+
+    let r = shim
+        .review("/validate/workloads", &fixture("pod-ephemeral.json"))
+        .await;
+    assert_allowed(
+        &r,
+        &["no matching policies: spec.ephemeralContainers[0].image\nbusybox:1.36"],
+    );
+
+    // A registry that cannot be reached: denied with the reason (fail closed).
+    let mut pod = fixture("pod.json");
+    pod["request"]["object"]["spec"] =
+        json!({"containers": [{"name": "a", "image": "127.0.0.1:1/app:v1"}]});
+    let r = shim.review("/validate/workloads", &pod).await;
+    assert_eq!(r["allowed"], false, "{r}");
+    let message = r["status"]["message"].as_str().unwrap();
+    assert!(
+        message.starts_with(
+            "validation failed: could not decide: spec.containers[0].image\n\
+             127.0.0.1:1/app:v1 could not verify 127.0.0.1:1/app:v1: "
+        ),
+        "{message}"
+    );
+    assert_eq!(message.lines().count(), 2, "{message}");
+
+    // An image reference that does not parse.
+    pod["request"]["object"]["spec"] =
+        json!({"containers": [{"name": "a", "image": "ghcr.io/Acme/App:v1"}]});
+    let r = shim.review("/validate/workloads", &pod).await;
+    assert_denied(
+        &r,
+        "validation failed: invalid image reference \"ghcr.io/Acme/App:v1\": repository name \
+         must be lowercase: spec.containers[0].image\nghcr.io/Acme/App:v1",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn signed_image_allowed_unsigned_denied_via_real_registry() {
+    let reg = Registry::start().await;
+    let signed = reg.push_image("app", "v1", "seed-signed").await;
+    let unsigned = reg.push_image("unsigned", "v1", "seed-unsigned").await;
+    let key = TestKey::generate(KeyKind::EcdsaP256);
+    reg.sign("app", &signed, &key).await;
+    let cip = format!(
+        "apiVersion: policy.sigstore.dev/v1beta1\nkind: ClusterImagePolicy\n\
+         metadata: {{name: signed-only}}\nspec:\n  images: [{{glob: \"{}/**\"}}]\n\
+         \x20 authorities: [{{key: {{data: {:?}}}}}]\n",
+        reg.addr(),
+        key.public_pem()
+    );
+    let ns = "apiVersion: v1\nkind: Namespace\nmetadata: {name: demo, labels: {policy.sigstore.dev/include: \"true\"}}\n";
+    let policies = write_policy_dir(&[("cip.yaml", &cip), ("ns.yaml", ns)]);
+    let shim = Admission::start(policies.path(), &[]).await;
+
+    let signed_ref = reg.tag_ref("app", "v1");
+    let unsigned_ref = reg.tag_ref("unsigned", "v1");
+    let mut pod = fixture("pod.json");
+    pod["request"]["object"]["spec"] =
+        json!({"containers": [{"name": "app", "image": signed_ref}]});
+    assert_allowed(&shim.review("/validate/workloads", &pod).await, &[]);
+
+    pod["request"]["uid"] = json!("unsigned-pod");
+    pod["request"]["object"]["spec"] = json!({"containers": [
+        {"name": "app", "image": signed_ref},
+        {"name": "other", "image": unsigned_ref}]});
+    let r = shim.review("/validate/workloads", &pod).await;
+    assert_denied(
+        &r,
+        &format!(
+            "validation failed: failed policy: signed-only: spec.containers[1].image\n\
+             {unsigned_ref} signature key validation failed for authority authority-0 for \
+             {}/unsigned@{unsigned}: no signatures found",
+            reg.addr()
+        ),
+    );
+
+    let records = shim.audit_records();
+    let allowed = records
+        .iter()
+        .find(|r| r["verdict"] == "allow")
+        .expect("an allow line");
+    assert_eq!(allowed["source"], "admission");
+    assert_eq!(allowed["digest"], signed.as_str());
+    assert_eq!(allowed["authorities"][0]["passed"], true);
+    // The second review of the signed image reuses the verdict (same digest, same policies).
+    let signed_lines: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["digest"] == signed.as_str())
+        .collect();
+    assert_eq!(signed_lines.len(), 2, "{records:#?}");
+    assert_eq!(signed_lines[1]["cache_hit"], true);
+    let denied = records.iter().find(|r| r["verdict"] == "deny").unwrap();
+    assert_eq!(denied["digest"], unsigned.as_str());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn policy_fixtures_are_validated_at_apply_time() {
+    let policies = write_policy_dir(&[("policies.yaml", POLICIES)]);
+    let shim = Admission::start(policies.path(), &[]).await;
+
+    let r = shim
+        .review("/validate/policies", &fixture("cip-valid.json"))
+        .await;
+    assert_allowed(&r, &[]);
+
+    let r = shim
+        .review("/validate/policies", &fixture("cip-invalid.json"))
+        .await;
+    assert_denied(
+        &r,
+        "validation failed: spec.images[1].glob: glob \"ghcr.io/acme/{a,b}\" has invalid \
+         character '{'; allowed: letters, digits and - _ : / * . @\n\
+         spec.authorities[0].key.data: not a PEM public key: unsupported or malformed public \
+         key: not an ECDSA P-256/P-384, RSA or Ed25519 SubjectPublicKeyInfo\n\
+         spec.authorities[0].key.hashAlgorithm: unknown hash algorithm \"md5\": \
+         expected sha224, sha256, sha384 or sha512\n\
+         spec.authorities[1].static.action: invalid value \"maybe\": expected \"pass\" or \"fail\"\n\
+         spec.mode: invalid value \"audit\": expected \"enforce\" or \"warn\"",
+    );
+
+    // A misspelt field is refused with its path (strict, as `pullgate validate`).
+    let mut typo = fixture("cip-valid.json");
+    typo["request"]["object"]["spec"]["authorities"][0] = json!({"statik": {"action": "pass"}});
+    let r = shim.review("/validate/policies", &typo).await;
+    let message = r["status"]["message"].as_str().unwrap();
+    assert!(
+        message.starts_with(
+            "validation failed: spec.authorities[0].statik: unknown field `statik`, expected one of"
+        ),
+        "{message}"
+    );
+    assert_eq!(r["allowed"], false);
+
+    // Deleting a policy, even a broken one, is never blocked.
+    let mut delete = fixture("cip-invalid.json");
+    delete["request"]["operation"] = json!("DELETE");
+    assert_allowed(&shim.review("/validate/policies", &delete).await, &[]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn namespace_fixture_is_marked_when_enforcing_by_default() {
+    let policies = write_policy_dir(&[("policies.yaml", POLICIES)]);
+    let shim = Admission::start(
+        policies.path(),
+        &[
+            "--enforce-by-default",
+            "--exempt-namespace",
+            "kube-system",
+            "--exempt-namespace",
+            "monitoring",
+        ],
+    )
+    .await;
+    let namespace = fixture("namespace.json");
+
+    let r = shim.review("/mutate/namespaces", &namespace).await;
+    assert_eq!(r["allowed"], true, "{r}");
+    assert_eq!(
+        patch_of(&r),
+        Some(json!([{"op": "add", "path": "/metadata/labels",
+                     "value": {"policy.sigstore.dev/include": "true"}}]))
+    );
+
+    let mut labelled = namespace.clone();
+    labelled["request"]["object"]["metadata"]["labels"] = json!({"team": "a"});
+    let r = shim.review("/mutate/namespaces", &labelled).await;
+    assert_eq!(
+        patch_of(&r),
+        Some(
+            json!([{"op": "add", "path": "/metadata/labels/policy.sigstore.dev~1include",
+                     "value": "true"}])
+        )
+    );
+
+    // Excluded by label, exempt by flag, or already decided: left alone.
+    let mut excluded = namespace.clone();
+    excluded["request"]["object"]["metadata"]["labels"] =
+        json!({"policy.sigstore.dev/exclude": "true"});
+    let mut exempt = namespace.clone();
+    exempt["request"]["object"]["metadata"]["name"] = json!("monitoring");
+    let mut chosen = namespace.clone();
+    chosen["request"]["object"]["metadata"]["labels"] =
+        json!({"policy.sigstore.dev/include": "false"});
+    let mut update = namespace.clone();
+    update["request"]["operation"] = json!("UPDATE");
+    for review in [excluded, exempt, chosen, update] {
+        let r = shim.review("/mutate/namespaces", &review).await;
+        assert_allowed(&r, &[]);
+        assert!(r.get("patchType").is_none(), "{r}");
+    }
+
+    // Without --enforce-by-default nothing is marked.
+    let plain = Admission::start(policies.path(), &[]).await;
+    let r = plain.review("/mutate/namespaces", &namespace).await;
+    assert_allowed(&r, &[]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_input_is_400_and_the_server_keeps_serving() {
+    let policies = write_policy_dir(&[("policies.yaml", POLICIES)]);
+    let shim = Admission::start(policies.path(), &[]).await;
+    let limit = 3 << 20;
+
+    let mut oversized =
+        br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","pad":""#.to_vec();
+    oversized.resize(limit + 1, b'a');
+    let mut wrong_version = fixture("pod.json");
+    wrong_version["apiVersion"] = json!("admission.k8s.io/v1beta1");
+    let mut no_uid = fixture("pod.json");
+    no_uid["request"].as_object_mut().unwrap().remove("uid");
+    let mut no_request = fixture("pod.json");
+    no_request.as_object_mut().unwrap().remove("request");
+
+    let cases: Vec<(Vec<u8>, String)> = vec![
+        (
+            oversized,
+            format!("request body is larger than {limit} bytes"),
+        ),
+        (
+            b"this is not json".to_vec(),
+            "request body is not JSON: expected ident at line 1 column 2".into(),
+        ),
+        (
+            Vec::new(),
+            "request body is not JSON: EOF while parsing a value at line 1 column 0".into(),
+        ),
+        (
+            serde_json::to_vec(&wrong_version).unwrap(),
+            "not an AdmissionReview admission.k8s.io/v1: got apiVersion \
+             \"admission.k8s.io/v1beta1\", kind \"AdmissionReview\""
+                .into(),
+        ),
+        (
+            serde_json::to_vec(&no_uid).unwrap(),
+            "AdmissionReview request has no uid".into(),
+        ),
+        (
+            serde_json::to_vec(&no_request).unwrap(),
+            "AdmissionReview has no request".into(),
+        ),
+    ];
+    for path in [
+        "/validate/workloads",
+        "/validate/policies",
+        "/mutate/namespaces",
+    ] {
+        for (body, reason) in &cases {
+            let (status, text) = shim.post(path, body.clone()).await;
+            assert_eq!(
+                (status, text.as_str()),
+                (400, format!("{reason}\n").as_str()),
+                "{path}"
+            );
+        }
+    }
+
+    // A body streamed without Content-Length is cut off at the same limit.
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+        (0..4).map(|_| Ok(vec![b' '; 1 << 20])).collect();
+    let r = shim
+        .client
+        .post(format!("{}/validate/workloads", shim.base))
+        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
+            chunks,
+        )))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    assert_eq!(
+        r.text().await.unwrap(),
+        format!("request body is larger than {limit} bytes\n")
+    );
+
+    let (status, text) = shim.post("/validate/nothing", b"{}".to_vec()).await;
+    assert_eq!(status, 404, "{text}");
+    let r = shim
+        .client
+        .get(format!("{}/validate/workloads", shim.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 405);
+    assert_eq!(r.headers()["allow"], "POST");
+
+    // Still serving, and still deciding.
+    assert_eq!(shim.get("/livez").await.unwrap(), (200, "ok\n".into()));
+    assert_eq!(shim.get("/readyz").await.unwrap(), (200, "ok\n".into()));
+    let r = shim
+        .review("/validate/workloads", &fixture("pod-ephemeral.json"))
+        .await;
+    assert_eq!(r["allowed"], false);
+    assert!(
+        shim.audit_records().len() == 2,
+        "bad input writes no audit line"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn http1_clients_and_certificate_rotation() {
+    let policies = write_policy_dir(&[("policies.yaml", POLICIES)]);
+    let mut shim = Admission::start(policies.path(), &["--reload-interval-ms", "100"]).await;
+
+    // The API server may speak HTTP/1.1: same answers.
+    let pem = fs::read(shim.dir.path().join("tls.crt")).unwrap();
+    let http1 = reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(&pem).unwrap()])
+        .http1_only()
+        .build()
+        .unwrap();
+    let r = http1
+        .post(format!("{}/validate/workloads", shim.base))
+        .body(serde_json::to_vec(&fixture("pod-ephemeral.json")).unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.version(), reqwest::Version::HTTP_11);
+    let answer: Value = r.json().await.unwrap();
+    assert_eq!(answer["response"]["allowed"], false, "{answer}");
+    let r = http1
+        .post(format!("{}/validate/workloads", shim.base))
+        .body("{")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+
+    // A rotated certificate (as a renewed Secret volume) is served without a restart.
+    let (next_cert, next_key) = make_cert(shim.dir.path(), "next");
+    fs::copy(&next_key, shim.dir.path().join("tls.key")).unwrap();
+    fs::copy(&next_cert, shim.dir.path().join("tls.crt")).unwrap();
+    let next_pem = fs::read(&next_cert).unwrap();
+    shim.client = reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(&next_pem).unwrap()])
+        .build()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while shim.get("/readyz").await.is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "new certificate not served\n{}",
+            shim.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let r = shim
+        .review("/validate/workloads", &fixture("pod.json"))
+        .await;
+    assert_eq!(r["allowed"], false);
+
+    // SIGTERM: a clean stop.
+    let mut child = shim.child.take().unwrap();
+    let term = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("pullgate admission ignored SIGTERM\n{}", shim.log());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "{status}\n{}", shim.log());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn start_up_errors_are_one_line_and_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, _) = make_cert(dir.path(), "a");
+    let (_, other_key) = make_cert(dir.path(), "b");
+    let policies = write_policy_dir(&[("policies.yaml", POLICIES)]);
+    let p = policies.path().to_str().unwrap();
+    let out = run_pullgate_async(
+        &[
+            "admission",
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            other_key.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--policy-dir",
+            p,
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(out.code, 2, "{out:?}");
+    assert!(
+        out.stderr.starts_with("pullgate: TLS key ")
+            && out.stderr.contains("does not belong to certificate"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(out.stderr.lines().count(), 1, "{}", out.stderr);
+
+    let out = run_pullgate_async(
+        &[
+            "admission",
+            "--tls-cert",
+            "/nonexistent.crt",
+            "--tls-key",
+            "/nonexistent.key",
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(out.code, 2, "{out:?}");
+    assert!(
+        out.stderr
+            .starts_with("pullgate: TLS certificate /nonexistent.crt: "),
+        "{}",
+        out.stderr
+    );
+
+    let out = run_pullgate_async(
+        &[
+            "admission",
+            "--tls-cert",
+            "c",
+            "--tls-key",
+            "k",
+            "--kubeconfig",
+            "/x",
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(out.code, 2, "{out:?}");
+    assert!(
+        out.stderr
+            .contains("is not built in this version of pullgate"),
+        "{}",
+        out.stderr
+    );
+}
