@@ -101,36 +101,11 @@ pub struct ServeArgs {
         env = "PULLGATE_AUDIT_LOG"
     )]
     pub audit_log: PathBuf,
-    /// Rotate the audit log past this many bytes.
-    #[arg(long, default_value_t = 50 << 20)]
-    pub audit_max_bytes: u64,
-    /// Rotated audit files kept.
-    #[arg(long, default_value_t = 5)]
-    pub audit_keep: usize,
-    /// Do not copy audit lines to stdout (the journal under systemd).
-    #[arg(long)]
-    pub no_audit_stdout: bool,
-    /// Node name written in audit lines (default: the host name).
-    #[arg(long, env = "NODE_NAME")]
-    pub node_name: Option<String>,
-    /// Seconds an allow verdict stays cached (per digest and policy set).
-    #[arg(long, default_value_t = 300)]
-    pub cache_ttl: u64,
-    /// Seconds a deny verdict stays cached (short, so a freshly signed image is admitted soon).
-    #[arg(long, default_value_t = 30)]
-    pub deny_cache_ttl: u64,
-    /// Most verdicts cached.
-    #[arg(long, default_value_t = 10_000)]
-    pub cache_size: usize,
-    /// How often the policy files are checked for changes, in milliseconds.
-    #[arg(long, default_value_t = 1000)]
-    pub reload_interval_ms: u64,
-    /// Seconds in-flight pulls may take to finish after SIGTERM.
-    #[arg(long, default_value_t = 30)]
-    pub shutdown_grace: u64,
     /// Cluster mode (policies from the API server): not built yet; refused with a clear error.
     #[arg(long, value_name = "PATH", hide = true)]
     pub kubeconfig: Option<PathBuf>,
+    #[command(flatten)]
+    pub daemon: DaemonArgs,
     #[command(flatten)]
     pub scope: ScopeArgs,
     #[command(flatten)]
@@ -162,36 +137,11 @@ pub struct AdmissionArgs {
     /// Audit log file: one JSON line per image decided.
     #[arg(long, env = "PULLGATE_AUDIT_LOG")]
     pub audit_log: Option<PathBuf>,
-    /// Rotate the audit log past this many bytes.
-    #[arg(long, default_value_t = 50 << 20)]
-    pub audit_max_bytes: u64,
-    /// Rotated audit files kept.
-    #[arg(long, default_value_t = 5)]
-    pub audit_keep: usize,
-    /// Do not copy audit lines to stdout.
-    #[arg(long)]
-    pub no_audit_stdout: bool,
-    /// Name written in audit lines' `node` field (default: the host name).
-    #[arg(long, env = "NODE_NAME")]
-    pub node_name: Option<String>,
-    /// Seconds an allow verdict stays cached (per digest and policy set).
-    #[arg(long, default_value_t = 300)]
-    pub cache_ttl: u64,
-    /// Seconds a deny verdict stays cached.
-    #[arg(long, default_value_t = 30)]
-    pub deny_cache_ttl: u64,
-    /// Most verdicts cached.
-    #[arg(long, default_value_t = 10_000)]
-    pub cache_size: usize,
-    /// How often the policy files and the TLS pair are checked for changes, in milliseconds.
-    #[arg(long, default_value_t = 1000)]
-    pub reload_interval_ms: u64,
-    /// Seconds in-flight reviews may take to finish after SIGTERM.
-    #[arg(long, default_value_t = 30)]
-    pub shutdown_grace: u64,
     /// Cluster mode (policies from the API server): not built yet; refused with a clear error.
     #[arg(long, value_name = "PATH", hide = true)]
     pub kubeconfig: Option<PathBuf>,
+    #[command(flatten)]
+    pub daemon: DaemonArgs,
     #[command(flatten)]
     pub scope: ScopeArgs,
     #[command(flatten)]
@@ -205,6 +155,57 @@ pub struct ValidateArgs {
     pub paths: Vec<PathBuf>,
     #[command(flatten)]
     pub scope: ScopeArgs,
+}
+
+/// Settings shared by the long-running front doors (`serve`, `admission`).
+#[derive(Args, Debug, Clone)]
+pub struct DaemonArgs {
+    /// Rotate the audit log past this many bytes.
+    #[arg(long, default_value_t = 50 << 20)]
+    pub audit_max_bytes: u64,
+    /// Rotated audit files kept.
+    #[arg(long, default_value_t = 5)]
+    pub audit_keep: usize,
+    /// Do not copy audit lines to stdout (the journal under systemd).
+    #[arg(long)]
+    pub no_audit_stdout: bool,
+    /// Node name written in audit lines (default: the host name).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Seconds an allow verdict stays cached (per digest and policy set).
+    #[arg(long, default_value_t = 300)]
+    pub cache_ttl: u64,
+    /// Seconds a deny verdict stays cached (short, so a freshly signed image is admitted soon).
+    #[arg(long, default_value_t = 30)]
+    pub deny_cache_ttl: u64,
+    /// Most verdicts cached.
+    #[arg(long, default_value_t = 10_000)]
+    pub cache_size: usize,
+    /// How often the policy files are checked for changes, in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    pub reload_interval_ms: u64,
+    /// Seconds in-flight requests may take to finish after SIGTERM.
+    #[arg(long, default_value_t = 30)]
+    pub shutdown_grace: u64,
+}
+
+impl DaemonArgs {
+    pub fn verdict_cache(&self) -> crate::verify::cache::VerdictCache {
+        crate::verify::cache::VerdictCache::new(
+            Duration::from_secs(self.cache_ttl),
+            Duration::from_secs(self.deny_cache_ttl.min(self.cache_ttl)),
+            Duration::from_secs(5),
+            self.cache_size,
+        )
+    }
+
+    pub fn node(&self) -> String {
+        self.node_name.clone().unwrap_or_else(host_name)
+    }
+
+    pub fn reload_interval(&self) -> Duration {
+        Duration::from_millis(self.reload_interval_ms.max(50))
+    }
 }
 
 #[derive(Args, Debug, Clone)]
@@ -453,7 +454,6 @@ async fn serve(args: ServeArgs) -> ExitCode {
     use crate::audit::AuditLog;
     use crate::cri::{bind, containerd_channel, Proxy, ServeError};
     use crate::policy::source::PolicyDir;
-    use crate::verify::cache::VerdictCache;
     use std::sync::Arc;
 
     if args.kubeconfig.is_some() {
@@ -476,9 +476,9 @@ async fn serve(args: ServeArgs) -> ExitCode {
     };
     let audit = match AuditLog::open(
         Some(&args.audit_log),
-        args.audit_max_bytes,
-        args.audit_keep,
-        !args.no_audit_stdout,
+        args.daemon.audit_max_bytes,
+        args.daemon.audit_keep,
+        !args.daemon.no_audit_stdout,
     ) {
         Ok(a) => a,
         Err(e) => return error_exit(&e.to_string()),
@@ -501,20 +501,11 @@ async fn serve(args: ServeArgs) -> ExitCode {
         containerd,
         policies: policies.clone(),
         registry,
-        cache: VerdictCache::new(
-            Duration::from_secs(args.cache_ttl),
-            Duration::from_secs(args.deny_cache_ttl.min(args.cache_ttl)),
-            Duration::from_secs(5),
-            args.cache_size,
-        ),
+        cache: args.daemon.verdict_cache(),
         audit,
-        node: args.node_name.clone().unwrap_or_else(host_name),
+        node: args.daemon.node(),
     });
-    let watcher = tokio::spawn(
-        policies
-            .clone()
-            .watch(Duration::from_millis(args.reload_interval_ms.max(50))),
-    );
+    let watcher = tokio::spawn(policies.clone().watch(args.daemon.reload_interval()));
     tracing::info!(listen = %args.listen.display(), containerd = %args.containerd.display(), "pullgate serving");
     eprintln!(
         "pullgate: serving runtime.v1.ImageService on {} for {}",
@@ -531,7 +522,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
         let _ = rx.wait_for(|stopped| *stopped).await;
     };
     let shutdown = stopped(stop.clone());
-    let grace = Duration::from_secs(args.shutdown_grace);
+    let grace = Duration::from_secs(args.daemon.shutdown_grace);
     let server = proxy.serve(listener, shutdown);
     tokio::pin!(server);
     let result = tokio::select! {
@@ -553,7 +544,6 @@ async fn admission(args: AdmissionArgs) -> ExitCode {
     use crate::admission::{bind, serve, CertFiles, Shim};
     use crate::audit::AuditLog;
     use crate::policy::source::PolicyDir;
-    use crate::verify::cache::VerdictCache;
     use std::sync::Arc;
 
     let tls = match CertFiles::open(&args.tls_cert, &args.tls_key) {
@@ -575,9 +565,9 @@ async fn admission(args: AdmissionArgs) -> ExitCode {
     };
     let audit = match AuditLog::open(
         args.audit_log.as_deref(),
-        args.audit_max_bytes,
-        args.audit_keep,
-        !args.no_audit_stdout,
+        args.daemon.audit_max_bytes,
+        args.daemon.audit_keep,
+        !args.daemon.no_audit_stdout,
     ) {
         Ok(a) => a,
         Err(e) => return error_exit(&e.to_string()),
@@ -595,17 +585,12 @@ async fn admission(args: AdmissionArgs) -> ExitCode {
     let shim = Arc::new(Shim {
         policies: policies.clone(),
         registry,
-        cache: VerdictCache::new(
-            Duration::from_secs(args.cache_ttl),
-            Duration::from_secs(args.deny_cache_ttl.min(args.cache_ttl)),
-            Duration::from_secs(5),
-            args.cache_size,
-        ),
+        cache: args.daemon.verdict_cache(),
         audit,
-        node: args.node_name.clone().unwrap_or_else(host_name),
+        node: args.daemon.node(),
         enforce_by_default: args.enforce_by_default,
     });
-    let interval = Duration::from_millis(args.reload_interval_ms.max(50));
+    let interval = args.daemon.reload_interval();
     let watcher = tokio::spawn(policies.clone().watch(interval));
     let cert_watcher = tokio::spawn(async move {
         let mut ticker = tokio::time::interval(interval);
@@ -635,7 +620,7 @@ async fn admission(args: AdmissionArgs) -> ExitCode {
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stopped| *stopped).await;
     };
-    let grace = Duration::from_secs(args.shutdown_grace);
+    let grace = Duration::from_secs(args.daemon.shutdown_grace);
     let server = serve(listener, server_config, shim, stopped(stop.clone()));
     tokio::pin!(server);
     tokio::select! {
