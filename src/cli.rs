@@ -101,9 +101,19 @@ pub struct ServeArgs {
         env = "PULLGATE_AUDIT_LOG"
     )]
     pub audit_log: PathBuf,
-    /// Cluster mode (policies from the API server): not built yet; refused with a clear error.
-    #[arg(long, value_name = "PATH", hide = true)]
+    /// Cluster mode: policies, namespaces, key Secrets, the config ConfigMap and TrustRoots
+    /// watched from the API server this kubeconfig points at (instead of --policy-dir).
+    #[arg(long, value_name = "PATH", env = "PULLGATE_KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
+    /// Cluster mode: where the last synced policy objects are kept, and loaded from at start
+    /// so the node enforces them while the API server is unreachable.
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "/var/lib/pullgate/snapshot.json",
+        env = "PULLGATE_SNAPSHOT_FILE"
+    )]
+    pub snapshot_file: PathBuf,
     #[command(flatten)]
     pub daemon: DaemonArgs,
     #[command(flatten)]
@@ -453,15 +463,9 @@ fn host_name() -> String {
 async fn serve(args: ServeArgs) -> ExitCode {
     use crate::audit::AuditLog;
     use crate::cri::{bind, containerd_channel, Proxy, ServeError};
-    use crate::policy::source::PolicyDir;
+    use crate::policy::source::{PolicyDir, PolicySource};
     use std::sync::Arc;
 
-    if args.kubeconfig.is_some() {
-        return error_exit(
-            "cluster mode (--kubeconfig: policies, namespaces and keys from the API server) is not \
-             built in this version of pullgate; serve from --policy-dir",
-        );
-    }
     if !args.containerd.exists() {
         return error_exit(&ServeError::NoContainerd(args.containerd.clone()).to_string());
     }
@@ -483,12 +487,41 @@ async fn serve(args: ServeArgs) -> ExitCode {
         Ok(a) => a,
         Err(e) => return error_exit(&e.to_string()),
     };
-    let paths: Vec<PathBuf> = args.policy_dirs.iter().map(PathBuf::from).collect();
-    let (policies, problems) = PolicyDir::open(paths, args.scope.settings());
-    for p in &problems {
-        tracing::error!(problem = %p, "policy problem: images it concerns are denied until it is fixed");
-    }
-    let policies = Arc::new(policies);
+    let sources: (Arc<dyn PolicySource>, tokio::task::JoinHandle<()>) = match &args.kubeconfig {
+        Some(kubeconfig) => {
+            use crate::kube::{client_from_kubeconfig, ClusterSource, Error as KubeError};
+            let client = match client_from_kubeconfig(kubeconfig).await {
+                Ok(c) => c,
+                Err(e) => return error_exit(&e.to_string()),
+            };
+            let (source, problem) =
+                ClusterSource::open(args.scope.settings(), args.snapshot_file.clone());
+            match problem {
+                Some(e @ KubeError::NoSnapshot(_)) => {
+                    tracing::warn!(problem = %e, "no policy snapshot on disk")
+                }
+                Some(e) => tracing::error!(problem = %e, "policy snapshot unusable"),
+                None => tracing::info!(
+                    fingerprint = source.current().fingerprint(),
+                    "enforcing the persisted policy snapshot until the API server answers"
+                ),
+            }
+            let source = Arc::new(source);
+            let watcher = tokio::spawn(source.clone().run(client));
+            (source, watcher)
+        }
+        None => {
+            let paths: Vec<PathBuf> = args.policy_dirs.iter().map(PathBuf::from).collect();
+            let (policies, problems) = PolicyDir::open(paths, args.scope.settings());
+            for p in &problems {
+                tracing::error!(problem = %p, "policy problem: images it concerns are denied until it is fixed");
+            }
+            let policies = Arc::new(policies);
+            let watcher = tokio::spawn(policies.clone().watch(args.daemon.reload_interval()));
+            (policies, watcher)
+        }
+    };
+    let (policies, watcher) = sources;
     let containerd = match containerd_channel(&args.containerd) {
         Ok(c) => c,
         Err(e) => return error_exit(&e.to_string()),
@@ -505,7 +538,6 @@ async fn serve(args: ServeArgs) -> ExitCode {
         audit,
         node: args.daemon.node(),
     });
-    let watcher = tokio::spawn(policies.clone().watch(args.daemon.reload_interval()));
     tracing::info!(listen = %args.listen.display(), containerd = %args.containerd.display(), "pullgate serving");
     eprintln!(
         "pullgate: serving runtime.v1.ImageService on {} for {}",

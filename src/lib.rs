@@ -11,6 +11,7 @@ pub mod cli;
 pub mod cri;
 pub mod decide;
 pub mod image_ref;
+pub mod kube;
 pub mod policy;
 pub mod registry;
 pub mod verify;

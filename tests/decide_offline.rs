@@ -251,3 +251,21 @@ async fn policies_fingerprint_changes_with_policy() {
     assert_eq!(a.fingerprint(), b.fingerprint());
     assert_ne!(a.fingerprint(), c.fingerprint());
 }
+
+#[test]
+fn key_secret_written_by_cosign_keeps_only_its_public_key() {
+    use pullgate::policy::snapshot::Check;
+    const PUB: &str = "-----BEGIN PUBLIC KEY-----\nMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE2G2Y+2tabdTV5BcGiBIx0a9fAFwr\nkBbmLSGtks4L3qX6yYY0zufBnhC8Ur/iy55GhWP/9A/bY2LhC30M9+RYtw==\n-----END PUBLIC KEY-----\n";
+    let secret = format!(
+        "---\napiVersion: v1\nkind: Secret\nmetadata: {{name: k, namespace: cosign-system}}\nstringData:\n  cosign.key: \"-----BEGIN ENCRYPTED SIGSTORE PRIVATE KEY-----\\nAAAA\\n-----END ENCRYPTED SIGSTORE PRIVATE KEY-----\\n\"\n  cosign.password: hunter2\n  cosign.pub: {}\n",
+        serde_json::to_string(PUB).unwrap()
+    );
+    let yaml = secret + &cip("p", "**", "[{key: {secretRef: {name: k}}}]", "");
+    let s = snapshot(&yaml, Settings::default());
+    assert!(s.problems.is_empty(), "{:?}", s.problems);
+    let authorities = s.policies[0].authorities.as_ref().unwrap();
+    match &authorities[0].check {
+        Check::Key { keys, .. } => assert_eq!(keys.len(), 1),
+        other => panic!("expected a key check, got {other:?}"),
+    }
+}

@@ -21,7 +21,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 
 use crate::audit::AuditLog;
-use crate::policy::source::PolicyDir;
+use crate::policy::source::PolicySource;
 use crate::registry::RegistryClient;
 use crate::verify::cache::VerdictCache;
 use raw::RawCodec;
@@ -54,7 +54,7 @@ pub enum ServeError {
 /// Everything a request needs, shared by all connections.
 pub struct Proxy {
     pub containerd: Channel,
-    pub policies: Arc<PolicyDir>,
+    pub policies: Arc<dyn PolicySource>,
     pub registry: RegistryClient,
     pub cache: VerdictCache,
     pub audit: AuditLog,

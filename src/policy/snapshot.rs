@@ -513,7 +513,13 @@ fn resolve_check(a: &Authority, resolver: &Resolver) -> Result<Check, String> {
     Ok(Check::Key { keys, hash, tlog })
 }
 
-/// Every PEM public key in every data entry of the Secret; any of them may verify.
+/// Whether a Secret entry holds a PEM public key block (and so must parse as keys).
+pub fn holds_public_key(bytes: &[u8]) -> bool {
+    let has = |marker: &[u8]| bytes.windows(marker.len()).any(|w| w == marker);
+    has(b"-----BEGIN PUBLIC KEY-----") || has(b"-----BEGIN RSA PUBLIC KEY-----")
+}
+
+/// Every PEM public key in the data entries of the Secret; any of them may verify.
 fn secret_keys(resolver: &Resolver, name: &str) -> Result<Vec<PublicKey>, String> {
     let ns = resolver.controller_namespace;
     let secret = resolver
@@ -529,6 +535,11 @@ fn secret_keys(resolver: &Resolver, name: &str) -> Result<Vec<PublicKey>, String
     }
     let mut keys = Vec::new();
     for (entry, bytes) in &values {
+        // `cosign generate-key-pair k8s://…` stores cosign.key and cosign.password beside
+        // cosign.pub: entries without a public key block are not keys and are skipped.
+        if !holds_public_key(bytes) {
+            continue;
+        }
         let text = std::str::from_utf8(bytes)
             .map_err(|_| format!("key Secret {ns}/{name} entry {entry:?} is not text"))?;
         keys.extend(

@@ -41,6 +41,18 @@ fn stamp(paths: &[PathBuf]) -> Stamp {
     out
 }
 
+/// Where the front doors read the policy snapshot from: a policy directory or the API server.
+pub trait PolicySource: Send + Sync {
+    /// The snapshot in force; a lock-free read.
+    fn current(&self) -> Arc<Snapshot>;
+}
+
+impl PolicySource for PolicyDir {
+    fn current(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+}
+
 /// A policy directory kept current.
 pub struct PolicyDir {
     paths: Vec<PathBuf>,

@@ -1,0 +1,525 @@
+//! Cluster mode: the policy snapshot kept current from the Kubernetes API server.
+//!
+//! kube-rs watchers (bookmarks on, relist on 410 Gone, backoff on errors) feed reflector
+//! stores for ClusterImagePolicies, TrustRoots, Namespaces, and the key Secrets and
+//! `config-policy-controller` ConfigMap of the controller namespace. On every change the stores
+//! are written out as one `v1 List` document, loaded through the same code as a policy
+//! directory, compiled into a [`Snapshot`] and swapped in whole. Pulls read only that snapshot:
+//! no API call happens during a pull.
+//!
+//! Each accepted document is also persisted (temp file, fsync, rename) and loaded at start, so a
+//! node enforces its last known policies while the API server is unreachable. A missing or
+//! corrupt snapshot file yields [`Snapshot::unusable`]: fail closed until the first sync.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ::kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, ListParams, TypeMeta};
+use ::kube::config::{KubeConfigOptions, Kubeconfig};
+use ::kube::runtime::reflector::{self, Store};
+use ::kube::runtime::{watcher, WatchStreamExt};
+use ::kube::{Client, Config};
+use arc_swap::ArcSwap;
+use futures_util::{Stream, StreamExt};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret};
+
+use crate::policy::snapshot::holds_public_key;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use serde::Serialize;
+
+use crate::policy::load::Objects;
+use crate::policy::snapshot::{Settings, Snapshot, CONFIG_MAP_NAME};
+use crate::policy::source::PolicySource;
+use crate::policy::types::GROUP;
+
+/// Cluster-mode failures that stop a start or a persist; watch errors are retried, not returned.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("kubeconfig {path}: {message}")]
+    Kubeconfig { path: PathBuf, message: String },
+    #[error("no policy snapshot at {0} yet: every image outside the exempt namespaces is denied until the first sync with the API server")]
+    NoSnapshot(PathBuf),
+    #[error("policy snapshot {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("policy snapshot {path} is corrupt ({message}); failing closed until the API server answers")]
+    Corrupt { path: PathBuf, message: String },
+    #[error("policy snapshot could not be encoded: {0}")]
+    Encode(#[from] serde_json::Error),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A client for the cluster `path` (a kubeconfig file) points at.
+pub async fn client_from_kubeconfig(path: &Path) -> Result<Client> {
+    let err = |message: String| Error::Kubeconfig {
+        path: path.to_path_buf(),
+        message,
+    };
+    let kubeconfig = Kubeconfig::read_from(path).map_err(|e| err(e.to_string()))?;
+    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .map_err(|e| err(e.to_string()))?;
+    Client::try_from(config).map_err(|e| err(e.to_string()))
+}
+
+/// The ClusterImagePolicy resource at `version` (`v1beta1` or `v1alpha1`); static, so no
+/// discovery request is needed.
+pub fn cip_resource(version: &str) -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk(GROUP, version, "ClusterImagePolicy"),
+        "clusterimagepolicies",
+    )
+}
+
+/// The TrustRoot resource (`v1alpha1`).
+pub fn trust_root_resource() -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk(GROUP, "v1alpha1", "TrustRoot"),
+        "trustroots",
+    )
+}
+
+/// The policy snapshot maintained from the API server.
+pub struct ClusterSource {
+    settings: Settings,
+    snapshot_file: PathBuf,
+    current: ArcSwap<Snapshot>,
+}
+
+impl PolicySource for ClusterSource {
+    fn current(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+}
+
+/// The persisted form: a `v1 List` of the input objects, loadable like a policy file.
+#[derive(Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ListDocument {
+    api_version: String,
+    kind: String,
+    items: Vec<serde_json::Value>,
+}
+
+impl ClusterSource {
+    /// Starts from the snapshot persisted at `snapshot_file`. The returned error (missing or
+    /// corrupt file) is for the caller to report; the source then denies every image outside the
+    /// exempt namespaces until the first sync.
+    pub fn open(settings: Settings, snapshot_file: PathBuf) -> (ClusterSource, Option<Error>) {
+        let (snapshot, problem) = match load_persisted(&snapshot_file, &settings) {
+            Ok(snapshot) => (snapshot, None),
+            Err(e) => (
+                Snapshot::unusable(settings.clone(), &e.to_string()),
+                Some(e),
+            ),
+        };
+        let source = ClusterSource {
+            settings,
+            snapshot_file,
+            current: ArcSwap::from_pointee(snapshot),
+        };
+        (source, problem)
+    }
+
+    /// The snapshot in force.
+    pub fn current(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+
+    /// Watches the API server and swaps in a new snapshot on every change, until dropped.
+    /// The first snapshot from the API server is built only once every watch has listed, so a
+    /// half-synced view (e.g. policies without namespace labels) never replaces the disk one.
+    pub async fn run(self: Arc<Self>, client: Client) {
+        let cip_ar = cip_resource_in_use(&client).await;
+        let tr_ar = trust_root_resource();
+        let ns = self.settings.controller_namespace.clone();
+        let changed = Arc::new(tokio::sync::Notify::new());
+        let mut tasks = tokio::task::JoinSet::new();
+
+        let cips_w = reflector::store::Writer::<DynamicObject>::new(cip_ar.clone());
+        let cips = cips_w.as_reader();
+        let stream = reflector::reflector(
+            cips_w,
+            watcher(
+                Api::<DynamicObject>::all_with(client.clone(), &cip_ar),
+                watcher::Config::default(),
+            ),
+        );
+        tasks.spawn(drive(stream, "ClusterImagePolicy", changed.clone()));
+
+        let trs_w = reflector::store::Writer::<DynamicObject>::new(tr_ar.clone());
+        let trust_roots = trs_w.as_reader();
+        let stream = reflector::reflector(
+            trs_w,
+            watcher(
+                Api::<DynamicObject>::all_with(client.clone(), &tr_ar),
+                watcher::Config::default(),
+            ),
+        );
+        tasks.spawn(drive(stream, "TrustRoot", changed.clone()));
+
+        let (namespaces, w) = reflector::store::<Namespace>();
+        let stream = reflector::reflector(
+            w,
+            watcher(
+                Api::<Namespace>::all(client.clone()),
+                watcher::Config::default(),
+            ),
+        );
+        tasks.spawn(drive(stream, "Namespace", changed.clone()));
+
+        let (secrets, w) = reflector::store::<Secret>();
+        let stream = reflector::reflector(
+            w,
+            watcher(
+                Api::<Secret>::namespaced(client.clone(), &ns),
+                watcher::Config::default(),
+            ),
+        );
+        tasks.spawn(drive(stream, "Secret", changed.clone()));
+
+        let (config_maps, w) = reflector::store::<ConfigMap>();
+        let stream = reflector::reflector(
+            w,
+            watcher(
+                Api::<ConfigMap>::namespaced(client.clone(), &ns),
+                watcher::Config::default().fields(&format!("metadata.name={CONFIG_MAP_NAME}")),
+            ),
+        );
+        tasks.spawn(drive(stream, "ConfigMap", changed.clone()));
+
+        let stores = Stores {
+            cips,
+            cip_ar,
+            trust_roots,
+            tr_ar,
+            namespaces,
+            secrets,
+            config_maps,
+        };
+        if stores.wait_until_ready().await.is_err() {
+            return;
+        }
+        loop {
+            self.rebuild(&stores);
+            changed.notified().await;
+            // Coalesce a burst (a relist, a kubectl apply of many objects) into one rebuild.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn rebuild(&self, stores: &Stores) {
+        let document = stores.document();
+        let text = match serde_json::to_string(&document) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::error!(error = %e, "policy objects could not be encoded; the last snapshot stays in force");
+                return;
+            }
+        };
+        let snapshot = match snapshot_from_text(&text, "API server", &self.settings) {
+            Ok(s) => s,
+            Err(problems) => {
+                for p in &problems {
+                    tracing::error!(problem = %p, "invalid policy change ignored; the last good policy set stays in force");
+                }
+                return;
+            }
+        };
+        for p in &snapshot.problems {
+            tracing::error!(problem = %p, "policy problem: images it concerns are denied until it is fixed");
+        }
+        tracing::info!(
+            fingerprint = snapshot.fingerprint(),
+            policies = snapshot.policies.len(),
+            "policy set synced from the API server"
+        );
+        self.current.store(Arc::new(snapshot));
+        if let Err(e) = persist(&self.snapshot_file, text.as_bytes()) {
+            tracing::error!(error = %e, "policy snapshot not persisted; a restart without the API server would fall back to the previous file");
+        }
+    }
+}
+
+struct Stores {
+    cips: Store<DynamicObject>,
+    cip_ar: ApiResource,
+    trust_roots: Store<DynamicObject>,
+    tr_ar: ApiResource,
+    namespaces: Store<Namespace>,
+    secrets: Store<Secret>,
+    config_maps: Store<ConfigMap>,
+}
+
+impl Stores {
+    async fn wait_until_ready(&self) -> Result<(), reflector::store::WriterDropped> {
+        self.cips.wait_until_ready().await?;
+        self.trust_roots.wait_until_ready().await?;
+        self.namespaces.wait_until_ready().await?;
+        self.secrets.wait_until_ready().await?;
+        self.config_maps.wait_until_ready().await
+    }
+
+    /// The stores as one `v1 List` document, sorted so equal content encodes equally.
+    fn document(&self) -> ListDocument {
+        let mut items = Vec::new();
+        let dynamic = |store: &Store<DynamicObject>, ar: &ApiResource| {
+            let mut objects: Vec<DynamicObject> = store
+                .state()
+                .iter()
+                .map(|o| {
+                    let mut o = DynamicObject::clone(o);
+                    o.types = Some(TypeMeta {
+                        api_version: ar.api_version.clone(),
+                        kind: ar.kind.clone(),
+                    });
+                    o.metadata = slim(&o.metadata);
+                    o
+                })
+                .collect();
+            objects.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+            objects
+        };
+        let mut push = |value: Result<serde_json::Value, serde_json::Error>| match value {
+            Ok(v) => items.push(v),
+            Err(e) => tracing::error!(error = %e, "object could not be encoded"),
+        };
+        for o in dynamic(&self.cips, &self.cip_ar) {
+            push(serde_json::to_value(o));
+        }
+        for o in dynamic(&self.trust_roots, &self.tr_ar) {
+            push(serde_json::to_value(o));
+        }
+        let mut namespaces: Vec<Namespace> = self
+            .namespaces
+            .state()
+            .iter()
+            .map(|ns| Namespace {
+                metadata: slim(&ns.metadata),
+                ..Namespace::default()
+            })
+            .collect();
+        namespaces.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+        for o in namespaces {
+            push(serde_json::to_value(o));
+        }
+        let mut secrets: Vec<Secret> = self
+            .secrets
+            .state()
+            .iter()
+            .map(|s| Secret {
+                metadata: slim(&s.metadata),
+                // Only public keys reach the disk: private keys and passwords that share the
+                // Secret (as `cosign generate-key-pair k8s://` writes them) are dropped.
+                data: s.data.as_ref().map(|d| {
+                    d.iter()
+                        .filter(|(_, v)| holds_public_key(&v.0))
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect()
+                }),
+                string_data: s.string_data.as_ref().map(|d| {
+                    d.iter()
+                        .filter(|(_, v)| holds_public_key(v.as_bytes()))
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect()
+                }),
+                ..Secret::clone(s)
+            })
+            .collect();
+        secrets.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+        for o in secrets {
+            push(serde_json::to_value(o));
+        }
+        let mut config_maps: Vec<ConfigMap> = self
+            .config_maps
+            .state()
+            .iter()
+            .filter(|c| c.metadata.name.as_deref() == Some(CONFIG_MAP_NAME))
+            .map(|c| ConfigMap {
+                metadata: slim(&c.metadata),
+                ..ConfigMap::clone(c)
+            })
+            .collect();
+        config_maps.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+        for o in config_maps {
+            push(serde_json::to_value(o));
+        }
+        ListDocument {
+            api_version: "v1".to_string(),
+            kind: "List".to_string(),
+            items,
+        }
+    }
+}
+
+/// Only what a decision reads: name, namespace, labels. Resource versions and managed fields
+/// would change the persisted file on every no-op update.
+fn slim(meta: &ObjectMeta) -> ObjectMeta {
+    ObjectMeta {
+        name: meta.name.clone(),
+        namespace: meta.namespace.clone(),
+        labels: meta.labels.clone(),
+        ..ObjectMeta::default()
+    }
+}
+
+/// Forwards a reflector's events as "something changed"; errors are logged and retried.
+async fn drive<K, S>(stream: S, resource: &'static str, changed: Arc<tokio::sync::Notify>)
+where
+    S: Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send,
+{
+    let stream = stream.default_backoff();
+    futures_util::pin_mut!(stream);
+    while let Some(event) = stream.next().await {
+        match event {
+            Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_) | watcher::Event::InitDone) => {
+                changed.notify_one()
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(
+                resource,
+                error = %e,
+                "watch failed; retrying with backoff, the last snapshot stays in force"
+            ),
+        }
+    }
+}
+
+/// `v1beta1` when the API server serves it, else `v1alpha1`. Retries while the API server
+/// cannot be asked; the disk snapshot stays in force meanwhile.
+async fn cip_resource_in_use(client: &Client) -> ApiResource {
+    let mut delay = Duration::from_millis(500);
+    loop {
+        let beta = cip_resource("v1beta1");
+        let api = Api::<DynamicObject>::all_with(client.clone(), &beta);
+        match api.list(&ListParams::default().limit(1)).await {
+            Ok(_) => return beta,
+            Err(::kube::Error::Api(status)) if status.code == 404 => {
+                tracing::info!("the API server has no policy.sigstore.dev/v1beta1; watching v1alpha1 ClusterImagePolicies");
+                return cip_resource("v1alpha1");
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "API server not answering; the last snapshot stays in force");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}
+
+fn snapshot_from_text(
+    text: &str,
+    origin: &str,
+    settings: &Settings,
+) -> Result<Snapshot, Vec<String>> {
+    let document: ListDocument = serde_json::from_str(text).map_err(|e| vec![e.to_string()])?;
+    if document.api_version != "v1" || document.kind != "List" {
+        return Err(vec![format!(
+            "expected apiVersion v1, kind List; found {:?} {:?}",
+            document.api_version, document.kind
+        )]);
+    }
+    let mut objects = Objects::default();
+    objects
+        .load_str(text, origin)
+        .map_err(|errors| errors.iter().map(ToString::to_string).collect::<Vec<_>>())?;
+    Ok(Snapshot::build(&objects, settings.clone()))
+}
+
+/// Loads the snapshot persisted at `path`.
+pub fn load_persisted(path: &Path, settings: &Settings) -> Result<Snapshot> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(Error::NoSnapshot(path.to_path_buf()))
+        }
+        Err(source) => {
+            return Err(Error::Io {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+    };
+    snapshot_from_text(&text, &path.display().to_string(), settings).map_err(|problems| {
+        Error::Corrupt {
+            path: path.to_path_buf(),
+            message: problems.join("; "),
+        }
+    })
+}
+
+/// Writes `bytes` to `path` atomically: a reader (or a crash) sees the old file or the new
+/// one, never a mix.
+pub fn persist(path: &Path, bytes: &[u8]) -> Result<()> {
+    let io = |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
+    tmp_name.push(format!(".tmp.{}", std::process::id()));
+    let tmp = dir.join(tmp_name);
+    // The file holds the controller namespace's Secrets: readable by root only.
+    let mut file = {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io)?
+    };
+    file.write_all(bytes).map_err(io)?;
+    file.sync_all().map_err(io)?;
+    drop(file);
+    std::fs::rename(&tmp, path).map_err(io)?;
+    // The rename is durable once the directory is; not every filesystem lets a directory be
+    // synced, so this one is best effort.
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn persisted_round_trip_and_corruption() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("sub/snapshot.json");
+        let settings = Settings::default();
+        assert!(matches!(
+            load_persisted(&file, &settings),
+            Err(Error::NoSnapshot(_))
+        ));
+        let doc = r#"{"apiVersion":"v1","kind":"List","items":[{"apiVersion":"policy.sigstore.dev/v1beta1","kind":"ClusterImagePolicy","metadata":{"name":"p"},"spec":{"images":[{"glob":"**"}],"authorities":[{"static":{"action":"pass"}}]}}]}"#;
+        persist(&file, doc.as_bytes()).unwrap();
+        let snap = load_persisted(&file, &settings).unwrap();
+        assert_eq!(snap.policies.len(), 1);
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        std::fs::write(&file, &doc[..40]).unwrap();
+        assert!(matches!(
+            load_persisted(&file, &settings),
+            Err(Error::Corrupt { .. })
+        ));
+        std::fs::write(&file, "").unwrap();
+        assert!(matches!(
+            load_persisted(&file, &settings),
+            Err(Error::Corrupt { .. })
+        ));
+    }
+}
