@@ -213,6 +213,19 @@ impl DaemonArgs {
         self.node_name.clone().unwrap_or_else(host_name)
     }
 
+    /// The audit sink: `path` (rotated as configured) and, unless disabled, stdout.
+    pub fn audit_log(
+        &self,
+        path: Option<&std::path::Path>,
+    ) -> Result<crate::audit::AuditLog, crate::audit::AuditError> {
+        crate::audit::AuditLog::open(
+            path,
+            self.audit_max_bytes,
+            self.audit_keep,
+            !self.no_audit_stdout,
+        )
+    }
+
     pub fn reload_interval(&self) -> Duration {
         Duration::from_millis(self.reload_interval_ms.max(50))
     }
@@ -291,6 +304,11 @@ impl ScopeArgs {
 }
 
 impl RegistryArgs {
+    /// A registry client built from these flags.
+    pub fn client(&self) -> Result<RegistryClient, String> {
+        RegistryClient::new(self.config()?).map_err(|e| e.to_string())
+    }
+
     pub fn config(&self) -> Result<RegistryConfig, String> {
         let path = self
             .docker_config
@@ -362,13 +380,9 @@ async fn verify(args: VerifyArgs) -> ExitCode {
             ));
         }
     };
-    let config = match args.registry.config() {
-        Ok(c) => c,
-        Err(e) => return error_exit(&e),
-    };
-    let registry = match RegistryClient::new(config) {
+    let registry = match args.registry.client() {
         Ok(r) => r,
-        Err(e) => return error_exit(&e.to_string()),
+        Err(e) => return error_exit(&e),
     };
     let decision = decide(&snapshot, &registry, &image, args.namespace.as_deref()).await;
     let printed = match args.output {
@@ -461,7 +475,6 @@ fn host_name() -> String {
 }
 
 async fn serve(args: ServeArgs) -> ExitCode {
-    use crate::audit::AuditLog;
     use crate::cri::{bind, containerd_channel, Proxy, ServeError};
     use crate::policy::source::{PolicyDir, PolicySource};
     use std::sync::Arc;
@@ -469,21 +482,11 @@ async fn serve(args: ServeArgs) -> ExitCode {
     if !args.containerd.exists() {
         return error_exit(&ServeError::NoContainerd(args.containerd.clone()).to_string());
     }
-    let registry = match args
-        .registry
-        .config()
-        .map_err(|e| e.to_string())
-        .and_then(|c| RegistryClient::new(c).map_err(|e| e.to_string()))
-    {
+    let registry = match args.registry.client() {
         Ok(r) => r,
         Err(e) => return error_exit(&e),
     };
-    let audit = match AuditLog::open(
-        Some(&args.audit_log),
-        args.daemon.audit_max_bytes,
-        args.daemon.audit_keep,
-        !args.daemon.no_audit_stdout,
-    ) {
+    let audit = match args.daemon.audit_log(Some(&args.audit_log)) {
         Ok(a) => a,
         Err(e) => return error_exit(&e.to_string()),
     };
@@ -574,7 +577,6 @@ async fn serve(args: ServeArgs) -> ExitCode {
 
 async fn admission(args: AdmissionArgs) -> ExitCode {
     use crate::admission::{bind, serve, CertFiles, Shim};
-    use crate::audit::AuditLog;
     use crate::policy::source::PolicyDir;
     use std::sync::Arc;
 
@@ -586,21 +588,11 @@ async fn admission(args: AdmissionArgs) -> ExitCode {
         Ok(c) => c,
         Err(e) => return error_exit(&e.to_string()),
     };
-    let registry = match args
-        .registry
-        .config()
-        .map_err(|e| e.to_string())
-        .and_then(|c| RegistryClient::new(c).map_err(|e| e.to_string()))
-    {
+    let registry = match args.registry.client() {
         Ok(r) => r,
         Err(e) => return error_exit(&e),
     };
-    let audit = match AuditLog::open(
-        args.audit_log.as_deref(),
-        args.daemon.audit_max_bytes,
-        args.daemon.audit_keep,
-        !args.daemon.no_audit_stdout,
-    ) {
+    let audit = match args.daemon.audit_log(args.audit_log.as_deref()) {
         Ok(a) => a,
         Err(e) => return error_exit(&e.to_string()),
     };
