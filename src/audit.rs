@@ -6,10 +6,11 @@
 use std::fs::{File, OpenOptions};
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 
+use crate::metrics::Metrics;
 use crate::policy::eval::{Decision, Verdict};
 
 /// Where a decision was made.
@@ -153,6 +154,8 @@ impl Rotating {
 pub struct AuditLog {
     file: Option<Mutex<Rotating>>,
     stdout: bool,
+    /// Every decision passes here once, so it is counted here.
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl AuditLog {
@@ -172,11 +175,24 @@ impl AuditLog {
             )),
             None => None,
         };
-        Ok(AuditLog { file, stdout })
+        Ok(AuditLog {
+            file,
+            stdout,
+            metrics: None,
+        })
+    }
+
+    /// Also counts each recorded decision in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> AuditLog {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// Writes one line. A failing disk must not stop decisions: the error goes to the debug log.
     pub fn record(&self, line: &AuditLine<'_>) {
+        if let Some(metrics) = &self.metrics {
+            metrics.observe(line);
+        }
         let mut text = match serde_json::to_vec(line) {
             Ok(t) => t,
             Err(e) => {

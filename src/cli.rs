@@ -101,10 +101,17 @@ pub struct ServeArgs {
         env = "PULLGATE_AUDIT_LOG"
     )]
     pub audit_log: PathBuf,
-    /// Cluster mode: policies, namespaces, key Secrets, the config ConfigMap and TrustRoots
-    /// watched from the API server this kubeconfig points at (instead of --policy-dir).
-    #[arg(long, value_name = "PATH", env = "PULLGATE_KUBECONFIG")]
-    pub kubeconfig: Option<PathBuf>,
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    /// Serve /livez, /readyz (policy snapshot fresh or stale, since when) and /metrics over
+    /// plain HTTP here; `none` turns it off.
+    #[arg(
+        long,
+        value_name = "ADDR|none",
+        default_value = "127.0.0.1:9440",
+        env = "PULLGATE_HEALTH_LISTEN"
+    )]
+    pub health_listen: HealthListen,
     /// Cluster mode: where the last synced policy objects are kept, and loaded from at start
     /// so the node enforces them while the API server is unreachable.
     #[arg(
@@ -147,9 +154,17 @@ pub struct AdmissionArgs {
     /// Audit log file: one JSON line per image decided.
     #[arg(long, env = "PULLGATE_AUDIT_LOG")]
     pub audit_log: Option<PathBuf>,
-    /// Cluster mode (policies from the API server): not built yet; refused with a clear error.
-    #[arg(long, value_name = "PATH", hide = true)]
-    pub kubeconfig: Option<PathBuf>,
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    /// Also serve /livez, /readyz and /metrics over plain HTTP here (they are always served on
+    /// the HTTPS listener too).
+    #[arg(
+        long,
+        value_name = "ADDR|none",
+        default_value = "none",
+        env = "PULLGATE_HEALTH_LISTEN"
+    )]
+    pub health_listen: HealthListen,
     #[command(flatten)]
     pub daemon: DaemonArgs,
     #[command(flatten)]
@@ -165,6 +180,55 @@ pub struct ValidateArgs {
     pub paths: Vec<PathBuf>,
     #[command(flatten)]
     pub scope: ScopeArgs,
+}
+
+/// Where policies come from in cluster mode (instead of `--policy-dir`).
+#[derive(Args, Debug, Clone)]
+pub struct ClusterArgs {
+    /// Cluster mode: policies, namespaces, key Secrets, the config ConfigMap and TrustRoots
+    /// watched from the API server this kubeconfig points at (instead of --policy-dir).
+    #[arg(
+        long,
+        value_name = "PATH",
+        env = "PULLGATE_KUBECONFIG",
+        conflicts_with = "in_cluster"
+    )]
+    pub kubeconfig: Option<PathBuf>,
+    /// Cluster mode with the pod's service account (KUBERNETES_SERVICE_HOST and
+    /// /var/run/secrets/kubernetes.io/serviceaccount), as the admission Deployment runs.
+    #[arg(long, env = "PULLGATE_IN_CLUSTER")]
+    pub in_cluster: bool,
+}
+
+impl ClusterArgs {
+    fn enabled(&self) -> bool {
+        self.kubeconfig.is_some() || self.in_cluster
+    }
+
+    async fn client(&self) -> Result<::kube::Client, String> {
+        let client = match &self.kubeconfig {
+            Some(path) => crate::kube::client_from_kubeconfig(path).await,
+            None => crate::kube::client_in_cluster().await,
+        };
+        client.map_err(|e| e.to_string())
+    }
+}
+
+/// An admin listener address, or `none`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HealthListen(pub Option<std::net::SocketAddr>);
+
+impl std::str::FromStr for HealthListen {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s == "none" {
+            return Ok(HealthListen(None));
+        }
+        s.parse()
+            .map(|a| HealthListen(Some(a)))
+            .map_err(|e| format!("{s:?} is neither host:port nor none: {e}"))
+    }
 }
 
 /// Settings shared by the long-running front doors (`serve`, `admission`).
@@ -342,20 +406,8 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Verify(args) => verify(args).await,
         Command::Validate(args) => validate(&args),
         Command::Serve(args) => serve(args).await,
-        Command::Admission(args) if args.kubeconfig.is_some() => not_built(
-            "admission --kubeconfig",
-            "cluster mode (policies, namespaces and keys from the API server)",
-        ),
         Command::Admission(args) => admission(args).await,
     }
-}
-
-fn not_built(command: &str, what: &str) -> ExitCode {
-    eprintln!(
-        "pullgate {command}: {what} is not built in this version of pullgate; \
-         see \"Not built yet\" in the README. Use `pullgate verify` to test policies."
-    );
-    ExitCode::from(EXIT_ERROR)
 }
 
 fn error_exit(message: &str) -> ExitCode {
@@ -476,7 +528,6 @@ fn host_name() -> String {
 
 async fn serve(args: ServeArgs) -> ExitCode {
     use crate::cri::{bind, containerd_channel, Proxy, ServeError};
-    use crate::policy::source::{PolicyDir, PolicySource};
     use std::sync::Arc;
 
     if !args.containerd.exists() {
@@ -490,41 +541,24 @@ async fn serve(args: ServeArgs) -> ExitCode {
         Ok(a) => a,
         Err(e) => return error_exit(&e.to_string()),
     };
-    let sources: (Arc<dyn PolicySource>, tokio::task::JoinHandle<()>) = match &args.kubeconfig {
-        Some(kubeconfig) => {
-            use crate::kube::{client_from_kubeconfig, ClusterSource, Error as KubeError};
-            let client = match client_from_kubeconfig(kubeconfig).await {
-                Ok(c) => c,
-                Err(e) => return error_exit(&e.to_string()),
-            };
-            let (source, problem) =
-                ClusterSource::open(args.scope.settings(), args.snapshot_file.clone());
-            match problem {
-                Some(e @ KubeError::NoSnapshot(_)) => {
-                    tracing::warn!(problem = %e, "no policy snapshot on disk")
-                }
-                Some(e) => tracing::error!(problem = %e, "policy snapshot unusable"),
-                None => tracing::info!(
-                    fingerprint = source.current().fingerprint(),
-                    "enforcing the persisted policy snapshot until the API server answers"
-                ),
-            }
-            let source = Arc::new(source);
-            let watcher = tokio::spawn(source.clone().run(client));
-            (source, watcher)
-        }
-        None => {
-            let paths: Vec<PathBuf> = args.policy_dirs.iter().map(PathBuf::from).collect();
-            let (policies, problems) = PolicyDir::open(paths, args.scope.settings());
-            for p in &problems {
-                tracing::error!(problem = %p, "policy problem: images it concerns are denied until it is fixed");
-            }
-            let policies = Arc::new(policies);
-            let watcher = tokio::spawn(policies.clone().watch(args.daemon.reload_interval()));
-            (policies, watcher)
-        }
+    let metrics = Arc::new(crate::metrics::Metrics::new());
+    let audit = audit.with_metrics(metrics.clone());
+    let (policies, watcher) = match policy_source(
+        &args.cluster,
+        &args.policy_dirs,
+        args.scope.settings(),
+        args.daemon.reload_interval(),
+        Some(args.snapshot_file.clone()),
+    )
+    .await
+    {
+        Ok(s) => s,
+        Err(e) => return error_exit(&e),
     };
-    let (policies, watcher) = sources;
+    let admin = match start_admin(args.health_listen, policies.clone(), metrics.clone()).await {
+        Ok(a) => a,
+        Err(e) => return error_exit(&e),
+    };
     let containerd = match containerd_channel(&args.containerd) {
         Ok(c) => c,
         Err(e) => return error_exit(&e.to_string()),
@@ -568,6 +602,9 @@ async fn serve(args: ServeArgs) -> ExitCode {
         }
     };
     watcher.abort();
+    if let Some(admin) = admin {
+        admin.abort();
+    }
     let _ = std::fs::remove_file(&args.listen);
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -577,7 +614,6 @@ async fn serve(args: ServeArgs) -> ExitCode {
 
 async fn admission(args: AdmissionArgs) -> ExitCode {
     use crate::admission::{bind, serve, CertFiles, Shim};
-    use crate::policy::source::PolicyDir;
     use std::sync::Arc;
 
     let tls = match CertFiles::open(&args.tls_cert, &args.tls_key) {
@@ -596,18 +632,32 @@ async fn admission(args: AdmissionArgs) -> ExitCode {
         Ok(a) => a,
         Err(e) => return error_exit(&e.to_string()),
     };
-    let paths: Vec<PathBuf> = args.policy_dirs.iter().map(PathBuf::from).collect();
-    let (policies, problems) = PolicyDir::open(paths, args.scope.settings());
-    for p in &problems {
-        tracing::error!(problem = %p, "policy problem: images it concerns are denied until it is fixed");
-    }
-    let policies = Arc::new(policies);
+    let metrics = Arc::new(crate::metrics::Metrics::new());
+    let audit = audit.with_metrics(metrics.clone());
+    // The shim keeps no snapshot on disk: it is stateless, and denies until its first sync.
+    let (policies, watcher) = match policy_source(
+        &args.cluster,
+        &args.policy_dirs,
+        args.scope.settings(),
+        args.daemon.reload_interval(),
+        None,
+    )
+    .await
+    {
+        Ok(s) => s,
+        Err(e) => return error_exit(&e),
+    };
+    let admin = match start_admin(args.health_listen, policies.clone(), metrics.clone()).await {
+        Ok(a) => a,
+        Err(e) => return error_exit(&e),
+    };
     let listener = match bind(args.listen).await {
         Ok(l) => l,
         Err(e) => return error_exit(&e.to_string()),
     };
     let shim = Arc::new(Shim {
-        policies: policies.clone(),
+        policies,
+        metrics,
         registry,
         cache: args.daemon.verdict_cache(),
         audit,
@@ -615,7 +665,6 @@ async fn admission(args: AdmissionArgs) -> ExitCode {
         enforce_by_default: args.enforce_by_default,
     });
     let interval = args.daemon.reload_interval();
-    let watcher = tokio::spawn(policies.clone().watch(interval));
     let cert_watcher = tokio::spawn(async move {
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -655,7 +704,79 @@ async fn admission(args: AdmissionArgs) -> ExitCode {
     }
     watcher.abort();
     cert_watcher.abort();
+    if let Some(admin) = admin {
+        admin.abort();
+    }
     ExitCode::SUCCESS
+}
+
+/// The policy source of a daemon: the API server (cluster mode) or policy files, with the task
+/// that keeps it current. `snapshot_file`: where cluster mode persists what it synced (`None`:
+/// nothing persisted; the source denies outside exempt namespaces until its first sync).
+async fn policy_source(
+    cluster: &ClusterArgs,
+    policy_dirs: &[String],
+    settings: Settings,
+    reload_interval: Duration,
+    snapshot_file: Option<PathBuf>,
+) -> Result<
+    (
+        std::sync::Arc<dyn crate::policy::source::PolicySource>,
+        tokio::task::JoinHandle<()>,
+    ),
+    String,
+> {
+    use crate::kube::{ClusterSource, Error as KubeError};
+    use crate::policy::source::PolicyDir;
+    use std::sync::Arc;
+
+    if !cluster.enabled() {
+        let paths: Vec<PathBuf> = policy_dirs.iter().map(PathBuf::from).collect();
+        let (policies, problems) = PolicyDir::open(paths, settings);
+        for p in &problems {
+            tracing::error!(problem = %p, "policy problem: images it concerns are denied until it is fixed");
+        }
+        let policies = Arc::new(policies);
+        let watcher = tokio::spawn(policies.clone().watch(reload_interval));
+        return Ok((policies, watcher));
+    }
+    let client = cluster.client().await?;
+    let (source, problem) = ClusterSource::open(settings, snapshot_file);
+    match problem {
+        Some(e @ KubeError::NoSnapshot(_)) => {
+            tracing::warn!(problem = %e, "no policy snapshot on disk")
+        }
+        Some(e @ KubeError::NotSynced) => tracing::info!(state = %e, "waiting for the API server"),
+        Some(e) => tracing::error!(problem = %e, "policy snapshot unusable"),
+        None => tracing::info!(
+            fingerprint = source.current().fingerprint(),
+            "enforcing the persisted policy snapshot until the API server answers"
+        ),
+    }
+    let source = Arc::new(source);
+    let watcher = tokio::spawn(source.clone().run(client));
+    Ok((source, watcher))
+}
+
+/// Starts the admin listener (`/livez`, `/readyz`, `/metrics`) when one is configured.
+async fn start_admin(
+    listen: HealthListen,
+    policies: std::sync::Arc<dyn crate::policy::source::PolicySource>,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
+) -> Result<Option<tokio::task::JoinHandle<()>>, String> {
+    let Some(addr) = listen.0 else {
+        return Ok(None);
+    };
+    let listener = crate::metrics::bind_admin(addr).await?;
+    let local = listener.local_addr().map_or(addr, |a| a);
+    tracing::info!(listen = %local, "admin listener serving /livez, /readyz, /metrics");
+    eprintln!("pullgate: health and metrics on http://{local}");
+    Ok(Some(tokio::spawn(crate::metrics::serve_admin(
+        listener,
+        policies,
+        metrics,
+        std::future::pending(),
+    ))))
 }
 
 /// SIGTERM (systemd stop) or SIGINT.

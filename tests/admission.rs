@@ -665,7 +665,13 @@ async fn bad_input_is_400_and_the_server_keeps_serving() {
 
     // Still serving, and still deciding.
     assert_eq!(shim.get("/livez").await.unwrap(), (200, "ok\n".into()));
-    assert_eq!(shim.get("/readyz").await.unwrap(), (200, "ok\n".into()));
+    let (status, ready) = shim.get("/readyz").await.unwrap();
+    assert_eq!(status, 200, "{ready}");
+    let ready: Value = serde_json::from_str(&ready).unwrap();
+    assert_eq!(
+        (&ready["fresh"], &ready["policies"]),
+        (&Value::Bool(true), &json!(3))
+    );
     let r = shim
         .review("/validate/workloads", &fixture("pod-ephemeral.json"))
         .await;
@@ -673,6 +679,14 @@ async fn bad_input_is_400_and_the_server_keeps_serving() {
     assert!(
         shim.audit_records().len() == 2,
         "bad input writes no audit line"
+    );
+    let (status, metrics) = shim.get("/metrics").await.unwrap();
+    assert_eq!(status, 200);
+    assert!(
+        metrics.contains(
+            "pullgate_decisions_total{source=\"admission\",verdict=\"deny\",cache=\"miss\"} 1"
+        ),
+        "{metrics}"
     );
 }
 
@@ -799,15 +813,18 @@ async fn start_up_errors_are_one_line_and_exit_2() {
         out.stderr
     );
 
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = make_cert(dir.path(), "localhost");
+    let (cert, key) = (cert.to_str().unwrap(), key.to_str().unwrap());
     let out = run_pullgate_async(
         &[
             "admission",
             "--tls-cert",
-            "c",
+            cert,
             "--tls-key",
-            "k",
+            key,
             "--kubeconfig",
-            "/x",
+            "/nonexistent/kubeconfig",
         ],
         &[],
     )
@@ -815,7 +832,30 @@ async fn start_up_errors_are_one_line_and_exit_2() {
     assert_eq!(out.code, 2, "{out:?}");
     assert!(
         out.stderr
-            .contains("is not built in this version of pullgate"),
+            .starts_with("pullgate: kubeconfig /nonexistent/kubeconfig: "),
+        "{}",
+        out.stderr
+    );
+
+    // Outside a pod there is no service account: a clear error, not a shim that allows.
+    let out = run_pullgate_async(
+        &[
+            "admission",
+            "--tls-cert",
+            cert,
+            "--tls-key",
+            key,
+            "--in-cluster",
+        ],
+        &[
+            ("KUBERNETES_SERVICE_HOST", ""),
+            ("KUBERNETES_SERVICE_PORT", ""),
+        ],
+    )
+    .await;
+    assert_eq!(out.code, 2, "{out:?}");
+    assert!(
+        out.stderr.contains("in-cluster service account"),
         "{}",
         out.stderr
     );

@@ -14,9 +14,12 @@ use bytes::Bytes;
 use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
 use hyper::body::Frame;
 use hyper::{Request, Response};
+use pullgate::decide::decide;
 use pullgate::kube::{client_from_kubeconfig, ClusterSource, Error};
-use pullgate::policy::eval::{decide_offline, Offline};
+use pullgate::policy::eval::{decide_offline, Offline, Verdict};
 use pullgate::policy::snapshot::Settings;
+use pullgate::policy::source::PolicySource;
+use pullgate::registry::{RegistryClient, RegistryConfig};
 use serde_json::{json, Value};
 
 const CIPS: &str = "/apis/policy.sigstore.dev/v1beta1/clusterimagepolicies";
@@ -346,12 +349,17 @@ async fn sync_memory_disk_and_relist() {
         .unwrap();
 
     // First boot: no snapshot on disk, fail closed until the first sync.
-    let (source, problem) = ClusterSource::open(Settings::default(), file.clone());
+    let (source, problem) = ClusterSource::open(Settings::default(), Some(file.clone()));
     assert!(matches!(problem, Some(Error::NoSnapshot(_))), "{problem:?}");
     assert_eq!(verdict(&source, NGINX, "demo"), "deny");
+    let before = source.freshness();
+    assert!(!before.fresh && before.last_sync.is_none(), "{before:?}");
     let source = Arc::new(source);
     let task = tokio::spawn(source.clone().run(client));
     eventually(&source, NGINX, "demo", "allow").await;
+    let synced = source.freshness();
+    assert!(synced.fresh, "{synced:?}");
+    assert!(synced.since >= before.since && synced.last_sync.is_some());
     assert_eq!(verdict(&source, BUSYBOX, "demo"), "deny");
     assert_eq!(verdict(&source, QUAY, "open"), "allow");
 
@@ -386,17 +394,44 @@ async fn sync_memory_disk_and_relist() {
     eventually(&source, QUAY, "open", "deny").await;
     assert!(file.exists(), "snapshot persisted");
 
-    // API server stopped → decisions continue from memory.
+    // API server stopped → decisions continue from memory, and the snapshot is reported stale.
     fake.stop();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut stale = source.freshness();
+    for _ in 0..200 {
+        if !stale.fresh {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        stale = source.freshness();
+    }
+    assert!(
+        !stale.fresh,
+        "still fresh with the API server gone: {stale:?}"
+    );
+    let reason = stale.reason.clone().unwrap_or_default();
+    assert!(reason.starts_with("watch of "), "{reason}");
+    assert!(stale.since >= synced.since);
     assert_eq!(verdict(&source, NGINX, "demo"), "allow");
     assert_eq!(verdict(&source, BUSYBOX, "demo"), "deny");
     assert_eq!(verdict(&source, QUAY, "open"), "deny");
     task.abort();
 
     // Restart with the API server down → decisions from the disk snapshot.
-    let (source, problem) = ClusterSource::open(Settings::default(), file.clone());
+    let (source, problem) = ClusterSource::open(Settings::default(), Some(file.clone()));
     assert!(problem.is_none(), "{problem:?}");
+    let from_disk = source.freshness();
+    assert!(
+        !from_disk.fresh,
+        "a disk snapshot is not fresh: {from_disk:?}"
+    );
+    assert!(
+        from_disk
+            .reason
+            .as_deref()
+            .unwrap_or_default()
+            .contains("persisted on disk"),
+        "{from_disk:?}"
+    );
     let source = Arc::new(source);
     let client = client_from_kubeconfig(&fake.kubeconfig(dir.path()))
         .await
@@ -416,7 +451,7 @@ async fn sync_memory_disk_and_relist() {
     // A corrupt snapshot file → a clear error, and fail closed.
     let text = std::fs::read_to_string(&file).unwrap();
     std::fs::write(&file, &text[..text.len() / 2]).unwrap();
-    let (source, problem) = ClusterSource::open(Settings::default(), file.clone());
+    let (source, problem) = ClusterSource::open(Settings::default(), Some(file.clone()));
     let message = problem.expect("corrupt file reported").to_string();
     assert!(message.contains("is corrupt"), "{message}");
     assert!(message.contains("snapshot.json"), "{message}");
@@ -437,7 +472,7 @@ async fn falls_back_to_v1alpha1() {
     let client = client_from_kubeconfig(&fake.kubeconfig(dir.path()))
         .await
         .unwrap();
-    let (source, _) = ClusterSource::open(Settings::default(), dir.path().join("s.json"));
+    let (source, _) = ClusterSource::open(Settings::default(), Some(dir.path().join("s.json")));
     let source = Arc::new(source);
     let task = tokio::spawn(source.clone().run(client));
     eventually(&source, NGINX, "demo", "allow").await;
@@ -497,6 +532,35 @@ async fn serve_in_cluster_mode() {
     let forwarded = pull("open").await;
     assert!(!forwarded.starts_with(DENIED), "{forwarded}");
 
+    // /readyz: fresh once synced; /metrics counts the decisions made so far.
+    let health = pg.health_url().expect("admin listener announced");
+    let (code, body) = get(&format!("{health}/readyz")).await;
+    assert_eq!(code, 200, "{body}");
+    let ready: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(ready["fresh"], true, "{body}");
+    assert_eq!(ready["policies"], 1, "{body}");
+    assert!(ready["since"].as_str().unwrap().ends_with('Z'), "{body}");
+    let (code, metrics) = get(&format!("{health}/metrics")).await;
+    assert_eq!(code, 200);
+    assert!(metrics.contains("pullgate_snapshot_fresh 1"), "{metrics}");
+    assert!(
+        metrics.contains("pullgate_snapshot_policies 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(
+            "pullgate_decisions_total{source=\"cri_pull\",verdict=\"deny\",cache=\"miss\"} 1"
+        ),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(
+            "pullgate_decisions_total{source=\"cri_pull\",verdict=\"allow\",cache=\"miss\"} 1"
+        ),
+        "{metrics}"
+    );
+    assert_eq!(get(&format!("{health}/livez")).await.0, 200);
+
     fake.apply(NAMESPACES, namespace("open", true));
     let mut last = String::new();
     for _ in 0..100 {
@@ -514,18 +578,56 @@ async fn serve_in_cluster_mode() {
     assert!(pull("open").await.starts_with(DENIED));
     let other = pull("other").await;
     assert!(!other.starts_with(DENIED), "{other}\n{}", pg.log());
+
+    // … and /readyz says the snapshot is stale, since when and why.
+    let health = pg.health_url().expect("admin listener announced");
+    let (code, body) = get(&format!("{health}/readyz")).await;
+    assert_eq!(code, 503, "{body}");
+    let ready: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(ready["fresh"], false, "{body}");
+    assert_eq!(ready["last_sync"], Value::Null, "{body}");
+    assert!(
+        ready["reason"]
+            .as_str()
+            .unwrap()
+            .contains("persisted on disk"),
+        "{body}"
+    );
+    let (_, metrics) = get(&format!("{health}/metrics")).await;
+    assert!(metrics.contains("pullgate_snapshot_fresh 0"), "{metrics}");
+    assert!(
+        metrics.contains("pullgate_snapshot_last_sync_timestamp_seconds 0"),
+        "{metrics}"
+    );
 }
 
+/// GET over loopback: status and body.
+async fn get(url: &str) -> (u16, String) {
+    let response = reqwest::get(url)
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    let code = response.status().as_u16();
+    (code, response.text().await.unwrap())
+}
+
+/// A key Secret rotated in the cluster: the old key stops verifying at the next decision, end
+/// to end against a real registry with an image signed by the old key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn key_secret_rotation_changes_the_snapshot() {
+async fn rotated_key_secret_stops_verifying() {
     let dir = tempfile::tempdir().unwrap();
-    let fake = FakeApi::start(true).await;
-    fake.apply(NAMESPACES, namespace("demo", true));
+    let reg = common::Registry::start().await;
+    let digest = reg.push_image("app", "v1", "rotation").await;
     let old = common::TestKey::generate(common::KeyKind::EcdsaP256);
     let new = common::TestKey::generate(common::KeyKind::EcdsaP256);
+    reg.sign("app", &digest, &old).await;
+    let image: pullgate::image_ref::ImageRef = reg.tag_ref("app", "v1").parse().unwrap();
+    let registry = RegistryClient::new(RegistryConfig::default()).unwrap();
+
+    let fake = FakeApi::start(true).await;
+    fake.apply(NAMESPACES, namespace("demo", true));
     let secret = |pem: String| {
         json!({"metadata": {"name": "k", "namespace": "cosign-system"},
-                                      "data": {"cosign.pub": base64(pem)}})
+               "data": {"cosign.pub": base64(pem)}})
     };
     fake.apply(SECRETS, secret(old.public_pem()));
     fake.apply(
@@ -536,16 +638,14 @@ async fn key_secret_rotation_changes_the_snapshot() {
     let client = client_from_kubeconfig(&fake.kubeconfig(dir.path()))
         .await
         .unwrap();
-    let (source, _) = ClusterSource::open(Settings::default(), dir.path().join("s.json"));
+    let (source, _) = ClusterSource::open(Settings::default(), Some(dir.path().join("s.json")));
     let source = Arc::new(source);
     let task = tokio::spawn(source.clone().run(client));
     eventually(&source, NGINX, "demo", "needs-signatures").await;
     let first = source.current().fingerprint().to_string();
-    assert!(
-        source.current().problems.is_empty(),
-        "{:?}",
-        source.current().problems
-    );
+    let decision = decide(&source.current(), &registry, &image, Some("demo")).await;
+    assert_eq!(decision.verdict, Verdict::Allow, "{decision:?}");
+    assert_eq!(decision.digest.as_deref(), Some(digest.as_str()));
 
     fake.apply(SECRETS, secret(new.public_pem()));
     for _ in 0..200 {
@@ -560,6 +660,18 @@ async fn key_secret_rotation_changes_the_snapshot() {
         "rotated key not seen"
     );
     assert!(source.current().problems.is_empty());
+    let decision = decide(&source.current(), &registry, &image, Some("demo")).await;
+    assert_eq!(decision.verdict, Verdict::Deny, "{decision:?}");
+    let reason = decision.reasons.join("; ");
+    assert!(
+        reason.contains("signature does not verify with the authority's key"),
+        "{reason}"
+    );
+
+    // Signed again with the new key: allowed again.
+    reg.sign_append("app", &digest, &new).await;
+    let decision = decide(&source.current(), &registry, &image, Some("demo")).await;
+    assert_eq!(decision.verdict, Verdict::Allow, "{decision:?}");
     task.abort();
 }
 

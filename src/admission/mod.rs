@@ -6,7 +6,7 @@
 //! | `POST /validate/workloads` | Pods (containers, initContainers, ephemeralContainers) and the pod templates of Deployments, ReplicaSets, StatefulSets, DaemonSets, Jobs, CronJobs: denied in policy-controller's message format, warnings for warn mode |
 //! | `POST /validate/policies` | ClusterImagePolicy and TrustRoot: refused at apply time with every problem and its field path |
 //! | `POST /mutate/namespaces` | with `--enforce-by-default`, new namespaces labelled `policy.sigstore.dev/include=true` unless excluded |
-//! | `GET /livez`, `GET /readyz` | 200 |
+//! | `GET /livez`, `GET /readyz`, `GET /metrics` | liveness; 200 while the policy snapshot is fresh, 503 while stale; Prometheus metrics |
 //!
 //! The shim gives early feedback; enforcement stays at the node, which verifies the digest it
 //! pulls. So the shim never rewrites tags to digests. Could-not-decide denies (fail closed).
@@ -27,7 +27,8 @@ pub use server::{bind, handle, serve, BindError, MAX_BODY_BYTES};
 pub use tls::{CertFiles, TlsError};
 
 use crate::audit::AuditLog;
-use crate::policy::source::PolicyDir;
+use crate::metrics::Metrics;
+use crate::policy::source::PolicySource;
 use crate::registry::RegistryClient;
 use crate::verify::cache::VerdictCache;
 
@@ -58,7 +59,9 @@ impl Webhook {
 /// Everything the webhooks share: the live policy set, the registry client, the verdict cache
 /// (keyed as the node keys it: by digest and policy fingerprint) and the audit log.
 pub struct Shim {
-    pub policies: Arc<PolicyDir>,
+    pub policies: Arc<dyn PolicySource>,
+    /// Served at `/metrics`; `/readyz` reports the policy snapshot's freshness.
+    pub metrics: Arc<Metrics>,
     pub registry: RegistryClient,
     pub cache: VerdictCache,
     pub audit: AuditLog,

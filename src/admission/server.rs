@@ -23,6 +23,7 @@ use tokio_rustls::TlsAcceptor;
 
 use super::review::BadReview;
 use super::{Shim, Webhook};
+use crate::metrics::admin_reply;
 
 /// Largest AdmissionReview accepted, in bytes (3 MiB, the API server's own request limit).
 pub const MAX_BODY_BYTES: usize = 3 << 20;
@@ -98,11 +99,8 @@ async fn read_body(req: http::Request<Incoming>) -> Result<Bytes, BadReview> {
 /// Routes one HTTP request. Every outcome is an HTTP answer; nothing here can stop the server.
 pub async fn handle(shim: &Shim, req: http::Request<Incoming>) -> Reply {
     let path = req.uri().path().to_string();
-    if path == "/livez" || path == "/readyz" {
-        return match *req.method() {
-            Method::GET | Method::HEAD => text(StatusCode::OK, "ok"),
-            _ => method_not_allowed("GET"),
-        };
+    if let Some(answer) = admin_reply(req.method(), &path, &*shim.policies, &shim.metrics) {
+        return answer;
     }
     let Some(webhook) = Webhook::from_path(&path) else {
         return text(

@@ -11,9 +11,11 @@
 //! node enforces its last known policies while the API server is unreachable. A missing or
 //! corrupt snapshot file yields [`Snapshot::unusable`]: fail closed until the first sync.
 
+use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ::kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, ListParams, TypeMeta};
@@ -29,6 +31,7 @@ use crate::policy::snapshot::holds_public_key;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Serialize;
 
+use crate::health::{Freshness, FreshnessCell};
 use crate::policy::load::Objects;
 use crate::policy::snapshot::{Settings, Snapshot, CONFIG_MAP_NAME};
 use crate::policy::source::PolicySource;
@@ -41,6 +44,8 @@ pub enum Error {
     Kubeconfig { path: PathBuf, message: String },
     #[error("no policy snapshot at {0} yet: every image outside the exempt namespaces is denied until the first sync with the API server")]
     NoSnapshot(PathBuf),
+    #[error("not synced with the API server yet: every image outside the exempt namespaces is denied until the first sync")]
+    NotSynced,
     #[error("policy snapshot {path}: {source}")]
     Io {
         path: PathBuf,
@@ -67,6 +72,20 @@ pub async fn client_from_kubeconfig(path: &Path) -> Result<Client> {
     Client::try_from(config).map_err(|e| err(e.to_string()))
 }
 
+/// How often a failing watch's resource is listed to see whether the API server is back.
+const PROBE_INTERVAL: Duration = Duration::from_secs(5);
+
+/// A client from the pod's service account (`/var/run/secrets/kubernetes.io/serviceaccount`
+/// and `KUBERNETES_SERVICE_HOST`/`_PORT`), for the admission Deployment.
+pub async fn client_in_cluster() -> Result<Client> {
+    let err = |message: String| Error::Kubeconfig {
+        path: PathBuf::from("(in-cluster service account)"),
+        message,
+    };
+    let config = Config::incluster().map_err(|e| err(e.to_string()))?;
+    Client::try_from(config).map_err(|e| err(e.to_string()))
+}
+
 /// The ClusterImagePolicy resource at `version` (`v1beta1` or `v1alpha1`); static, so no
 /// discovery request is needed.
 pub fn cip_resource(version: &str) -> ApiResource {
@@ -87,13 +106,23 @@ pub fn trust_root_resource() -> ApiResource {
 /// The policy snapshot maintained from the API server.
 pub struct ClusterSource {
     settings: Settings,
-    snapshot_file: PathBuf,
+    /// `None`: nothing is persisted (the admission shim).
+    snapshot_file: Option<PathBuf>,
     current: ArcSwap<Snapshot>,
+    freshness: FreshnessCell,
+    /// Watches that failed and have not been seen working since, with the error.
+    broken: Mutex<BTreeMap<&'static str, String>>,
+    /// Set once every watch has listed: before that, a rebuild would see half the cluster.
+    synced_once: AtomicBool,
 }
 
 impl PolicySource for ClusterSource {
     fn current(&self) -> Arc<Snapshot> {
         self.current.load_full()
+    }
+
+    fn freshness(&self) -> Freshness {
+        self.freshness.get()
     }
 }
 
@@ -110,18 +139,33 @@ impl ClusterSource {
     /// Starts from the snapshot persisted at `snapshot_file`. The returned error (missing or
     /// corrupt file) is for the caller to report; the source then denies every image outside the
     /// exempt namespaces until the first sync.
-    pub fn open(settings: Settings, snapshot_file: PathBuf) -> (ClusterSource, Option<Error>) {
-        let (snapshot, problem) = match load_persisted(&snapshot_file, &settings) {
+    pub fn open(
+        settings: Settings,
+        snapshot_file: Option<PathBuf>,
+    ) -> (ClusterSource, Option<Error>) {
+        let loaded = match &snapshot_file {
+            Some(path) => load_persisted(path, &settings),
+            None => Err(Error::NotSynced),
+        };
+        let (snapshot, problem) = match loaded {
             Ok(snapshot) => (snapshot, None),
             Err(e) => (
                 Snapshot::unusable(settings.clone(), &e.to_string()),
                 Some(e),
             ),
         };
+        let freshness = FreshnessCell::stale(match &problem {
+            None => "enforcing the snapshot persisted on disk; not synced with the API server yet"
+                .to_string(),
+            Some(e) => e.to_string(),
+        });
         let source = ClusterSource {
             settings,
             snapshot_file,
             current: ArcSwap::from_pointee(snapshot),
+            freshness,
+            broken: Mutex::new(BTreeMap::new()),
+            synced_once: AtomicBool::new(false),
         };
         (source, problem)
     }
@@ -150,7 +194,10 @@ impl ClusterSource {
                 watcher::Config::default(),
             ),
         );
-        tasks.spawn(drive(stream, "ClusterImagePolicy", changed.clone()));
+        tasks.spawn(
+            self.clone()
+                .drive(stream, "ClusterImagePolicy", changed.clone()),
+        );
 
         let trs_w = reflector::store::Writer::<DynamicObject>::new(tr_ar.clone());
         let trust_roots = trs_w.as_reader();
@@ -161,7 +208,7 @@ impl ClusterSource {
                 watcher::Config::default(),
             ),
         );
-        tasks.spawn(drive(stream, "TrustRoot", changed.clone()));
+        tasks.spawn(self.clone().drive(stream, "TrustRoot", changed.clone()));
 
         let (namespaces, w) = reflector::store::<Namespace>();
         let stream = reflector::reflector(
@@ -171,7 +218,7 @@ impl ClusterSource {
                 watcher::Config::default(),
             ),
         );
-        tasks.spawn(drive(stream, "Namespace", changed.clone()));
+        tasks.spawn(self.clone().drive(stream, "Namespace", changed.clone()));
 
         let (secrets, w) = reflector::store::<Secret>();
         let stream = reflector::reflector(
@@ -181,7 +228,7 @@ impl ClusterSource {
                 watcher::Config::default(),
             ),
         );
-        tasks.spawn(drive(stream, "Secret", changed.clone()));
+        tasks.spawn(self.clone().drive(stream, "Secret", changed.clone()));
 
         let (config_maps, w) = reflector::store::<ConfigMap>();
         let stream = reflector::reflector(
@@ -191,7 +238,7 @@ impl ClusterSource {
                 watcher::Config::default().fields(&format!("metadata.name={CONFIG_MAP_NAME}")),
             ),
         );
-        tasks.spawn(drive(stream, "ConfigMap", changed.clone()));
+        tasks.spawn(self.clone().drive(stream, "ConfigMap", changed.clone()));
 
         let stores = Stores {
             cips,
@@ -201,10 +248,13 @@ impl ClusterSource {
             namespaces,
             secrets,
             config_maps,
+            controller_namespace: ns.clone(),
         };
+        tasks.spawn(self.clone().probe_broken(client.clone(), stores.probes()));
         if stores.wait_until_ready().await.is_err() {
             return;
         }
+        self.synced_once.store(true, Ordering::Release);
         loop {
             self.rebuild(&stores);
             changed.notified().await;
@@ -228,6 +278,10 @@ impl ClusterSource {
                 for p in &problems {
                     tracing::error!(problem = %p, "invalid policy change ignored; the last good policy set stays in force");
                 }
+                self.freshness.stale_because(format!(
+                    "the latest policy objects could not be loaded: {}",
+                    problems.first().map(String::as_str).unwrap_or_default()
+                ));
                 return;
             }
         };
@@ -240,7 +294,11 @@ impl ClusterSource {
             "policy set synced from the API server"
         );
         self.current.store(Arc::new(snapshot));
-        if let Err(e) = persist(&self.snapshot_file, text.as_bytes()) {
+        self.mark_synced_if_healthy();
+        let Some(path) = &self.snapshot_file else {
+            return;
+        };
+        if let Err(e) = persist(path, text.as_bytes()) {
             tracing::error!(error = %e, "policy snapshot not persisted; a restart without the API server would fall back to the previous file");
         }
     }
@@ -254,9 +312,29 @@ struct Stores {
     namespaces: Store<Namespace>,
     secrets: Store<Secret>,
     config_maps: Store<ConfigMap>,
+    controller_namespace: String,
 }
 
 impl Stores {
+    /// What [`ClusterSource::probe_broken`] lists for each watch.
+    fn probes(&self) -> Vec<(&'static str, ApiResource, Option<String>)> {
+        vec![
+            ("ClusterImagePolicy", self.cip_ar.clone(), None),
+            ("TrustRoot", self.tr_ar.clone(), None),
+            ("Namespace", ApiResource::erase::<Namespace>(&()), None),
+            (
+                "Secret",
+                ApiResource::erase::<Secret>(&()),
+                Some(self.controller_namespace.clone()),
+            ),
+            (
+                "ConfigMap",
+                ApiResource::erase::<ConfigMap>(&()),
+                Some(self.controller_namespace.clone()),
+            ),
+        ]
+    }
+
     async fn wait_until_ready(&self) -> Result<(), reflector::store::WriterDropped> {
         self.cips.wait_until_ready().await?;
         self.trust_roots.wait_until_ready().await?;
@@ -368,24 +446,98 @@ fn slim(meta: &ObjectMeta) -> ObjectMeta {
     }
 }
 
-/// Forwards a reflector's events as "something changed"; errors are logged and retried.
-async fn drive<K, S>(stream: S, resource: &'static str, changed: Arc<tokio::sync::Notify>)
-where
-    S: Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send,
-{
-    let stream = stream.default_backoff();
-    futures_util::pin_mut!(stream);
-    while let Some(event) = stream.next().await {
-        match event {
-            Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_) | watcher::Event::InitDone) => {
-                changed.notify_one()
+impl ClusterSource {
+    /// Forwards a reflector's events as "something changed", and keeps track of which watches
+    /// are failing: any of them failing makes the snapshot stale. Errors are retried with backoff.
+    async fn drive<K, S>(
+        self: Arc<Self>,
+        stream: S,
+        resource: &'static str,
+        changed: Arc<tokio::sync::Notify>,
+    ) where
+        S: Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send,
+    {
+        let stream = stream.default_backoff();
+        futures_util::pin_mut!(stream);
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(event) => {
+                    self.watch_working(resource);
+                    if matches!(
+                        event,
+                        watcher::Event::Apply(_)
+                            | watcher::Event::Delete(_)
+                            | watcher::Event::InitDone
+                    ) {
+                        changed.notify_one()
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        resource,
+                        error = %e,
+                        "watch failed; retrying with backoff, the last snapshot stays in force"
+                    );
+                    self.watch_broken(resource, e.to_string());
+                }
             }
-            Ok(_) => {}
-            Err(e) => tracing::warn!(
-                resource,
-                error = %e,
-                "watch failed; retrying with backoff, the last snapshot stays in force"
-            ),
+        }
+    }
+
+    fn watch_broken(&self, resource: &'static str, error: String) {
+        let reason = format!("watch of {resource} failing: {error}");
+        self.lock_broken().entry(resource).or_insert(error);
+        self.freshness.stale_because(reason);
+    }
+
+    fn watch_working(&self, resource: &'static str) {
+        if self.lock_broken().remove(resource).is_some() {
+            tracing::info!(resource, "watch working again");
+            self.mark_synced_if_healthy();
+        }
+    }
+
+    /// Fresh again once the first full sync happened and no watch is failing.
+    fn mark_synced_if_healthy(&self) {
+        if self.synced_once.load(Ordering::Acquire) && self.lock_broken().is_empty() {
+            self.freshness.synced();
+        }
+    }
+
+    fn lock_broken(&self) -> std::sync::MutexGuard<'_, BTreeMap<&'static str, String>> {
+        self.broken.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A watch that recovers without anything changing yields no event, so the snapshot would
+    /// stay stale forever. While a watch is marked failing, a one-item LIST of its resource says
+    /// whether the API server answers it again; the watch itself resumes from its last version.
+    async fn probe_broken(
+        self: Arc<Self>,
+        client: Client,
+        probes: Vec<(&'static str, ApiResource, Option<String>)>,
+    ) {
+        let mut ticker = tokio::time::interval(PROBE_INTERVAL);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            let broken: Vec<&'static str> = self.lock_broken().keys().copied().collect();
+            for resource in broken {
+                let Some((_, ar, namespace)) = probes.iter().find(|(r, _, _)| *r == resource)
+                else {
+                    continue;
+                };
+                let api = match namespace {
+                    Some(ns) => Api::<DynamicObject>::namespaced_with(client.clone(), ns, ar),
+                    None => Api::<DynamicObject>::all_with(client.clone(), ar),
+                };
+                if api
+                    .list_metadata(&ListParams::default().limit(1))
+                    .await
+                    .is_ok()
+                {
+                    self.watch_working(resource);
+                }
+            }
         }
     }
 }

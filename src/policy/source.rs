@@ -10,6 +10,7 @@ use arc_swap::ArcSwap;
 
 use super::load::{policy_files, Objects};
 use super::snapshot::{Settings, Snapshot};
+use crate::health::{Freshness, FreshnessCell};
 
 /// Loads `paths` into a snapshot; every load and validation problem is returned on failure.
 pub fn load_snapshot(paths: &[PathBuf], settings: Settings) -> Result<Snapshot, Vec<String>> {
@@ -45,11 +46,18 @@ fn stamp(paths: &[PathBuf]) -> Stamp {
 pub trait PolicySource: Send + Sync {
     /// The snapshot in force; a lock-free read.
     fn current(&self) -> Arc<Snapshot>;
+
+    /// Whether that snapshot reflects the source now, and since when.
+    fn freshness(&self) -> Freshness;
 }
 
 impl PolicySource for PolicyDir {
     fn current(&self) -> Arc<Snapshot> {
         self.current.load_full()
+    }
+
+    fn freshness(&self) -> Freshness {
+        self.freshness.get()
     }
 }
 
@@ -59,6 +67,7 @@ pub struct PolicyDir {
     settings: Settings,
     current: ArcSwap<Snapshot>,
     last_stamp: std::sync::Mutex<Stamp>,
+    freshness: FreshnessCell,
 }
 
 impl PolicyDir {
@@ -68,11 +77,11 @@ impl PolicyDir {
     /// namespaces) until a valid set appears.
     pub fn open(paths: Vec<PathBuf>, settings: Settings) -> (PolicyDir, Vec<String>) {
         let last_stamp = stamp(&paths);
-        let (snapshot, problems) = match Objects::load_paths(&paths) {
+        let (snapshot, problems, freshness) = match Objects::load_paths(&paths) {
             Ok(objects) => {
                 let snapshot = Snapshot::build(&objects, settings.clone());
                 let problems = snapshot.problems.iter().map(ToString::to_string).collect();
-                (snapshot, problems)
+                (snapshot, problems, FreshnessCell::fresh())
             }
             Err(errors) => {
                 let problems: Vec<String> = errors.iter().map(ToString::to_string).collect();
@@ -81,7 +90,12 @@ impl PolicyDir {
                     problems.len(),
                     problems.first().map(String::as_str).unwrap_or_default()
                 );
-                (Snapshot::unusable(settings.clone(), &reason), problems)
+                let freshness = FreshnessCell::stale(reason.clone());
+                (
+                    Snapshot::unusable(settings.clone(), &reason),
+                    problems,
+                    freshness,
+                )
             }
         };
         let dir = PolicyDir {
@@ -89,6 +103,7 @@ impl PolicyDir {
             settings,
             current: ArcSwap::from_pointee(snapshot),
             last_stamp: std::sync::Mutex::new(last_stamp),
+            freshness,
         };
         (dir, problems)
     }
@@ -105,12 +120,20 @@ impl PolicyDir {
         {
             let mut last = self.last_stamp.lock().unwrap_or_else(|p| p.into_inner());
             if *last == now {
+                self.freshness.confirmed();
                 return Ok(false);
             }
             *last = now;
         }
-        let snapshot = load_snapshot(&self.paths, self.settings.clone())?;
+        let snapshot =
+            load_snapshot(&self.paths, self.settings.clone()).inspect_err(|problems| {
+                self.freshness.stale_because(format!(
+                    "the latest policy change is invalid and was not applied: {}",
+                    problems.first().map(String::as_str).unwrap_or_default()
+                ))
+            })?;
         self.current.store(Arc::new(snapshot));
+        self.freshness.synced();
         Ok(true)
     }
 

@@ -342,6 +342,10 @@ impl Pullgate {
             "--audit-log".into(),
             dir.path().join("audit.log").display().to_string(),
         ];
+        if !extra.contains(&"--health-listen") {
+            // Tests run side by side: each pullgate takes a free port for /readyz and /metrics.
+            args.extend(["--health-listen".to_string(), "127.0.0.1:0".to_string()]);
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
         let mut pg = Pullgate {
             dir,
@@ -402,6 +406,17 @@ impl Pullgate {
     /// The CRI socket pullgate serves (`--listen`).
     pub fn socket(&self) -> PathBuf {
         self.dir.path().join("pullgate.sock")
+    }
+
+    /// `http://ADDR` of the admin listener (`/livez`, `/readyz`, `/metrics`) of the latest start,
+    /// read from pullgate's start-up line.
+    pub fn health_url(&self) -> Option<String> {
+        let log = self.log();
+        let line = log
+            .lines()
+            .rev()
+            .find_map(|l| l.strip_prefix("pullgate: health and metrics on "))?;
+        Some(line.trim().to_string())
     }
 
     /// The `--audit-log` file.
