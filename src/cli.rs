@@ -201,16 +201,14 @@ pub struct ClusterArgs {
 }
 
 impl ClusterArgs {
-    fn enabled(&self) -> bool {
-        self.kubeconfig.is_some() || self.in_cluster
-    }
-
-    async fn client(&self) -> Result<::kube::Client, String> {
+    /// The API client in cluster mode; `None` with a policy directory.
+    async fn client(&self) -> Result<Option<::kube::Client>, String> {
         let client = match &self.kubeconfig {
             Some(path) => crate::kube::client_from_kubeconfig(path).await,
-            None => crate::kube::client_in_cluster().await,
+            None if self.in_cluster => crate::kube::client_in_cluster().await,
+            None => return Ok(None),
         };
-        client.map_err(|e| e.to_string())
+        client.map(Some).map_err(|e| e.to_string())
     }
 }
 
@@ -543,8 +541,12 @@ async fn serve(args: ServeArgs) -> ExitCode {
     };
     let metrics = Arc::new(crate::metrics::Metrics::new());
     let audit = audit.with_metrics(metrics.clone());
+    let client = match args.cluster.client().await {
+        Ok(c) => c,
+        Err(e) => return error_exit(&e),
+    };
     let (policies, watcher) = match policy_source(
-        &args.cluster,
+        client,
         &args.policy_dirs,
         args.scope.settings(),
         args.daemon.reload_interval(),
@@ -635,8 +637,13 @@ async fn admission(args: AdmissionArgs) -> ExitCode {
     let metrics = Arc::new(crate::metrics::Metrics::new());
     let audit = audit.with_metrics(metrics.clone());
     // The shim keeps no snapshot on disk: it is stateless, and denies until its first sync.
+    let client = match args.cluster.client().await {
+        Ok(c) => c,
+        Err(e) => return error_exit(&e),
+    };
+    let pull_secrets = client.clone().map(crate::admission::pull_secrets::PullSecrets::new);
     let (policies, watcher) = match policy_source(
-        &args.cluster,
+        client,
         &args.policy_dirs,
         args.scope.settings(),
         args.daemon.reload_interval(),
@@ -663,6 +670,7 @@ async fn admission(args: AdmissionArgs) -> ExitCode {
         audit,
         node: args.daemon.node(),
         enforce_by_default: args.enforce_by_default,
+        pull_secrets,
     });
     let interval = args.daemon.reload_interval();
     let cert_watcher = tokio::spawn(async move {
@@ -714,7 +722,7 @@ async fn admission(args: AdmissionArgs) -> ExitCode {
 /// that keeps it current. `snapshot_file`: where cluster mode persists what it synced (`None`:
 /// nothing persisted; the source denies outside exempt namespaces until its first sync).
 async fn policy_source(
-    cluster: &ClusterArgs,
+    client: Option<::kube::Client>,
     policy_dirs: &[String],
     settings: Settings,
     reload_interval: Duration,
@@ -730,7 +738,7 @@ async fn policy_source(
     use crate::policy::source::PolicyDir;
     use std::sync::Arc;
 
-    if !cluster.enabled() {
+    let Some(client) = client else {
         let paths: Vec<PathBuf> = policy_dirs.iter().map(PathBuf::from).collect();
         let (policies, problems) = PolicyDir::open(paths, settings);
         for p in &problems {
@@ -739,8 +747,7 @@ async fn policy_source(
         let policies = Arc::new(policies);
         let watcher = tokio::spawn(policies.clone().watch(reload_interval));
         return Ok((policies, watcher));
-    }
-    let client = cluster.client().await?;
+    };
     let (source, problem) = ClusterSource::open(settings, snapshot_file);
     match problem {
         Some(e @ KubeError::NoSnapshot(_)) => {

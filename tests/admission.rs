@@ -860,3 +860,67 @@ async fn start_up_errors_are_one_line_and_exit_2() {
         out.stderr
     );
 }
+
+/// Cluster mode: policies and namespaces from the (fake) API server, and a private registry
+/// reached with the pod's `imagePullSecrets`, read from its namespace at review time.
+#[tokio::test(flavor = "multi_thread")]
+async fn cluster_mode_reads_policies_and_pull_secrets_from_the_api_server() {
+    use common::fake_api::{namespace, FakeApi, CIPS, NAMESPACES};
+    const DEMO_SECRETS: &str = "/api/v1/namespaces/demo/secrets";
+
+    let reg = Registry::start_with_htpasswd(TEST_USER, TEST_PASSWORD).await;
+    let signed = reg.push_image("private", "v1", "pull-secret-signed").await;
+    let key = TestKey::generate(KeyKind::EcdsaP256);
+    reg.sign("private", &signed, &key).await;
+
+    let fake = FakeApi::start(true).await;
+    fake.apply(NAMESPACES, namespace("demo", true));
+    fake.apply(
+        CIPS,
+        json!({"metadata": {"name": "private-signed"},
+               "spec": {"images": [{"glob": format!("{}/private*", reg.addr())}],
+                        "authorities": [{"key": {"data": key.public_pem()}}]}}),
+    );
+    fake.add_collection(DEMO_SECRETS, "v1", "Secret");
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    let config = json!({"auths": {reg.addr(): {
+        "auth": b64(&format!("{TEST_USER}:{TEST_PASSWORD}"))}}});
+    fake.apply(
+        DEMO_SECRETS,
+        json!({"metadata": {"name": "regcred", "namespace": "demo"},
+               "type": "kubernetes.io/dockerconfigjson",
+               "data": {".dockerconfigjson": b64(&config.to_string())}}),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = fake.kubeconfig(dir.path()).display().to_string();
+    let unused = dir.path().join("no-policies");
+    // Ready (200 on /readyz) only once synced with the API server.
+    let shim = Admission::start(&unused, &["--kubeconfig", &kubeconfig]).await;
+    let (_, ready) = shim.get("/readyz").await.unwrap();
+    let ready: Value = serde_json::from_str(&ready).unwrap();
+    assert_eq!(
+        (&ready["fresh"], &ready["policies"]),
+        (&json!(true), &json!(1))
+    );
+
+    let image = reg.tag_ref("private", "v1");
+    let mut pod = fixture("pod.json");
+    pod["request"]["namespace"] = json!("demo");
+    pod["request"]["object"]["metadata"]["namespace"] = json!("demo");
+    pod["request"]["object"]["spec"] = json!({
+        "imagePullSecrets": [{"name": "missing"}, {"name": "regcred"}],
+        "containers": [{"name": "app", "image": image}]});
+    assert_allowed(&shim.review("/validate/workloads", &pod).await, &[]);
+
+    // Without the pull secret the registry refuses: could not decide, so denied.
+    pod["request"]["uid"] = json!("no-secret");
+    pod["request"]["object"]["spec"] = json!({"containers": [{"name": "app", "image": image}]});
+    let r = shim.review("/validate/workloads", &pod).await;
+    assert_eq!(r["allowed"], false, "{r}");
+    let message = r["status"]["message"].as_str().unwrap();
+    assert!(message.contains("could not verify"), "{message}");
+    assert!(
+        message.contains("requires a username and password"),
+        "{message}"
+    );
+}

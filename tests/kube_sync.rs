@@ -4,16 +4,10 @@
 
 mod common;
 
-use std::collections::{BTreeMap, HashMap};
-use std::convert::Infallible;
-use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
-use hyper::body::Frame;
-use hyper::{Request, Response};
+use common::fake_api::*;
 use pullgate::decide::decide;
 use pullgate::kube::{client_from_kubeconfig, ClusterSource, Error};
 use pullgate::policy::eval::{decide_offline, Offline, Verdict};
@@ -21,293 +15,6 @@ use pullgate::policy::snapshot::Settings;
 use pullgate::policy::source::PolicySource;
 use pullgate::registry::{RegistryClient, RegistryConfig};
 use serde_json::{json, Value};
-
-const CIPS: &str = "/apis/policy.sigstore.dev/v1beta1/clusterimagepolicies";
-const TRUST_ROOTS: &str = "/apis/policy.sigstore.dev/v1alpha1/trustroots";
-const NAMESPACES: &str = "/api/v1/namespaces";
-const SECRETS: &str = "/api/v1/namespaces/cosign-system/secrets";
-const CONFIG_MAPS: &str = "/api/v1/namespaces/cosign-system/configmaps";
-
-struct Collection {
-    api_version: &'static str,
-    kind: &'static str,
-    items: BTreeMap<String, Value>,
-}
-
-struct State {
-    rv: u64,
-    /// Watches asking to resume from before this get 410 Gone.
-    compacted: u64,
-    /// Bumped to end every open watch stream.
-    epoch: u64,
-    collections: HashMap<&'static str, Collection>,
-    events: Vec<(u64, &'static str, &'static str, Value)>,
-    /// 410 Gone answers sent, and LIST requests served.
-    gone: u64,
-    lists: u64,
-}
-
-type Body = BoxBody<Bytes, Infallible>;
-
-struct FakeApi {
-    state: Arc<Mutex<State>>,
-    changed: tokio::sync::watch::Sender<u64>,
-    port: u16,
-    tasks: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
-}
-
-impl FakeApi {
-    async fn start(serve_beta: bool) -> FakeApi {
-        let mut collections = HashMap::new();
-        let cip_path: &'static str = if serve_beta {
-            CIPS
-        } else {
-            "/apis/policy.sigstore.dev/v1alpha1/clusterimagepolicies"
-        };
-        let cip_version = if serve_beta {
-            "policy.sigstore.dev/v1beta1"
-        } else {
-            "policy.sigstore.dev/v1alpha1"
-        };
-        for (path, api_version, kind) in [
-            (cip_path, cip_version, "ClusterImagePolicy"),
-            (TRUST_ROOTS, "policy.sigstore.dev/v1alpha1", "TrustRoot"),
-            (NAMESPACES, "v1", "Namespace"),
-            (SECRETS, "v1", "Secret"),
-            (CONFIG_MAPS, "v1", "ConfigMap"),
-        ] {
-            collections.insert(
-                path,
-                Collection {
-                    api_version,
-                    kind,
-                    items: BTreeMap::new(),
-                },
-            );
-        }
-        let state = Arc::new(Mutex::new(State {
-            rv: 100,
-            compacted: 0,
-            epoch: 0,
-            collections,
-            events: Vec::new(),
-            gone: 0,
-            lists: 0,
-        }));
-        let (changed, _) = tokio::sync::watch::channel(0);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let fake = FakeApi {
-            state,
-            changed,
-            port,
-            tasks: Arc::default(),
-        };
-        let (state, changed, tasks) =
-            (fake.state.clone(), fake.changed.clone(), fake.tasks.clone());
-        let accept = tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                let (state, changed, tasks2) = (state.clone(), changed.clone(), tasks.clone());
-                let conn = tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |req| {
-                        let (state, changed, tasks) =
-                            (state.clone(), changed.clone(), tasks2.clone());
-                        async move { Ok::<_, Infallible>(handle(req, state, changed, tasks)) }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                        .await;
-                });
-                tasks.lock().unwrap().push(conn.abort_handle());
-            }
-        });
-        fake.tasks.lock().unwrap().push(accept.abort_handle());
-        fake
-    }
-
-    fn kubeconfig(&self, dir: &Path) -> std::path::PathBuf {
-        let path = dir.join("kubeconfig");
-        std::fs::write(
-            &path,
-            format!(
-                "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster: {{server: \"http://127.0.0.1:{}\"}}\nusers:\n- name: u\n  user: {{}}\ncontexts:\n- name: c\n  context: {{cluster: fake, user: u}}\ncurrent-context: c\n",
-                self.port
-            ),
-        )
-        .unwrap();
-        path
-    }
-
-    /// Adds or replaces an object; `expire` also compacts history and drops open watches, so
-    /// clients must relist (the watch event for this change is never delivered).
-    fn apply_with(&self, path: &'static str, mut object: Value, expire: bool) {
-        let mut s = self.state.lock().unwrap();
-        s.rv += 1;
-        let rv = s.rv;
-        object["metadata"]["resourceVersion"] = json!(rv.to_string());
-        let name = object["metadata"]["name"].as_str().unwrap().to_string();
-        let collection = s.collections.get_mut(path).unwrap();
-        object["apiVersion"] = json!(collection.api_version);
-        object["kind"] = json!(collection.kind);
-        let kind = if collection.items.insert(name, object.clone()).is_some() {
-            "MODIFIED"
-        } else {
-            "ADDED"
-        };
-        if expire {
-            s.compacted = rv;
-            s.epoch += 1;
-            s.events.clear();
-        } else {
-            s.events.push((rv, path, kind, object));
-        }
-        drop(s);
-        self.changed.send_replace(rv);
-    }
-
-    fn apply(&self, path: &'static str, object: Value) {
-        self.apply_with(path, object, false)
-    }
-
-    fn stop(&self) {
-        for t in self.tasks.lock().unwrap().drain(..) {
-            t.abort();
-        }
-        self.state.lock().unwrap().epoch += 1;
-        self.changed.send_replace(u64::MAX);
-    }
-}
-
-impl Drop for FakeApi {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-fn json_response(status: u16, body: &Value) -> Response<Body> {
-    Response::builder()
-        .status(status)
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body.to_string())).boxed())
-        .unwrap()
-}
-
-fn status(code: u16, reason: &str, message: &str) -> Value {
-    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-           "message": message, "reason": reason, "code": code})
-}
-
-fn handle(
-    req: Request<hyper::body::Incoming>,
-    state: Arc<Mutex<State>>,
-    changed: tokio::sync::watch::Sender<u64>,
-    tasks: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
-) -> Response<Body> {
-    let query: HashMap<String, String> = req
-        .uri()
-        .query()
-        .unwrap_or_default()
-        .split('&')
-        .filter_map(|kv| kv.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    let mut s = state.lock().unwrap();
-    let Some((&path, collection)) = s.collections.get_key_value(req.uri().path()) else {
-        return json_response(
-            404,
-            &status(
-                404,
-                "NotFound",
-                "the server could not find the requested resource",
-            ),
-        );
-    };
-    if query.get("watch").map(String::as_str) != Some("true") {
-        s.lists += 1;
-        let Some(collection) = s.collections.get(path) else {
-            unreachable!()
-        };
-        let items: Vec<Value> = collection.items.values().cloned().collect();
-        let list = json!({
-            "kind": format!("{}List", collection.kind),
-            "apiVersion": collection.api_version,
-            "metadata": {"resourceVersion": s.rv.to_string()},
-            "items": items,
-        });
-        return json_response(200, &list);
-    }
-    let from: u64 = query
-        .get("resourceVersion")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    let (api_version, kind) = (collection.api_version, collection.kind);
-    if from < s.compacted {
-        s.gone += 1;
-    }
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(64);
-    let line = |v: Value| Ok(Frame::data(Bytes::from(format!("{v}\n"))));
-    if from < s.compacted {
-        let gone =
-            json!({"type": "ERROR", "object": status(410, "Expired", "too old resource version")});
-        let _ = tx.try_send(line(gone));
-    } else {
-        let epoch = s.epoch;
-        let state = state.clone();
-        let mut wake = changed.subscribe();
-        let task = tokio::spawn(async move {
-            let mut last = from;
-            loop {
-                let lines = {
-                    let s = state.lock().unwrap();
-                    if s.epoch != epoch {
-                        return;
-                    }
-                    let mut lines: Vec<Value> = s
-                        .events
-                        .iter()
-                        .filter(|(rv, p, _, _)| *rv > last && *p == path)
-                        .map(|(_, _, t, o)| json!({"type": t, "object": o}))
-                        .collect();
-                    last = s.rv;
-                    lines.push(json!({"type": "BOOKMARK", "object": {"kind": kind,
-                        "apiVersion": api_version, "metadata": {"resourceVersion": s.rv.to_string()}}}));
-                    lines
-                };
-                for l in lines {
-                    if tx.send(line(l)).await.is_err() {
-                        return;
-                    }
-                }
-                let _ = tokio::time::timeout(Duration::from_secs(1), wake.changed()).await;
-            }
-        });
-        tasks.lock().unwrap().push(task.abort_handle());
-    }
-    drop(s);
-    let body = StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
-    Response::builder()
-        .status(200)
-        .header("content-type", "application/json")
-        .body(BodyExt::boxed(body))
-        .unwrap()
-}
-
-fn namespace(name: &str, include: bool) -> Value {
-    let labels = if include {
-        json!({"policy.sigstore.dev/include": "true"})
-    } else {
-        json!({})
-    };
-    json!({"metadata": {"name": name, "labels": labels}})
-}
-
-fn static_cip(name: &str, glob: &str, action: &str) -> Value {
-    json!({"metadata": {"name": name},
-           "spec": {"images": [{"glob": glob}], "authorities": [{"static": {"action": action}}]}})
-}
 
 fn verdict(source: &ClusterSource, image: &str, namespace: &str) -> &'static str {
     match decide_offline(&source.current(), &image.parse().unwrap(), Some(namespace)) {
@@ -354,7 +61,7 @@ async fn sync_memory_disk_and_relist() {
     assert_eq!(verdict(&source, NGINX, "demo"), "deny");
     let before = source.freshness();
     assert!(!before.fresh && before.last_sync.is_none(), "{before:?}");
-    let source = Arc::new(source);
+    let source = Arc::new(source.with_probe_interval(Duration::from_millis(300)));
     let task = tokio::spawn(source.clone().run(client));
     eventually(&source, NGINX, "demo", "allow").await;
     let synced = source.freshness();
@@ -393,6 +100,19 @@ async fn sync_memory_disk_and_relist() {
     fake.apply(NAMESPACES, namespace("open", true));
     eventually(&source, QUAY, "open", "deny").await;
     assert!(file.exists(), "snapshot persisted");
+
+    // The API server answering 503 for a while: stale, then fresh again once it answers,
+    // even though nothing changed (no watch event arrives to say so).
+    fake.set_down(true);
+    let down = wait_freshness(&source, false).await;
+    let reason = down.reason.clone().unwrap();
+    assert!(
+        reason.starts_with("the API server is not answering: "),
+        "{reason}"
+    );
+    fake.set_down(false);
+    let back = wait_freshness(&source, true).await;
+    assert!(back.since >= down.since, "{back:?}");
 
     // API server stopped → decisions continue from memory, and the snapshot is reported stale.
     fake.stop();
@@ -599,6 +319,18 @@ async fn serve_in_cluster_mode() {
         metrics.contains("pullgate_snapshot_last_sync_timestamp_seconds 0"),
         "{metrics}"
     );
+}
+
+/// Waits (≤ 20 s) until the source's freshness is `fresh`, and returns it.
+async fn wait_freshness(source: &ClusterSource, fresh: bool) -> pullgate::health::Freshness {
+    for _ in 0..400 {
+        let f = source.freshness();
+        if f.fresh == fresh {
+            return f;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("freshness still {:?} after 20 s", source.freshness());
 }
 
 /// GET over loopback: status and body.

@@ -15,6 +15,7 @@
 pub mod field_error;
 pub mod namespaces;
 pub mod policies;
+pub mod pull_secrets;
 pub mod review;
 pub mod server;
 pub mod tls;
@@ -69,6 +70,8 @@ pub struct Shim {
     pub node: String,
     /// Label new namespaces for enforcement unless excluded.
     pub enforce_by_default: bool,
+    /// Cluster mode: reads workloads' `imagePullSecrets` for registry access.
+    pub pull_secrets: Option<pull_secrets::PullSecrets>,
 }
 
 impl Shim {

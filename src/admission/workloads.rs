@@ -13,13 +13,14 @@ use tracing::Instrument as _;
 
 use super::field_error::FieldErrors;
 use super::review::{GroupVersionKind, Request, Response};
-use super::Shim;
+use super::{pull_secrets, Shim};
 use crate::audit::{AuditLine, Source};
 use crate::decide::decide_with_auth;
 use crate::image_ref::ImageRef;
 use crate::policy::eval::{decide_offline, failure_reason, Decision, Offline, Verdict};
 use crate::policy::snapshot::Mode;
 use crate::policy::Snapshot;
+use crate::registry::Credential;
 use crate::verify::cache::CacheKey;
 
 /// Container lists of a pod spec, in the order policy-controller checks them.
@@ -165,12 +166,13 @@ async fn decide(
     snapshot: &Snapshot,
     image: &ImageRef,
     namespace: Option<&str>,
+    auth: Option<&Credential>,
 ) -> (Decision, bool) {
     if let Offline::Decided(d) = decide_offline(snapshot, image, namespace) {
         return (d, false);
     }
     // Tags move: resolve on every review, then reuse verdicts by digest.
-    let digest = match shim.registry.resolve(image, None).await {
+    let digest = match shim.registry.resolve(image, auth).await {
         Ok(d) => d,
         Err(e) => {
             let mut d = Decision::new(image, namespace, true);
@@ -188,7 +190,7 @@ async fn decide(
     let (mut decision, hit) = shim
         .cache
         .get_or_compute(key, || {
-            decide_with_auth(snapshot, &shim.registry, &pinned, namespace, None)
+            decide_with_auth(snapshot, &shim.registry, &pinned, namespace, auth)
         })
         .await;
     decision.namespace = namespace.map(str::to_string);
@@ -261,11 +263,26 @@ pub async fn review(shim: &Shim, snapshot: &Snapshot, req: &Request) -> Response
         }
         let enforced = snapshot.is_enforced(namespace);
         let pod = pod.as_str();
+        let credentials = match (&shim.pull_secrets, namespace) {
+            (Some(reader), Some(ns)) if enforced => {
+                let names = pull_secrets::names(object, spec_path);
+                if names.is_empty() {
+                    None
+                } else {
+                    Some(reader.credentials(ns, &names).await)
+                }
+            }
+            _ => None,
+        };
+        let credentials = credentials.as_ref();
         let decisions = futures_util::future::join_all(distinct.iter().map(|&image| async move {
             let started = Instant::now();
             let (decision, hit) = match ImageRef::parse(image) {
                 Err(e) => (unparsable(image, namespace, enforced, e.to_string()), false),
-                Ok(parsed) => decide(shim, snapshot, &parsed, namespace).await,
+                Ok(parsed) => {
+                    let auth = credentials.and_then(|c| c.for_host(parsed.registry()));
+                    decide(shim, snapshot, &parsed, namespace, auth).await
+                }
             };
             shim.audit.record(&AuditLine::new(
                 Source::Admission,

@@ -72,8 +72,8 @@ pub async fn client_from_kubeconfig(path: &Path) -> Result<Client> {
     Client::try_from(config).map_err(|e| err(e.to_string()))
 }
 
-/// How often a failing watch's resource is listed to see whether the API server is back.
-const PROBE_INTERVAL: Duration = Duration::from_secs(5);
+/// How often the API server is asked whether it answers (see [`ClusterSource::heartbeat`]).
+pub const PROBE_INTERVAL: Duration = Duration::from_secs(30);
 
 /// A client from the pod's service account (`/var/run/secrets/kubernetes.io/serviceaccount`
 /// and `KUBERNETES_SERVICE_HOST`/`_PORT`), for the admission Deployment.
@@ -114,6 +114,7 @@ pub struct ClusterSource {
     broken: Mutex<BTreeMap<&'static str, String>>,
     /// Set once every watch has listed: before that, a rebuild would see half the cluster.
     synced_once: AtomicBool,
+    probe_interval: Duration,
 }
 
 impl PolicySource for ClusterSource {
@@ -166,6 +167,7 @@ impl ClusterSource {
             freshness,
             broken: Mutex::new(BTreeMap::new()),
             synced_once: AtomicBool::new(false),
+            probe_interval: PROBE_INTERVAL,
         };
         (source, problem)
     }
@@ -173,6 +175,12 @@ impl ClusterSource {
     /// The snapshot in force.
     pub fn current(&self) -> Arc<Snapshot> {
         self.current.load_full()
+    }
+
+    /// How often the API server is probed (default [`PROBE_INTERVAL`]).
+    pub fn with_probe_interval(mut self, interval: Duration) -> ClusterSource {
+        self.probe_interval = interval.max(Duration::from_millis(100));
+        self
     }
 
     /// Watches the API server and swaps in a new snapshot on every change, until dropped.
@@ -250,7 +258,7 @@ impl ClusterSource {
             config_maps,
             controller_namespace: ns.clone(),
         };
-        tasks.spawn(self.clone().probe_broken(client.clone(), stores.probes()));
+        tasks.spawn(self.clone().heartbeat(client.clone(), stores.probes()));
         if stores.wait_until_ready().await.is_err() {
             return;
         }
@@ -316,7 +324,7 @@ struct Stores {
 }
 
 impl Stores {
-    /// What [`ClusterSource::probe_broken`] lists for each watch.
+    /// What [`ClusterSource::heartbeat`] lists for each watch.
     fn probes(&self) -> Vec<(&'static str, ApiResource, Option<String>)> {
         vec![
             ("ClusterImagePolicy", self.cip_ar.clone(), None),
@@ -472,6 +480,10 @@ impl ClusterSource {
                         changed.notify_one()
                     }
                 }
+                // 410 Gone: history compacted; the watcher relists, which is routine.
+                Err(watcher::Error::WatchError(status)) if status.code == 410 => {
+                    tracing::debug!(resource, "watch expired; relisting")
+                }
                 Err(e) => {
                     tracing::warn!(
                         resource,
@@ -508,37 +520,61 @@ impl ClusterSource {
         self.broken.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A watch that recovers without anything changing yields no event, so the snapshot would
-    /// stay stale forever. While a watch is marked failing, a one-item LIST of its resource says
-    /// whether the API server answers it again; the watch itself resumes from its last version.
-    async fn probe_broken(
+    /// Keeps freshness honest where watch events cannot: a watch that recovers without
+    /// anything changing yields no event, and kube-rs reads an error answer to a watch request
+    /// (a 503 from an API server restarting) as an empty watch, so no error event either.
+    /// Every `probe_interval`, a one-item LIST served from the API server's cache
+    /// (`resourceVersion=0`, cheap even with thousands of nodes) says whether it answers, and
+    /// each watch marked failing is checked the same way. Its watch resumes on its own.
+    async fn heartbeat(
         self: Arc<Self>,
         client: Client,
         probes: Vec<(&'static str, ApiResource, Option<String>)>,
     ) {
-        let mut ticker = tokio::time::interval(PROBE_INTERVAL);
+        let mut ticker = tokio::time::interval(self.probe_interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticker.tick().await;
         loop {
             ticker.tick().await;
+            if let Err(e) = answers(&client, &probes, "Namespace", self.probe_interval).await {
+                tracing::warn!(error = %e, "API server not answering; the last snapshot stays in force");
+                self.freshness
+                    .stale_because(format!("the API server is not answering: {e}"));
+                continue;
+            }
             let broken: Vec<&'static str> = self.lock_broken().keys().copied().collect();
             for resource in broken {
-                let Some((_, ar, namespace)) = probes.iter().find(|(r, _, _)| *r == resource)
-                else {
-                    continue;
-                };
-                let api = match namespace {
-                    Some(ns) => Api::<DynamicObject>::namespaced_with(client.clone(), ns, ar),
-                    None => Api::<DynamicObject>::all_with(client.clone(), ar),
-                };
-                if api
-                    .list_metadata(&ListParams::default().limit(1))
+                if answers(&client, &probes, resource, self.probe_interval)
                     .await
                     .is_ok()
                 {
                     self.watch_working(resource);
                 }
             }
+            self.mark_synced_if_healthy();
         }
+    }
+}
+
+/// Whether the API server answers a one-item LIST of `resource` from its cache.
+async fn answers(
+    client: &Client,
+    probes: &[(&'static str, ApiResource, Option<String>)],
+    resource: &'static str,
+    timeout: Duration,
+) -> Result<(), String> {
+    let Some((_, ar, namespace)) = probes.iter().find(|(r, _, _)| *r == resource) else {
+        return Ok(());
+    };
+    let api = match namespace {
+        Some(ns) => Api::<DynamicObject>::namespaced_with(client.clone(), ns, ar),
+        None => Api::<DynamicObject>::all_with(client.clone(), ar),
+    };
+    let params = ListParams::default().limit(1).match_any();
+    match tokio::time::timeout(timeout, api.list_metadata(&params)).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("no answer in time".to_string()),
     }
 }
 

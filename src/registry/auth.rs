@@ -91,10 +91,26 @@ impl Credentials {
             return Err(invalid(format!("larger than {MAX_CONFIG_BYTES} bytes")));
         }
         let text = std::fs::read(path).map_err(read_err)?;
-        let config: DockerConfig =
-            serde_json::from_slice(&text).map_err(|e| invalid(e.to_string()))?;
+        Credentials::from_docker_config_json(&text).map_err(invalid)
+    }
+
+    /// Credentials from docker `config.json` text (`{"auths": {HOST: …}}`).
+    pub fn from_docker_config_json(text: &[u8]) -> Result<Credentials, String> {
+        let config: DockerConfig = serde_json::from_slice(text).map_err(|e| e.to_string())?;
+        Credentials::from_auths(config.auths)
+    }
+
+    /// Credentials from a legacy `.dockercfg` (`{HOST: {auth, …}}`, no `auths` wrapper), as
+    /// `kubernetes.io/dockercfg` Secrets hold.
+    pub fn from_dockercfg_json(text: &[u8]) -> Result<Credentials, String> {
+        let auths: HashMap<String, DockerAuth> =
+            serde_json::from_slice(text).map_err(|e| e.to_string())?;
+        Credentials::from_auths(auths)
+    }
+
+    fn from_auths(auths: HashMap<String, DockerAuth>) -> Result<Credentials, String> {
         let mut creds = Credentials::default();
-        for (host, entry) in config.auths {
+        for (host, entry) in auths {
             let credential = if let Some(token) = entry.registrytoken {
                 Credential::Bearer(token)
             } else if let (Some(username), Some(password)) = (entry.username, entry.password) {
@@ -102,11 +118,11 @@ impl Credentials {
             } else if let Some(auth) = entry.auth.filter(|a| !a.is_empty()) {
                 let decoded = base64::engine::general_purpose::STANDARD
                     .decode(auth.trim())
-                    .map_err(|e| invalid(format!("auths.{host}.auth is not base64: {e}")))?;
+                    .map_err(|e| format!("auths.{host}.auth is not base64: {e}"))?;
                 let decoded = String::from_utf8(decoded)
-                    .map_err(|_| invalid(format!("auths.{host}.auth is not UTF-8")))?;
+                    .map_err(|_| format!("auths.{host}.auth is not UTF-8"))?;
                 let Some((username, password)) = decoded.split_once(':') else {
-                    return Err(invalid(format!("auths.{host}.auth is not user:password")));
+                    return Err(format!("auths.{host}.auth is not user:password"));
                 };
                 Credential::Basic {
                     username: username.to_string(),
@@ -118,6 +134,14 @@ impl Credentials {
             creds.insert(&host, credential);
         }
         Ok(creds)
+    }
+
+    /// Adds `other`'s hosts that `self` does not have (the first pull secret naming a host
+    /// wins, as kubelet tries them in order).
+    pub fn merge(&mut self, other: Credentials) {
+        for (host, credential) in other.by_host {
+            self.by_host.entry(host).or_insert(credential);
+        }
     }
 
     /// The docker config the docker CLI would read: `$DOCKER_CONFIG/config.json` or

@@ -31,6 +31,7 @@
 
 mod containerd;
 mod cosign;
+pub mod fake_api;
 mod image;
 mod keys;
 mod process;
