@@ -202,45 +202,68 @@ async fn record_tag(proxy: &Proxy, image: &ImageRef, pinned: &ImageRef) -> Resul
         containerd_name(pinned),
         pinned.digest().unwrap_or_default()
     );
-    let found = client
-        .get(with_namespace!(
+    let tag_name = format!(
+        "{}:{}",
+        containerd_name(image),
+        image.tag().unwrap_or("latest")
+    );
+    // Both records at once: on a repeated pull the tag already points at the digest and
+    // nothing needs writing, so the whole step costs one round trip.
+    let mut tag_client = client.clone();
+    let (pinned_record, tag_record) = tokio::join!(
+        client.get(with_namespace!(
             GetImageRequest { name: by_digest },
             K8S_NAMESPACE
-        ))
-        .await?
+        )),
+        tag_client.get(with_namespace!(
+            GetImageRequest {
+                name: tag_name.clone()
+            },
+            K8S_NAMESPACE
+        )),
+    );
+    let found = pinned_record?
         .into_inner()
         .image
         .ok_or_else(|| Status::not_found("the pinned image record is missing"))?;
+    let existing = match tag_record {
+        Ok(r) => r.into_inner().image,
+        Err(s) if s.code() == Code::NotFound => None,
+        Err(s) => return Err(s),
+    };
+    if let Some(existing) = &existing {
+        if existing.target == found.target && existing.labels == found.labels {
+            return Ok(());
+        }
+    }
     let record = Image {
-        name: format!(
-            "{}:{}",
-            containerd_name(image),
-            image.tag().unwrap_or("latest")
-        ),
+        name: tag_name,
         labels: found.labels,
         target: found.target,
         created_at: None,
         updated_at: None,
     };
-    let create = CreateImageRequest {
-        image: Some(record.clone()),
+    if existing.is_none() {
+        let create = CreateImageRequest {
+            image: Some(record.clone()),
+            source_date_epoch: None,
+        };
+        match client.create(with_namespace!(create, K8S_NAMESPACE)).await {
+            Ok(_) => return Ok(()),
+            // A concurrent pull of the same tag created it first: update it instead.
+            Err(s) if s.code() == Code::AlreadyExists => {}
+            Err(s) => return Err(s),
+        }
+    }
+    let update = UpdateImageRequest {
+        image: Some(record),
+        update_mask: None,
         source_date_epoch: None,
     };
-    match client.create(with_namespace!(create, K8S_NAMESPACE)).await {
-        Ok(_) => Ok(()),
-        Err(s) if s.code() == Code::AlreadyExists => {
-            let update = UpdateImageRequest {
-                image: Some(record),
-                update_mask: None,
-                source_date_epoch: None,
-            };
-            client
-                .update(with_namespace!(update, K8S_NAMESPACE))
-                .await
-                .map(|_| ())
-        }
-        Err(s) => Err(s),
-    }
+    client
+        .update(with_namespace!(update, K8S_NAMESPACE))
+        .await
+        .map(|_| ())
 }
 
 #[cfg(test)]
