@@ -641,7 +641,9 @@ async fn admission(args: AdmissionArgs) -> ExitCode {
         Ok(c) => c,
         Err(e) => return error_exit(&e),
     };
-    let pull_secrets = client.clone().map(crate::admission::pull_secrets::PullSecrets::new);
+    let pull_secrets = client
+        .clone()
+        .map(crate::admission::pull_secrets::PullSecrets::new);
     let (policies, watcher) = match policy_source(
         client,
         &args.policy_dirs,
