@@ -116,6 +116,7 @@ fn decide(c: &mut Criterion) {
         payload,
         bundle: None,
         certificate: None,
+        chain: None,
     };
     let keys = [key];
     let check = KeyCheck {

@@ -233,12 +233,27 @@ async fn missing_key_secret_fails_closed() {
 
 #[tokio::test]
 async fn features_not_built_fail_closed_with_a_reason() {
-    let keyless = "[{keyless: {url: \"https://fulcio.sigstore.dev\", identities: [{issuer: i, subject: s}]}}]";
-    let s = snapshot(&cip("kl", "**", keyless, ""), Settings::default());
+    let kms = "[{key: {kms: \"awskms:///alias/signer\"}}]";
+    let s = snapshot(&cip("kms", "**", kms, ""), Settings::default());
     let (v, reasons) = verdict(&s, "ghcr.io/a/b:1", None).await;
     assert_eq!(v, Verdict::Deny);
     assert!(
-        reasons[0].contains("keyless verification is not supported by this version of pullgate"),
+        reasons[0].contains(
+            "a KMS key (awskms:///alias/signer) is not supported by this version of pullgate"
+        ),
+        "{reasons:?}"
+    );
+    // A keyless authority trusting a TUF-distributed TrustRoot: the TUF client is not built.
+    let tuf = "---\napiVersion: policy.sigstore.dev/v1alpha1\nkind: TrustRoot\nmetadata: {name: tuf}\nspec: {remote: {mirror: \"https://tuf.example.com\", root: eyJ9}}\n";
+    let keyless = "[{keyless: {trustRootRef: tuf, identities: [{issuer: i, subject: s}]}}]";
+    let s = snapshot(
+        &(tuf.to_string() + &cip("kl", "**", keyless, "")),
+        Settings::default(),
+    );
+    let (v, reasons) = verdict(&s, "ghcr.io/a/b:1", None).await;
+    assert_eq!(v, Verdict::Deny);
+    assert!(
+        reasons[0].contains("(TUF) trust roots are not supported by this version of pullgate"),
         "{reasons:?}"
     );
 }

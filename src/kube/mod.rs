@@ -27,7 +27,7 @@ use arc_swap::ArcSwap;
 use futures_util::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret};
 
-use crate::policy::snapshot::holds_public_key;
+use crate::policy::snapshot::{holds_certificate, holds_public_key};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Serialize;
 
@@ -404,13 +404,15 @@ impl Stores {
                 // Secret (as `cosign generate-key-pair k8s://` writes them) are dropped.
                 data: s.data.as_ref().map(|d| {
                     d.iter()
-                        .filter(|(_, v)| holds_public_key(&v.0))
+                        .filter(|(_, v)| holds_public_key(&v.0) || holds_certificate(&v.0))
                         .map(|(k, v)| (k.clone(), v.clone()))
                         .collect()
                 }),
                 string_data: s.string_data.as_ref().map(|d| {
                     d.iter()
-                        .filter(|(_, v)| holds_public_key(v.as_bytes()))
+                        .filter(|(_, v)| {
+                            holds_public_key(v.as_bytes()) || holds_certificate(v.as_bytes())
+                        })
                         .map(|(k, v)| (k.clone(), v.clone()))
                         .collect()
                 }),

@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use super::snapshot::{Check, CompiledAuthority, CompiledPolicy, Mode, NoMatchPolicy, Snapshot};
 use crate::image_ref::ImageRef;
-use crate::verify::cosign::{check_key, KeyCheck, SignatureLayer};
+use crate::verify::cosign::{check_key, check_keyless, KeyCheck, SignatureLayer};
 
 /// The outcome users act on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -145,7 +145,7 @@ fn static_authority(a: &CompiledAuthority) -> AuthorityOutcome {
             false,
             Some(format!("authority {} cannot be verified: {reason}", a.name)),
         ),
-        Check::Key { .. } => (false, None),
+        Check::Key { .. } | Check::Keyless(_) => (false, None),
     };
     AuthorityOutcome {
         name: a.name.clone(),
@@ -160,7 +160,7 @@ pub fn signature_repos(policies: &[&CompiledPolicy], image: &ImageRef) -> Vec<Im
     let mut repos: Vec<ImageRef> = Vec::new();
     for p in policies {
         for a in p.authorities.iter().flatten() {
-            if matches!(a.check, Check::Key { .. }) {
+            if matches!(a.check, Check::Key { .. } | Check::Keyless(_)) {
                 let repo = a.signature_repo.clone().unwrap_or_else(|| image.clone());
                 if !repos.iter().any(|r| r.name() == repo.name()) {
                     repos.push(repo);
@@ -185,38 +185,48 @@ pub fn evaluate_policy(
         .authorities
         .iter()
         .flatten()
-        .map(|a| match &a.check {
-            Check::Key { keys, hash, tlog } => {
-                let repo = a.signature_repo.as_ref().unwrap_or(image);
-                let layers = signatures
-                    .get(&repo.name())
-                    .map(Vec::as_slice)
-                    .unwrap_or_default();
-                let check = KeyCheck {
-                    keys,
-                    hash: *hash,
-                    tlog: tlog.as_ref(),
-                };
-                match check_key(layers, digest, &check) {
-                    Ok(m) => AuthorityOutcome {
-                        name: a.name.clone(),
-                        passed: true,
-                        reason: None,
-                        evidence: serde_json::to_value(m).ok(),
-                    },
-                    Err(cause) => AuthorityOutcome {
-                        name: a.name.clone(),
-                        passed: false,
-                        reason: Some(format!(
-                            "signature key validation failed for authority {} for {}@{digest}: {cause}",
-                            a.name,
-                            image.name()
-                        )),
-                        evidence: None,
-                    },
+        .map(|a| {
+            let repo = a.signature_repo.as_ref().unwrap_or(image);
+            let layers = signatures
+                .get(&repo.name())
+                .map(Vec::as_slice)
+                .unwrap_or_default();
+            let checked = match &a.check {
+                Check::Key { keys, hash, tlog } => {
+                    let check = KeyCheck {
+                        keys,
+                        hash: *hash,
+                        tlog: tlog.as_ref(),
+                    };
+                    check_key(layers, digest, &check)
+                        .map(|m| serde_json::to_value(m).ok())
+                        .map_err(|cause| ("signature key validation failed", cause))
                 }
+                Check::Keyless(check) => {
+                    check_keyless(layers, digest, check, jiff::Timestamp::now().as_second())
+                        .map(|m| serde_json::to_value(m).ok())
+                        .map_err(|cause| ("signature keyless validation failed", cause))
+                }
+                _ => return static_authority(a),
+            };
+            match checked {
+                Ok(evidence) => AuthorityOutcome {
+                    name: a.name.clone(),
+                    passed: true,
+                    reason: None,
+                    evidence,
+                },
+                Err((what, cause)) => AuthorityOutcome {
+                    name: a.name.clone(),
+                    passed: false,
+                    reason: Some(format!(
+                        "{what} for authority {} for {}@{digest}: {cause}",
+                        a.name,
+                        image.name()
+                    )),
+                    evidence: None,
+                },
             }
-            _ => static_authority(a),
         })
         .collect();
     PolicyOutcome {

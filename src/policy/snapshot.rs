@@ -13,6 +13,7 @@ use super::load::Objects;
 use super::types::{Authority, ClusterImagePolicy, Labels, TrustRoot};
 use super::validate::{validate_cip, validate_trust_root, Problem};
 use crate::image_ref::ImageRef;
+use crate::verify::keyless::KeylessCheck;
 use crate::verify::keys::{parse_pem_keys, HashAlgorithm, PublicKey};
 use crate::verify::rekor::{decode_log_key, LogKeys, PUBLIC_GOOD_REKOR_URL};
 
@@ -100,6 +101,8 @@ pub enum Check {
         /// Set when the authority has `ctlog`: a Rekor bundle signed by one of these logs.
         tlog: Option<LogKeys>,
     },
+    /// A keyless authority: certificate chain, SCT, identity, then the signature.
+    Keyless(Box<KeylessCheck>),
     /// The authority cannot be checked (missing Secret, feature not built, …): it fails with
     /// this reason. Failing closed is the point: it never passes.
     Unusable(String),
@@ -459,9 +462,6 @@ fn unsupported(a: &Authority, cip: &ClusterImagePolicy) -> Option<String> {
     if cip.spec.policy.is_some() {
         return not_built("a ClusterImagePolicy-level policy (spec.policy)");
     }
-    if a.keyless.is_some() {
-        return not_built("keyless verification");
-    }
     if !a.attestations.is_empty() {
         return not_built("attestation verification");
     }
@@ -494,6 +494,9 @@ fn resolve_check(a: &Authority, resolver: &Resolver) -> Result<Check, String> {
             message: st.message.clone(),
         });
     }
+    if let Some(keyless) = &a.keyless {
+        return keyless_check(a, keyless, resolver).map(|k| Check::Keyless(Box::new(k)));
+    }
     let Some(key) = &a.key else {
         return Err("authority has no key, keyless or static".into());
     };
@@ -517,6 +520,170 @@ fn resolve_check(a: &Authority, resolver: &Resolver) -> Result<Check, String> {
 pub fn holds_public_key(bytes: &[u8]) -> bool {
     let has = |marker: &[u8]| bytes.windows(marker.len()).any(|w| w == marker);
     has(b"-----BEGIN PUBLIC KEY-----") || has(b"-----BEGIN RSA PUBLIC KEY-----")
+}
+
+/// Whether a Secret entry holds a PEM certificate (a keyless `ca-cert`).
+pub fn holds_certificate(bytes: &[u8]) -> bool {
+    let marker = b"-----BEGIN CERTIFICATE-----";
+    bytes.windows(marker.len()).any(|w| w == marker)
+}
+
+/// The checks of a keyless authority: roots from `trustRootRef`, `ca-cert`, or the
+/// public-good Fulcio shipped inside pullgate; CT logs likewise; identities compiled.
+fn keyless_check(
+    a: &Authority,
+    keyless: &super::types::KeylessRef,
+    resolver: &Resolver,
+) -> Result<KeylessCheck, String> {
+    use crate::verify::keyless::{public_good_roots, IdentityMatcher};
+    use crate::verify::x509::{Cert, CtLogs};
+
+    let trust_root = match &keyless.trust_root_ref {
+        Some(name) => Some(
+            *resolver
+                .trust_roots
+                .get(name.as_str())
+                .ok_or_else(|| format!("keyless.trustRootRef: TrustRoot {name:?} not found"))?,
+        ),
+        None => None,
+    };
+    let (mut anchors, mut ct_logs) = (Vec::new(), CtLogs::default());
+    if let Some(root) = trust_root {
+        if root.spec.remote.is_some() || root.spec.repository.is_some() {
+            return Err(format!(
+                "TrustRoot {:?}: remote/repository (TUF) trust roots are not supported by this version of pullgate; use sigstoreKeys",
+                root.metadata.name.as_deref().unwrap_or_default()
+            ));
+        }
+        let keys = root.spec.sigstore_keys.as_ref();
+        for ca in keys.iter().flat_map(|k| &k.certificate_authorities) {
+            anchors.extend(
+                Cert::from_pem_chain(&maybe_base64(&ca.cert_chain))
+                    .map_err(|e| format!("TrustRoot certificateAuthorities certChain: {e}"))?,
+            );
+        }
+        for log in keys.iter().flat_map(|k| &k.ct_logs) {
+            ct_logs.0.push(
+                decode_log_key(&log.public_key)
+                    .map_err(|e| format!("TrustRoot ctLogs key: {e}"))?,
+            );
+        }
+        if anchors.is_empty() {
+            return Err("keyless.trustRootRef: the TrustRoot has no certificateAuthorities".into());
+        }
+    }
+    if let Some(ca) = &keyless.ca_cert {
+        let text = if let Some(data) = &ca.data {
+            data.clone()
+        } else if let Some(secret_ref) = &ca.secret_ref {
+            secret_text(resolver, &secret_ref.name, holds_certificate)?
+        } else {
+            return Err("keyless.ca-cert has neither data nor secretRef".into());
+        };
+        anchors.extend(Cert::from_pem_chain(&text).map_err(|e| format!("keyless.ca-cert: {e}"))?);
+    }
+    if anchors.is_empty() {
+        let (certs, logs) = public_good_roots()?;
+        anchors = certs;
+        if trust_root.is_none() {
+            ct_logs = logs;
+        }
+    } else if trust_root.is_none() {
+        // A private CA given as ca-cert: its SCTs, if any, come from the public-good CT log
+        // unless a TrustRoot says otherwise.
+        ct_logs = public_good_roots()?.1;
+    }
+    let compile = |re: &Option<String>, what: &str| -> Result<Option<regex::Regex>, String> {
+        re.as_deref()
+            .filter(|r| !r.is_empty())
+            .map(|r| regex::Regex::new(r).map_err(|e| format!("keyless {what}: {e}")))
+            .transpose()
+    };
+    let identities = keyless
+        .identities
+        .iter()
+        .map(|id| {
+            Ok(IdentityMatcher {
+                issuer: id.issuer.clone().filter(|s| !s.is_empty()),
+                issuer_re: compile(&id.issuer_reg_exp, "issuerRegExp")?,
+                subject: id.subject.clone().filter(|s| !s.is_empty()),
+                subject_re: compile(&id.subject_reg_exp, "subjectRegExp")?,
+            })
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    let tlog = match (&a.ctlog, trust_root) {
+        (Some(ctlog), _) => log_keys(ctlog, resolver)?,
+        (None, Some(root)) => {
+            let mut keys = LogKeys::default();
+            for log in root.spec.sigstore_keys.iter().flat_map(|k| &k.t_logs) {
+                keys.insert(
+                    decode_log_key(&log.public_key)
+                        .map_err(|e| format!("TrustRoot tLog key: {e}"))?,
+                );
+            }
+            keys
+        }
+        (None, None) => LogKeys::public_good(),
+    };
+    Ok(KeylessCheck {
+        anchors,
+        identities,
+        ct_logs: (!keyless.insecure_ignore_sct.unwrap_or(false)).then_some(ct_logs),
+        tlog,
+        require_tlog: a.ctlog.is_some(),
+    })
+}
+
+/// TrustRoot `certChain` values are base64 of PEM; raw PEM is accepted too.
+fn maybe_base64(value: &str) -> String {
+    use base64::Engine as _;
+    if value.contains("-----BEGIN") {
+        return value.to_string();
+    }
+    let compact: String = value.split_whitespace().collect();
+    base64::engine::general_purpose::STANDARD
+        .decode(compact.as_bytes())
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok())
+        .unwrap_or_default()
+}
+
+/// The text of the Secret entries `wanted` accepts, joined.
+fn secret_text(
+    resolver: &Resolver,
+    name: &str,
+    wanted: fn(&[u8]) -> bool,
+) -> Result<String, String> {
+    let ns = resolver.controller_namespace;
+    let secret = resolver
+        .secrets
+        .get(name)
+        .ok_or_else(|| format!("Secret {ns}/{name} not found"))?;
+    let mut text = String::new();
+    let entries = secret
+        .data
+        .iter()
+        .flatten()
+        .map(|(k, v)| (k, v.0.clone()))
+        .chain(
+            secret
+                .string_data
+                .iter()
+                .flatten()
+                .map(|(k, v)| (k, v.clone().into_bytes())),
+        );
+    for (entry, bytes) in entries {
+        if wanted(&bytes) {
+            let t = String::from_utf8(bytes)
+                .map_err(|_| format!("Secret {ns}/{name} entry {entry:?} is not text"))?;
+            text.push_str(&t);
+            text.push('\n');
+        }
+    }
+    if text.is_empty() {
+        return Err(format!("Secret {ns}/{name} holds no certificate"));
+    }
+    Ok(text)
 }
 
 /// Every PEM public key in the data entries of the Secret; any of them may verify.
@@ -605,6 +772,17 @@ fn hash_policy(hasher: &mut sha2::Sha256, cip: &ClusterImagePolicy, compiled: &C
                         hasher.update(k.spki_der());
                     }
                     for id in tlog.iter().flat_map(|t| t.ids()) {
+                        hasher.update(id.as_bytes());
+                    }
+                }
+                Check::Keyless(k) => {
+                    for c in &k.anchors {
+                        hasher.update(&c.der);
+                    }
+                    for log in k.ct_logs.iter().flat_map(|l| &l.0) {
+                        hasher.update(log.spki_der());
+                    }
+                    for id in k.tlog.ids() {
                         hasher.update(id.as_bytes());
                     }
                 }

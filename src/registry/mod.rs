@@ -20,8 +20,8 @@ use sha2::Digest as _;
 
 use crate::image_ref::ImageRef;
 use crate::verify::cosign::{
-    SignatureLayer, BUNDLE_ANNOTATION, CERTIFICATE_ANNOTATION, SIGNATURE_ANNOTATION,
-    SIMPLE_SIGNING_MEDIA_TYPE,
+    SignatureLayer, BUNDLE_ANNOTATION, CERTIFICATE_ANNOTATION, CHAIN_ANNOTATION,
+    SIGNATURE_ANNOTATION, SIMPLE_SIGNING_MEDIA_TYPE,
 };
 use auth::{parse_challenge, Challenge};
 pub use auth::{Credential, Credentials};
@@ -364,6 +364,7 @@ impl RegistryClient {
             signature: desc.annotations.remove(SIGNATURE_ANNOTATION),
             bundle: desc.annotations.remove(BUNDLE_ANNOTATION),
             certificate: desc.annotations.remove(CERTIFICATE_ANNOTATION),
+            chain: desc.annotations.remove(CHAIN_ANNOTATION),
         })
     }
 

@@ -4,6 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::keyless::{verify_signer, KeylessCheck, KeylessMatch};
 use super::keys::{HashAlgorithm, PublicKey};
 use super::rekor::{verify_bundle, LogKeys, LoggedEntry};
 
@@ -15,6 +16,8 @@ pub const SIGNATURE_ANNOTATION: &str = "dev.cosignproject.cosign/signature";
 pub const BUNDLE_ANNOTATION: &str = "dev.sigstore.cosign/bundle";
 /// Layer annotation holding a signing certificate (keyless).
 pub const CERTIFICATE_ANNOTATION: &str = "dev.sigstore.cosign/certificate";
+/// Layer annotation holding the certificate's issuing chain (keyless).
+pub const CHAIN_ANNOTATION: &str = "dev.sigstore.cosign/chain";
 
 /// One signature found in a signature manifest: the payload blob and the layer annotations.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -25,6 +28,7 @@ pub struct SignatureLayer {
     pub signature: Option<String>,
     pub bundle: Option<String>,
     pub certificate: Option<String>,
+    pub chain: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -68,12 +72,57 @@ pub fn check_key(
     digest: &str,
     check: &KeyCheck,
 ) -> Result<KeyMatch, String> {
+    first_match(layers, |layer| check_layer(layer, digest, check))
+}
+
+/// The signed simple-signing payload must name `digest`: that binds the signature to the image.
+fn check_payload(payload: &[u8], digest: &str) -> Result<(), String> {
+    let simple: SimpleSigning = serde_json::from_slice(payload)
+        .map_err(|e| format!("signed payload is not a cosign simple-signing document: {e}"))?;
+    if simple.critical.type_ != "cosign container image signature" {
+        return Err(format!(
+            "signed payload has type {:?}, not a cosign container image signature",
+            simple.critical.type_
+        ));
+    }
+    let signed = &simple.critical.image.docker_manifest_digest;
+    if signed != digest {
+        return Err(format!(
+            "signature is for digest {signed}, not {digest} (copied from another image?)"
+        ));
+    }
+    Ok(())
+}
+
+/// Finds a keyless signature among `layers` that binds `digest` and satisfies `check`.
+pub fn check_keyless(
+    layers: &[SignatureLayer],
+    digest: &str,
+    check: &KeylessCheck,
+    now: i64,
+) -> Result<KeylessMatch, String> {
+    first_match(layers, |layer| {
+        let Some(sig) = layer.signature.as_deref() else {
+            return Err("signature layer has no signature annotation".into());
+        };
+        let (_, found) = verify_signer(layer, &layer.payload, sig, check, now)?;
+        check_payload(&layer.payload, digest)?;
+        Ok(found)
+    })
+}
+
+/// The first layer `check` accepts, else every distinct cause: `no signatures found` or
+/// `no matching signatures: …`.
+fn first_match<T>(
+    layers: &[SignatureLayer],
+    check: impl Fn(&SignatureLayer) -> Result<T, String>,
+) -> Result<T, String> {
     if layers.is_empty() {
         return Err("no signatures found".into());
     }
     let mut causes = Vec::new();
     for layer in layers {
-        match check_layer(layer, digest, check) {
+        match check(layer) {
             Ok(m) => return Ok(m),
             Err(cause) => {
                 if !causes.contains(&cause) {
@@ -96,20 +145,7 @@ fn check_layer(layer: &SignatureLayer, digest: &str, check: &KeyCheck) -> Result
     else {
         return Err("signature does not verify with the authority's key".into());
     };
-    let simple: SimpleSigning = serde_json::from_slice(&layer.payload)
-        .map_err(|e| format!("signed payload is not a cosign simple-signing document: {e}"))?;
-    if simple.critical.type_ != "cosign container image signature" {
-        return Err(format!(
-            "signed payload has type {:?}, not a cosign container image signature",
-            simple.critical.type_
-        ));
-    }
-    let signed = &simple.critical.image.docker_manifest_digest;
-    if signed != digest {
-        return Err(format!(
-            "signature is for digest {signed}, not {digest} (copied from another image?)"
-        ));
-    }
+    check_payload(&layer.payload, digest)?;
     let tlog = match check.tlog {
         None => None,
         Some(logs) => {
@@ -117,7 +153,7 @@ fn check_layer(layer: &SignatureLayer, digest: &str, check: &KeyCheck) -> Result
                 return Err("ctlog is required but the signature has no Rekor bundle".into());
             };
             Some(
-                verify_bundle(bundle, logs, &layer.payload, sig, key)
+                verify_bundle(bundle, logs, &layer.payload, sig, key, None)
                     .map_err(|e| format!("ctlog: {e}"))?,
             )
         }

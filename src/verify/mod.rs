@@ -2,5 +2,7 @@
 
 pub mod cache;
 pub mod cosign;
+pub mod keyless;
 pub mod keys;
 pub mod rekor;
+pub mod x509;

@@ -138,13 +138,15 @@ pub struct LoggedEntry {
 }
 
 /// Verifies `raw` (the bundle annotation) for the signature `signature_b64` over `payload`,
-/// made by `signer`.
+/// made by `signer`; `certificate` (DER) when the signer holds one (keyless): the entry must
+/// then log that certificate.
 pub fn verify_bundle(
     raw: &str,
     logs: &LogKeys,
     payload: &[u8],
     signature_b64: &str,
     signer: &PublicKey,
+    certificate: Option<&[u8]>,
 ) -> Result<LoggedEntry, BundleError> {
     let b64 = &base64::engine::general_purpose::STANDARD;
     let bundle: Bundle =
@@ -184,15 +186,28 @@ pub fn verify_bundle(
     if hash.algorithm != "sha256" || hash.value != hex::encode(sha2::Sha256::digest(payload)) {
         return Err(BundleError::Mismatch("payload hash differs"));
     }
-    if let Some(key) = &entry.spec.signature.public_key {
-        let pem = b64
-            .decode(key.content.as_bytes())
-            .ok()
-            .and_then(|p| String::from_utf8(p).ok());
-        let logged = pem.and_then(|p| PublicKey::from_pem(&p).ok());
-        if logged.as_ref() != Some(signer) {
-            return Err(BundleError::Mismatch("public key differs"));
+    let logged_pem = entry
+        .spec
+        .signature
+        .public_key
+        .as_ref()
+        .and_then(|key| b64.decode(key.content.as_bytes()).ok())
+        .and_then(|p| String::from_utf8(p).ok());
+    match (logged_pem, certificate) {
+        (Some(pem), Some(cert)) => {
+            let logged = super::x509::pem_certificates(&pem).unwrap_or_default();
+            if logged.first().map(Vec::as_slice) != Some(cert) {
+                return Err(BundleError::Mismatch("certificate differs"));
+            }
         }
+        (Some(pem), None) => {
+            if PublicKey::from_pem(&pem).ok().as_ref() != Some(signer) {
+                return Err(BundleError::Mismatch("public key differs"));
+            }
+        }
+        // A keyless entry must name the certificate: its key alone says nothing of identity.
+        (None, Some(_)) => return Err(BundleError::Mismatch("entry has no certificate")),
+        (None, None) => {}
     }
     Ok(LoggedEntry {
         log_id: bundle.payload.log_id,
@@ -225,10 +240,12 @@ mod tests {
     #[test]
     fn garbage_bundle_is_malformed() {
         let key = PublicKey::from_pem(PUBLIC_GOOD_REKOR_KEY).unwrap();
-        let err = verify_bundle("{", &LogKeys::public_good(), b"x", "AA==", &key).unwrap_err();
+        let err =
+            verify_bundle("{", &LogKeys::public_good(), b"x", "AA==", &key, None).unwrap_err();
         assert!(matches!(err, BundleError::Malformed(_)));
         let unknown = r#"{"SignedEntryTimestamp":"AA==","Payload":{"body":"","integratedTime":1,"logIndex":1,"logID":"ff"}}"#;
-        let err = verify_bundle(unknown, &LogKeys::public_good(), b"x", "AA==", &key).unwrap_err();
+        let err =
+            verify_bundle(unknown, &LogKeys::public_good(), b"x", "AA==", &key, None).unwrap_err();
         assert_eq!(err, BundleError::UnknownLog("ff".into()));
     }
 }

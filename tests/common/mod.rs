@@ -32,6 +32,7 @@
 mod containerd;
 mod cosign;
 pub mod fake_api;
+pub mod fulcio;
 mod image;
 mod keys;
 mod process;

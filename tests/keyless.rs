@@ -1,0 +1,433 @@
+//! Keyless authorities end to end: a test Fulcio (root → intermediate → short-lived leaf with
+//! the OIDC issuer extension and a real embedded SCT from a test CT log), a test Rekor, images
+//! in the real local registry signed with the sigstore crate, decided by `pullgate verify`.
+
+mod common;
+
+use common::fulcio::{now, Leaf, TestFulcio};
+use common::*;
+use serde_json::Value;
+
+/// Signs `REPO@DIGEST` with a fresh key, attaches a certificate for it issued by `fulcio`
+/// (`leaf`) and its chain, and, with `rekor`, a bundle logged at `integrated_time`.
+async fn sign_keyless(
+    reg: &Registry,
+    repo: &str,
+    digest: &str,
+    fulcio: &TestFulcio,
+    leaf: &Leaf<'_>,
+    rekor: Option<(&TestRekor, i64)>,
+) {
+    let signer = TestKey::generate(KeyKind::EcdsaP256);
+    let cert = fulcio.issue(&signer, leaf);
+    let layer = cosign_sign_layer(&reg.repo_ref(repo), digest, &signer)
+        .with_annotation(CERTIFICATE_ANNOTATION, &cert)
+        .with_annotation(CHAIN_ANNOTATION, &fulcio.chain_pem());
+    let layer = match rekor {
+        Some((rekor, time)) => {
+            let sig = layer.signature_b64().unwrap().to_string();
+            let bundle = rekor.bundle_for(&layer.payload, &sig, &cert, time);
+            layer.with_annotation(BUNDLE_ANNOTATION, &bundle)
+        }
+        None => layer,
+    };
+    reg.push_signature_layers(repo, &signature_tag(digest), &[layer], false)
+        .await;
+}
+
+/// A CIP with one keyless authority (`keyless` is its YAML flow mapping body) and optional
+/// authority-level extras, e.g. `ctlog: {trustRootRef: t}`.
+fn keyless_cip(glob: &str, keyless: &str, extra: &str) -> String {
+    format!(
+        "---\napiVersion: policy.sigstore.dev/v1beta1\nkind: ClusterImagePolicy\nmetadata: {{name: keyless}}\nspec:\n  images: [{{glob: \"{glob}\"}}]\n  authorities:\n  - name: fulcio\n    keyless: {{{keyless}}}\n{extra}"
+    )
+}
+
+struct Verified {
+    code: i32,
+    json: Value,
+    stderr: String,
+}
+
+impl Verified {
+    fn verdict(&self) -> &str {
+        self.json["verdict"].as_str().unwrap_or("<none>")
+    }
+    fn reasons(&self) -> String {
+        self.json["reasons"].to_string()
+    }
+}
+
+async fn verify(files: &[(&str, &str)], image: &str) -> Verified {
+    let dir = write_policy_dir(files);
+    let policy = dir.path().to_str().unwrap().to_string();
+    let out = run_pullgate_async(
+        &["verify", "--policy", &policy, "--output", "json", image],
+        &[],
+    )
+    .await;
+    Verified {
+        code: out.code,
+        json: serde_json::from_str(&out.stdout).unwrap_or(Value::Null),
+        stderr: out.stderr,
+    }
+}
+
+fn allowed(v: &Verified) {
+    assert_eq!(
+        (v.code, v.verdict()),
+        (0, "allow"),
+        "{} {}",
+        v.json,
+        v.stderr
+    );
+}
+
+fn denied(v: &Verified, cause: &str) {
+    assert_eq!(
+        (v.code, v.verdict()),
+        (1, "deny"),
+        "{} {}",
+        v.json,
+        v.stderr
+    );
+    assert!(
+        v.reasons().contains(cause),
+        "wanted {cause:?} in {}",
+        v.reasons()
+    );
+}
+
+const ISSUER: &str = "https://token.actions.githubusercontent.com";
+const WORKFLOW: &str = "https://github.com/acme/app/.github/workflows/release.yml@refs/heads/main";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn trust_root_identities_sct_and_rekor() {
+    let reg = Registry::start().await;
+    let fulcio = TestFulcio::new("test-fulcio");
+    let rekor = TestRekor::new();
+    let trust_root = fulcio.trust_root_yaml("private", &rekor.public_pem());
+    let glob = format!("{}/**", reg.addr());
+    let identity = format!("identities: [{{issuer: \"{ISSUER}\", subject: \"{WORKFLOW}\"}}]");
+
+    // Signed by the workflow, logged in Rekor at signing time: allowed, with the identity.
+    let good = reg.push_image("good", "v1", "keyless-good").await;
+    sign_keyless(
+        &reg,
+        "good",
+        &good,
+        &fulcio,
+        &Leaf::default(),
+        Some((&rekor, now())),
+    )
+    .await;
+    let cip = keyless_cip(&glob, &format!("trustRootRef: private, {identity}"), "");
+    let image = reg.tag_ref("good", "v1");
+    let v = verify(&[("tr.yaml", &trust_root), ("cip.yaml", &cip)], &image).await;
+    allowed(&v);
+    let evidence = &v.json["policies"][0]["authorities"][0]["evidence"];
+    assert_eq!(evidence["issuer"], ISSUER, "{evidence}");
+    assert_eq!(evidence["subject"], WORKFLOW, "{evidence}");
+    // Leaf, then the trusted CA it chains to (every certificate of the TrustRoot is trusted).
+    let chain = evidence["certificate_chain"].as_array().unwrap();
+    assert_eq!(chain.len(), 2, "{evidence}");
+    assert_eq!(
+        chain[1], "CN=test-fulcio intermediate,O=pullgate-test",
+        "{evidence}"
+    );
+    assert!(
+        evidence["tlog"]["integrated_time"].as_i64().is_some(),
+        "{evidence}"
+    );
+
+    // Regular expressions are unanchored, as in policy-controller.
+    let re = "identities: [{issuerRegExp: \"githubusercontent\", subjectRegExp: \"acme/app/\"}]";
+    let cip = keyless_cip(&glob, &format!("trustRootRef: private, {re}"), "");
+    allowed(&verify(&[("tr.yaml", &trust_root), ("cip.yaml", &cip)], &image).await);
+
+    // Wrong issuer, wrong subject: the certificate's identity is named in the reason.
+    for wrong in [
+        format!(
+            "identities: [{{issuer: \"https://accounts.google.com\", subject: \"{WORKFLOW}\"}}]"
+        ),
+        format!(
+            "identities: [{{issuer: \"{ISSUER}\", subjectRegExp: \"^https://github.com/evil/\"}}]"
+        ),
+    ] {
+        let cip = keyless_cip(&glob, &format!("trustRootRef: private, {wrong}"), "");
+        let v = verify(&[("tr.yaml", &trust_root), ("cip.yaml", &cip)], &image).await;
+        denied(&v, "certificate identity did not match");
+        assert!(v.reasons().contains(WORKFLOW), "{}", v.reasons());
+        assert!(v
+            .reasons()
+            .contains("signature keyless validation failed for authority fulcio"));
+    }
+    // One of several identities is enough.
+    let either = format!(
+        "identities: [{{issuer: \"https://accounts.google.com\", subject: x}}, {{issuer: \"{ISSUER}\", subject: \"{WORKFLOW}\"}}]"
+    );
+    let cip = keyless_cip(&glob, &format!("trustRootRef: private, {either}"), "");
+    allowed(&verify(&[("tr.yaml", &trust_root), ("cip.yaml", &cip)], &image).await);
+
+    // An email identity (the SAN of an interactive `cosign sign`).
+    let person = reg.push_image("person", "v1", "keyless-email").await;
+    let leaf = Leaf {
+        issuer: "https://accounts.google.com",
+        san: "email:dev@acme.example",
+        ..Leaf::default()
+    };
+    sign_keyless(
+        &reg,
+        "person",
+        &person,
+        &fulcio,
+        &leaf,
+        Some((&rekor, now())),
+    )
+    .await;
+    let cip = keyless_cip(
+        &glob,
+        "trustRootRef: private, identities: [{issuer: \"https://accounts.google.com\", subject: dev@acme.example}]",
+        "",
+    );
+    allowed(
+        &verify(
+            &[("tr.yaml", &trust_root), ("cip.yaml", &cip)],
+            &reg.tag_ref("person", "v1"),
+        )
+        .await,
+    );
+
+    // A certificate that expired long ago, but was valid when Rekor logged the signature.
+    let old = reg.push_image("old", "v1", "keyless-old").await;
+    let issued = now() - 7 * 86400;
+    let leaf = Leaf {
+        not_before: issued,
+        ..Leaf::default()
+    };
+    sign_keyless(
+        &reg,
+        "old",
+        &old,
+        &fulcio,
+        &leaf,
+        Some((&rekor, issued + 30)),
+    )
+    .await;
+    let cip = keyless_cip(&glob, &format!("trustRootRef: private, {identity}"), "");
+    allowed(
+        &verify(
+            &[("tr.yaml", &trust_root), ("cip.yaml", &cip)],
+            &reg.tag_ref("old", "v1"),
+        )
+        .await,
+    );
+
+    // The same expired certificate without any log entry: nothing says when it signed.
+    let stale = reg.push_image("stale", "v1", "keyless-stale").await;
+    sign_keyless(&reg, "stale", &stale, &fulcio, &leaf, None).await;
+    let v = verify(
+        &[("tr.yaml", &trust_root), ("cip.yaml", &cip)],
+        &reg.tag_ref("stale", "v1"),
+    )
+    .await;
+    denied(&v, "signing certificate was not valid at");
+
+    // A logged time outside the certificate's validity.
+    let late = reg.push_image("late", "v1", "keyless-late").await;
+    sign_keyless(
+        &reg,
+        "late",
+        &late,
+        &fulcio,
+        &leaf,
+        Some((&rekor, issued + 3600)),
+    )
+    .await;
+    let v = verify(
+        &[("tr.yaml", &trust_root), ("cip.yaml", &cip)],
+        &reg.tag_ref("late", "v1"),
+    )
+    .await;
+    denied(&v, "signing certificate was not valid at");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_set_bad_sct_untrusted_root_and_garbage() {
+    let reg = Registry::start().await;
+    let fulcio = TestFulcio::new("test-fulcio");
+    let rekor = TestRekor::new();
+    let trust_root = fulcio.trust_root_yaml("private", &rekor.public_pem());
+    let glob = format!("{}/**", reg.addr());
+    let identity = format!("identities: [{{issuer: \"{ISSUER}\", subject: \"{WORKFLOW}\"}}]");
+    let cip = keyless_cip(&glob, &format!("trustRootRef: private, {identity}"), "");
+    let files = |cip: &str| {
+        vec![
+            ("tr.yaml".to_string(), trust_root.clone()),
+            ("cip.yaml".to_string(), cip.to_string()),
+        ]
+    };
+    let run = |files: Vec<(String, String)>, image: String| async move {
+        let refs: Vec<(&str, &str)> = files
+            .iter()
+            .map(|(a, b)| (a.as_str(), b.as_str()))
+            .collect();
+        verify(&refs, &image).await
+    };
+
+    // A bundle whose SET was made by another log key.
+    let forged = reg.push_image("forged", "v1", "keyless-forged-set").await;
+    let other_log = TestRekor::new();
+    sign_keyless(
+        &reg,
+        "forged",
+        &forged,
+        &fulcio,
+        &Leaf::default(),
+        Some((&other_log, now())),
+    )
+    .await;
+    let v = run(files(&cip), reg.tag_ref("forged", "v1")).await;
+    denied(&v, "not a trusted transparency log");
+
+    // A bundle with a tampered body: the SET no longer covers it.
+    let tampered = reg.push_image("tampered", "v1", "keyless-tampered").await;
+    let signer = TestKey::generate(KeyKind::EcdsaP256);
+    let cert = fulcio.issue(&signer, &Leaf::default());
+    let layer = cosign_sign_layer(&reg.repo_ref("tampered"), &tampered, &signer);
+    let sig = layer.signature_b64().unwrap().to_string();
+    let bundle = rekor.tampered_bundle_for(&layer.payload, &sig, &cert, now());
+    let layer = layer
+        .with_annotation(CERTIFICATE_ANNOTATION, &cert)
+        .with_annotation(CHAIN_ANNOTATION, &fulcio.chain_pem())
+        .with_annotation(BUNDLE_ANNOTATION, &bundle);
+    reg.push_signature_layers("tampered", &signature_tag(&tampered), &[layer], false)
+        .await;
+    let v = run(files(&cip), reg.tag_ref("tampered", "v1")).await;
+    denied(&v, "signed entry timestamp does not verify");
+
+    // An SCT whose signature does not verify, and no SCT at all.
+    let bad_sct = reg.push_image("badsct", "v1", "keyless-bad-sct").await;
+    let leaf = Leaf {
+        bad_sct: true,
+        ..Leaf::default()
+    };
+    sign_keyless(
+        &reg,
+        "badsct",
+        &bad_sct,
+        &fulcio,
+        &leaf,
+        Some((&rekor, now())),
+    )
+    .await;
+    let v = run(files(&cip), reg.tag_ref("badsct", "v1")).await;
+    denied(&v, "no valid SCT");
+    let no_sct = reg.push_image("nosct", "v1", "keyless-no-sct").await;
+    let leaf = Leaf {
+        sct: false,
+        ..Leaf::default()
+    };
+    sign_keyless(
+        &reg,
+        "nosct",
+        &no_sct,
+        &fulcio,
+        &leaf,
+        Some((&rekor, now())),
+    )
+    .await;
+    let v = run(files(&cip), reg.tag_ref("nosct", "v1")).await;
+    denied(&v, "certificate has no embedded SCT");
+    // insecureIgnoreSCT accepts both.
+    let lax = keyless_cip(
+        &glob,
+        &format!("trustRootRef: private, insecureIgnoreSCT: true, {identity}"),
+        "",
+    );
+    allowed(&run(files(&lax), reg.tag_ref("nosct", "v1")).await);
+    allowed(&run(files(&lax), reg.tag_ref("badsct", "v1")).await);
+
+    // Signed under another CA: no path to a trusted root.
+    let rogue = TestFulcio::new("rogue-fulcio");
+    let foreign = reg.push_image("foreign", "v1", "keyless-foreign").await;
+    sign_keyless(
+        &reg,
+        "foreign",
+        &foreign,
+        &rogue,
+        &Leaf::default(),
+        Some((&rekor, now())),
+    )
+    .await;
+    let v = run(files(&cip), reg.tag_ref("foreign", "v1")).await;
+    denied(&v, "does not lead to a trusted root");
+
+    // Garbage where the certificate should be: a clear reason, no crash.
+    let garbage = reg.push_image("garbage", "v1", "keyless-garbage").await;
+    let signer = TestKey::generate(KeyKind::EcdsaP256);
+    let layer = cosign_sign_layer(&reg.repo_ref("garbage"), &garbage, &signer).with_annotation(
+        CERTIFICATE_ANNOTATION,
+        "-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGU=\n-----END CERTIFICATE-----\n",
+    );
+    reg.push_signature_layers("garbage", &signature_tag(&garbage), &[layer], false)
+        .await;
+    let v = run(files(&cip), reg.tag_ref("garbage", "v1")).await;
+    denied(&v, "signing certificate: not a DER certificate");
+
+    // A key-signed image (no certificate) under a keyless policy.
+    let keyed = reg.push_image("keyed", "v1", "keyless-keyed").await;
+    reg.sign("keyed", &keyed, &TestKey::generate(KeyKind::EcdsaP256))
+        .await;
+    let v = run(files(&cip), reg.tag_ref("keyed", "v1")).await;
+    denied(&v, "signature has no certificate");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ca_cert_authority_is_really_used() {
+    let reg = Registry::start().await;
+    let fulcio = TestFulcio::new("private-ca");
+    let glob = format!("{}/**", reg.addr());
+    let identity = format!("identities: [{{issuer: \"{ISSUER}\", subject: \"{WORKFLOW}\"}}]");
+    let digest = reg.push_image("app", "v1", "keyless-ca-cert").await;
+    sign_keyless(&reg, "app", &digest, &fulcio, &Leaf::default(), None).await;
+    let image = reg.tag_ref("app", "v1");
+
+    // The private root as ca-cert: the chain is checked against it (no log, so the
+    // certificate must be valid now, which it is).
+    let ca = serde_json::to_string(&fulcio.root.pem()).unwrap();
+    let cip = keyless_cip(
+        &glob,
+        &format!("ca-cert: {{data: {ca}}}, insecureIgnoreSCT: true, {identity}"),
+        "",
+    );
+    allowed(&verify(&[("cip.yaml", &cip)], &image).await);
+
+    // Another CA's root as ca-cert: denied (policy-controller accepts ca-cert and ignores it).
+    let other = TestFulcio::new("other-ca");
+    let ca = serde_json::to_string(&other.root.pem()).unwrap();
+    let cip = keyless_cip(
+        &glob,
+        &format!("ca-cert: {{data: {ca}}}, insecureIgnoreSCT: true, {identity}"),
+        "",
+    );
+    let v = verify(&[("cip.yaml", &cip)], &image).await;
+    denied(&v, "does not lead to a trusted root");
+
+    // The public-good roots (no ca-cert, no TrustRoot) do not trust a private CA either.
+    let cip = keyless_cip(&glob, &format!("insecureIgnoreSCT: true, {identity}"), "");
+    let v = verify(&[("cip.yaml", &cip)], &image).await;
+    denied(&v, "does not lead to a trusted root");
+
+    // ca-cert from a Secret in the controller namespace.
+    let secret = format!(
+        "---\napiVersion: v1\nkind: Secret\nmetadata: {{name: ca, namespace: cosign-system}}\nstringData:\n  ca.crt: {}\n",
+        serde_json::to_string(&fulcio.root.pem()).unwrap()
+    );
+    let cip = keyless_cip(
+        &glob,
+        &format!("ca-cert: {{secretRef: {{name: ca}}}}, insecureIgnoreSCT: true, {identity}"),
+        "",
+    );
+    allowed(&verify(&[("secret.yaml", &secret), ("cip.yaml", &cip)], &image).await);
+}
