@@ -3,7 +3,7 @@
 
 use crate::image_ref::ImageRef;
 use crate::policy::eval::{
-    conclude, decide_offline, evaluate_policy, signature_repos, Decision, Offline, Signatures,
+    attached_needed, conclude, decide_offline, evaluate_policy, Decision, Offline, Signatures,
     Verdict,
 };
 use crate::policy::Snapshot;
@@ -47,12 +47,13 @@ pub async fn decide_with_auth(
     let pinned = image.with_digest(&digest);
 
     let policies: Vec<_> = undecided.iter().map(|&i| &snapshot.policies[i]).collect();
-    let repos = signature_repos(&policies, &pinned);
-    let digest_ref = digest.as_str();
-    let fetches = repos.iter().map(|repo| async move {
+    let needed = attached_needed(&policies, &pinned, &digest);
+    let fetches = needed.iter().map(|att| async move {
         (
-            repo.name(),
-            registry.fetch_signatures(repo, digest_ref, auth).await,
+            att.key(),
+            registry
+                .fetch_attached(&att.repo, &att.tag, att.media_type, auth)
+                .await,
         )
     });
     let mut signatures = Signatures::new();

@@ -7,7 +7,10 @@ use serde::Serialize;
 
 use super::snapshot::{Check, CompiledAuthority, CompiledPolicy, Mode, NoMatchPolicy, Snapshot};
 use crate::image_ref::ImageRef;
-use crate::verify::cosign::{check_key, check_keyless, KeyCheck, SignatureLayer};
+use crate::verify::attest::{check_attestations, Signer, DSSE_MEDIA_TYPE};
+use crate::verify::cosign::{
+    check_key, check_keyless, KeyCheck, SignatureLayer, SIMPLE_SIGNING_MEDIA_TYPE,
+};
 
 /// The outcome users act on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -155,20 +158,57 @@ fn static_authority(a: &CompiledAuthority) -> AuthorityOutcome {
     }
 }
 
-/// Repository names (`registry/repository`) whose signatures the undecided policies need.
-pub fn signature_repos(policies: &[&CompiledPolicy], image: &ImageRef) -> Vec<ImageRef> {
-    let mut repos: Vec<ImageRef> = Vec::new();
+/// Something attached to an image that authorities check: the repository holding it, its tag
+/// and the media type of the layers wanted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attached {
+    pub repo: ImageRef,
+    pub tag: String,
+    pub media_type: &'static str,
+}
+
+impl Attached {
+    /// The key of its layers in [`Signatures`].
+    pub fn key(&self) -> String {
+        format!("{}:{}", self.repo.name(), self.tag)
+    }
+}
+
+/// What `a` needs fetched for `digest`: its `.sig` signatures, or its `.att` attestations when
+/// it names any; `None` for authorities that need nothing.
+pub fn attached_for(a: &CompiledAuthority, image: &ImageRef, digest: &str) -> Option<Attached> {
+    if !matches!(a.check, Check::Key { .. } | Check::Keyless(_)) {
+        return None;
+    }
+    let (suffix, media_type) = if a.attestations.is_empty() {
+        ("sig", SIMPLE_SIGNING_MEDIA_TYPE)
+    } else {
+        ("att", DSSE_MEDIA_TYPE)
+    };
+    Some(Attached {
+        repo: a.signature_repo.clone().unwrap_or_else(|| image.clone()),
+        tag: crate::registry::attached_tag(&a.tag_prefix, digest, suffix)?,
+        media_type,
+    })
+}
+
+/// Everything the undecided policies need fetched, each once.
+pub fn attached_needed(
+    policies: &[&CompiledPolicy],
+    image: &ImageRef,
+    digest: &str,
+) -> Vec<Attached> {
+    let mut needed: Vec<Attached> = Vec::new();
     for p in policies {
         for a in p.authorities.iter().flatten() {
-            if matches!(a.check, Check::Key { .. } | Check::Keyless(_)) {
-                let repo = a.signature_repo.clone().unwrap_or_else(|| image.clone());
-                if !repos.iter().any(|r| r.name() == repo.name()) {
-                    repos.push(repo);
+            if let Some(att) = attached_for(a, image, digest) {
+                if !needed.iter().any(|n| n.key() == att.key()) {
+                    needed.push(att);
                 }
             }
         }
     }
-    repos
+    needed
 }
 
 /// Evaluates a policy against signatures fetched for `digest`.
@@ -186,12 +226,27 @@ pub fn evaluate_policy(
         .iter()
         .flatten()
         .map(|a| {
-            let repo = a.signature_repo.as_ref().unwrap_or(image);
+            let Some(attached) = attached_for(a, image, digest) else {
+                return static_authority(a);
+            };
             let layers = signatures
-                .get(&repo.name())
+                .get(&attached.key())
                 .map(Vec::as_slice)
                 .unwrap_or_default();
+            let now = jiff::Timestamp::now().as_second();
             let checked = match &a.check {
+                Check::Key { keys, hash, .. } if !a.attestations.is_empty() => {
+                    let signer = Signer::Keys { keys, hash: *hash };
+                    check_attestations(layers, digest, &signer, &a.attestations)
+                        .map(|m| serde_json::to_value(m).ok())
+                        .map_err(|cause| ("attestation key validation failed", cause))
+                }
+                Check::Keyless(check) if !a.attestations.is_empty() => {
+                    let signer = Signer::Keyless { check, now };
+                    check_attestations(layers, digest, &signer, &a.attestations)
+                        .map(|m| serde_json::to_value(m).ok())
+                        .map_err(|cause| ("attestation keyless validation failed", cause))
+                }
                 Check::Key { keys, hash, tlog } => {
                     let check = KeyCheck {
                         keys,
@@ -202,11 +257,9 @@ pub fn evaluate_policy(
                         .map(|m| serde_json::to_value(m).ok())
                         .map_err(|cause| ("signature key validation failed", cause))
                 }
-                Check::Keyless(check) => {
-                    check_keyless(layers, digest, check, jiff::Timestamp::now().as_second())
-                        .map(|m| serde_json::to_value(m).ok())
-                        .map_err(|cause| ("signature keyless validation failed", cause))
-                }
+                Check::Keyless(check) => check_keyless(layers, digest, check, now)
+                    .map(|m| serde_json::to_value(m).ok())
+                    .map_err(|cause| ("signature keyless validation failed", cause)),
                 _ => return static_authority(a),
             };
             match checked {

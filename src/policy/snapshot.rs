@@ -10,9 +10,11 @@ use sha2::Digest as _;
 
 use super::glob::GlobIndex;
 use super::load::Objects;
+use super::rego::RegoPolicy;
 use super::types::{Authority, ClusterImagePolicy, Labels, TrustRoot};
 use super::validate::{validate_cip, validate_trust_root, Problem};
 use crate::image_ref::ImageRef;
+use crate::verify::attest::{predicate_type_uri, AttestationCheck, AttestationPolicy};
 use crate::verify::keyless::KeylessCheck;
 use crate::verify::keys::{parse_pem_keys, HashAlgorithm, PublicKey};
 use crate::verify::rekor::{decode_log_key, LogKeys, PUBLIC_GOOD_REKOR_URL};
@@ -114,6 +116,10 @@ pub struct CompiledAuthority {
     pub check: Check,
     /// Repository holding the signatures (`source.oci`), when not the image's own.
     pub signature_repo: Option<ImageRef>,
+    /// `source.tagPrefix`: prepended to cosign's `sha256-<hex>.sig|.att` tags.
+    pub tag_prefix: String,
+    /// Non-empty: the authority is satisfied by these attestations, not by signatures.
+    pub attestations: Vec<AttestationCheck>,
 }
 
 /// A CIP ready for evaluation. `authorities` is `Err` when the CIP is invalid: every image it
@@ -197,6 +203,18 @@ impl Snapshot {
         let resolver = Resolver {
             secrets,
             trust_roots,
+            config_maps: objects
+                .config_maps
+                .iter()
+                .filter_map(|c| {
+                    let ns = c
+                        .metadata
+                        .namespace
+                        .as_deref()
+                        .unwrap_or(&settings.controller_namespace);
+                    Some(((ns, c.metadata.name.as_deref()?), c))
+                })
+                .collect(),
             controller_namespace: &settings.controller_namespace,
         };
 
@@ -339,6 +357,8 @@ impl Snapshot {
 
 struct Resolver<'a> {
     secrets: HashMap<&'a str, &'a Secret>,
+    /// By (namespace, name): policy sources (`configMapRef`).
+    config_maps: HashMap<(&'a str, &'a str), &'a k8s_openapi::api::core::v1::ConfigMap>,
     trust_roots: HashMap<&'a str, &'a TrustRoot>,
     controller_namespace: &'a str,
 }
@@ -441,15 +461,92 @@ fn compile_authority(
         .first()
         .and_then(|s| s.oci.as_deref())
         .and_then(|oci| ImageRef::parse(oci).ok());
-    let check = match unsupported(a, cip) {
-        Some(reason) => Check::Unusable(reason),
-        None => resolve_check(a, resolver).unwrap_or_else(Check::Unusable),
+    let attestations = a
+        .attestations
+        .iter()
+        .map(|at| compile_attestation(at, cip, &name, resolver))
+        .collect::<Result<Vec<_>, String>>();
+    let (check, attestations) = match (unsupported(a, cip), attestations) {
+        (Some(reason), _) | (None, Err(reason)) => (Check::Unusable(reason), Vec::new()),
+        (None, Ok(attestations)) => (
+            resolve_check(a, resolver).unwrap_or_else(Check::Unusable),
+            attestations,
+        ),
     };
     CompiledAuthority {
         name,
         check,
         signature_repo,
+        tag_prefix: a
+            .source
+            .first()
+            .and_then(|s| s.tag_prefix.clone())
+            .unwrap_or_default(),
+        attestations,
     }
+}
+
+/// An `attestations[]` entry: the predicate type resolved, the policy compiled (a rego policy
+/// that does not parse makes the authority unusable; cue is refused with a reason at
+/// evaluation, naming where it is).
+fn compile_attestation(
+    at: &super::types::Attestation,
+    cip: &ClusterImagePolicy,
+    authority: &str,
+    resolver: &Resolver,
+) -> Result<AttestationCheck, String> {
+    let cip_name = cip.metadata.name.as_deref().unwrap_or_default();
+    let policy = match &at.policy {
+        None => None,
+        Some(p) => match p.type_.as_str() {
+            "rego" => {
+                let source = policy_source(p, resolver)
+                    .map_err(|e| format!("attestation {:?} policy: {e}", at.name))?;
+                Some(AttestationPolicy::Rego(std::sync::Arc::new(
+                    RegoPolicy::compile(&source)
+                        .map_err(|e| format!("attestation {:?} rego policy: {e}", at.name))?,
+                )))
+            }
+            "cue" => Some(AttestationPolicy::Unsupported(format!(
+                "cue policies are not supported by this version of pullgate (ClusterImagePolicy {cip_name}, authority {authority}, attestation {}); use type: rego",
+                at.name
+            ))),
+            other => return Err(format!("attestation {:?}: unknown policy type {other:?}", at.name)),
+        },
+    };
+    Ok(AttestationCheck {
+        name: at.name.clone(),
+        predicate_type: predicate_type_uri(&at.predicate_type).to_string(),
+        policy,
+    })
+}
+
+/// The text of a policy: `data`, or a key of a ConfigMap (`configMapRef`). `remote` policies
+/// are refused: fetching them at policy load is not built.
+fn policy_source(p: &super::types::Policy, resolver: &Resolver) -> Result<String, String> {
+    if let Some(data) = &p.data {
+        return Ok(data.clone());
+    }
+    if let Some(r) = &p.config_map_ref {
+        let ns = r
+            .namespace
+            .as_deref()
+            .unwrap_or(resolver.controller_namespace);
+        let cm = resolver
+            .config_maps
+            .get(&(ns, r.name.as_str()))
+            .ok_or_else(|| format!("ConfigMap {ns}/{} not found", r.name))?;
+        return cm
+            .data
+            .as_ref()
+            .and_then(|d| d.get(&r.key))
+            .cloned()
+            .ok_or_else(|| format!("ConfigMap {ns}/{} has no key {:?}", r.name, r.key));
+    }
+    if p.remote.is_some() {
+        return Err("remote policies are not supported by this version of pullgate; use data or configMapRef".into());
+    }
+    Err("policy has no data, configMapRef or remote".into())
 }
 
 /// Features a CIP may use that this build does not verify. They fail closed with a reason.
@@ -462,11 +559,11 @@ fn unsupported(a: &Authority, cip: &ClusterImagePolicy) -> Option<String> {
     if cip.spec.policy.is_some() {
         return not_built("a ClusterImagePolicy-level policy (spec.policy)");
     }
-    if !a.attestations.is_empty() {
-        return not_built("attestation verification");
-    }
     if a.rfc3161timestamp.is_some() {
         return not_built("rfc3161timestamp");
+    }
+    if !a.attestations.is_empty() && a.ctlog.is_some() {
+        return not_built("ctlog (Rekor) verification of attestations");
     }
     if let Some(key) = &a.key {
         if let Some(kms) = &key.kms {
@@ -476,9 +573,6 @@ fn unsupported(a: &Authority, cip: &ClusterImagePolicy) -> Option<String> {
     if let Some(source) = a.source.first() {
         if !source.signature_pull_secrets.is_empty() {
             return not_built("source.signaturePullSecrets");
-        }
-        if source.tag_prefix.is_some() {
-            return not_built("source.tagPrefix");
         }
     }
     match a.signature_format.as_deref() {
@@ -766,6 +860,12 @@ fn hash_policy(hasher: &mut sha2::Sha256, cip: &ClusterImagePolicy, compiled: &C
     hasher.update(serde_json::to_vec(&cip.spec).unwrap_or_default());
     if let Ok(authorities) = &compiled.authorities {
         for a in authorities {
+            // Policy text from a ConfigMap is not in the CIP spec: hash what is in force.
+            for at in &a.attestations {
+                if let Some(AttestationPolicy::Rego(p)) = &at.policy {
+                    hasher.update(p.source().as_bytes());
+                }
+            }
             match &a.check {
                 Check::Key { keys, tlog, .. } => {
                     for k in keys {

@@ -269,12 +269,39 @@ impl RegistryClient {
         digest: &str,
         auth: Option<&Credential>,
     ) -> Result<Vec<SignatureLayer>> {
-        let target = self.target(repo, auth);
         let tag = signature_tag(digest).ok_or_else(|| RegistryError::Invalid {
-            host: target.host.to_string(),
+            host: repo.registry().to_string(),
             what: "digest",
             message: format!("{digest:?} is not algorithm:hex"),
         })?;
+        self.fetch_attached(repo, &tag, SIMPLE_SIGNING_MEDIA_TYPE, auth)
+            .await
+    }
+
+    /// The layers of media type `media_type` in the manifest at `repo:tag` (cosign's
+    /// signature or attestation tags), each blob read within limits and checked against its
+    /// digest. An absent tag is an empty list.
+    pub async fn fetch_attached(
+        &self,
+        repo: &ImageRef,
+        tag: &str,
+        media_type: &str,
+        auth: Option<&Credential>,
+    ) -> Result<Vec<SignatureLayer>> {
+        let target = self.target(repo, auth);
+        let valid_tag = !tag.is_empty()
+            && tag.len() <= 128
+            && tag
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+            && !tag.starts_with(['.', '-']);
+        if !valid_tag {
+            return Err(RegistryError::Invalid {
+                host: target.host.to_string(),
+                what: "tag",
+                message: format!("{tag:?} is not a valid tag (check source.tagPrefix)"),
+            });
+        }
         let url = target.url(&format!("manifests/{tag}"));
         let resp = self
             .send(&target, Method::GET, &url, MANIFEST_ACCEPT)
@@ -301,7 +328,7 @@ impl RegistryClient {
         let layers: Vec<Descriptor> = manifest
             .layers
             .into_iter()
-            .filter(|l| l.media_type == SIMPLE_SIGNING_MEDIA_TYPE)
+            .filter(|l| l.media_type == media_type)
             .collect();
         if layers.len() > self.config.limits.signature_layers {
             return Err(RegistryError::TooLarge {
@@ -566,9 +593,15 @@ impl RegistryClient {
 
 /// cosign's signature tag for a digest: `sha256:abc…` → `sha256-abc….sig`.
 pub fn signature_tag(digest: &str) -> Option<String> {
+    attached_tag("", digest, "sig")
+}
+
+/// cosign's tag for what is attached to `digest`: `PREFIX` + `sha256-<hex>.` + `suffix`
+/// (`sig` or `att`).
+pub fn attached_tag(prefix: &str, digest: &str, suffix: &str) -> Option<String> {
     let (alg, hex) = digest.split_once(':')?;
     (!alg.is_empty() && !hex.is_empty() && hex.bytes().all(|b| b.is_ascii_hexdigit()))
-        .then(|| format!("{alg}-{hex}.sig"))
+        .then(|| format!("{prefix}{alg}-{hex}.{suffix}"))
 }
 
 fn is_digest(d: &str) -> bool {

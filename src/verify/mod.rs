@@ -1,5 +1,6 @@
 //! Signature checks: pure functions over signatures already fetched from the registry.
 
+pub mod attest;
 pub mod cache;
 pub mod cosign;
 pub mod keyless;
