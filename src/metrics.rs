@@ -220,7 +220,8 @@ struct Readiness<'a> {
 
 pub type Reply = http::Response<Full<Bytes>>;
 
-fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Reply {
+/// An HTTP answer with a body of `content_type`.
+pub fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Reply {
     let mut response = http::Response::new(Full::new(body.into()));
     *response.status_mut() = status;
     if let Ok(v) = header::HeaderValue::from_str(content_type) {

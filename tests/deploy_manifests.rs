@@ -12,7 +12,7 @@ use k8s_openapi::api::admissionregistration::v1::{
     MutatingWebhookConfiguration, RuleWithOperations, ValidatingWebhookConfiguration,
 };
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
@@ -253,6 +253,10 @@ fn webhooks_fail_closed_on_paths_the_shim_serves() {
             w.client_config.service.as_ref().unwrap().path.as_deref() == Some("/validate/workloads")
         })
         .unwrap();
+    assert!(
+        std::ptr::eq(workloads, &validating.webhooks.as_ref().unwrap()[0]),
+        "the README's bypass step patches /webhooks/0: keep the workload webhook first"
+    );
     let selector = workloads
         .namespace_selector
         .as_ref()
@@ -383,13 +387,15 @@ fn grants(m: &Manifests, account: &str) -> Vec<(String, PolicyRule)> {
     out
 }
 
-/// "namespace resource verb" strings of `grants`.
+/// "namespace group/resource verb" strings of `grants` (group empty for the core API).
 fn permissions(grants: &[(String, PolicyRule)]) -> Vec<String> {
     let mut out = Vec::new();
     for (ns, rule) in grants {
-        for res in rule.resources.iter().flatten() {
-            for verb in &rule.verbs {
-                out.push(format!("{ns} {res} {verb}"));
+        for group in rule.api_groups.iter().flatten() {
+            for res in rule.resources.iter().flatten() {
+                for verb in &rule.verbs {
+                    out.push(format!("{ns} {group}/{res} {verb}"));
+                }
             }
         }
     }
@@ -404,27 +410,27 @@ fn nodes_get_list_and_watch_on_only_what_they_need() {
     assert_eq!(
         node,
         [
-            "* clusterimagepolicies list",
-            "* clusterimagepolicies watch",
-            "* namespaces list",
-            "* namespaces watch",
-            "* trustroots list",
-            "* trustroots watch",
-            "cosign-system configmaps list",
-            "cosign-system configmaps watch",
-            "cosign-system secrets list",
-            "cosign-system secrets watch",
+            "* /namespaces list",
+            "* /namespaces watch",
+            "* policy.sigstore.dev/clusterimagepolicies list",
+            "* policy.sigstore.dev/clusterimagepolicies watch",
+            "* policy.sigstore.dev/trustroots list",
+            "* policy.sigstore.dev/trustroots watch",
+            "cosign-system /configmaps list",
+            "cosign-system /configmaps watch",
+            "cosign-system /secrets list",
+            "cosign-system /secrets watch",
         ]
     );
     let admission = permissions(&grants(&m, "pullgate-admission"));
     assert!(
-        admission.contains(&"* secrets get".to_string()),
+        admission.contains(&"* /secrets get".to_string()),
         "imagePullSecrets: {admission:?}"
     );
     assert!(
         !admission
             .iter()
-            .any(|p| p.starts_with("* secrets list") || p.starts_with("* secrets watch")),
+            .any(|p| p.starts_with("* /secrets list") || p.starts_with("* /secrets watch")),
         "{admission:?}"
     );
     for p in admission.iter().chain(&node) {
@@ -534,6 +540,14 @@ fn conforms(value: &Value, schema: &JSONSchemaProps, at: &str) -> Result<(), Str
     let ty = schema.type_.as_deref().unwrap_or_default();
     match (ty, value) {
         ("object", Value::Object(map)) => {
+            if let Some(missing) = schema
+                .required
+                .iter()
+                .flatten()
+                .find(|r| !map.contains_key(*r))
+            {
+                return Err(format!("{at}.{missing}: required by the CRD schema"));
+            }
             for (k, v) in map {
                 if at.is_empty() && ["apiVersion", "kind", "metadata"].contains(&k.as_str()) {
                     continue;
@@ -617,6 +631,29 @@ fn policy_documents() -> Vec<(String, Value)> {
         .collect()
 }
 
+/// Sets the field at JSON `pointer` in `doc`, creating the objects on the way.
+fn set_at(doc: &mut Value, pointer: &str, value: Value) {
+    let mut at = doc;
+    for key in pointer.trim_start_matches('/').split('/') {
+        at = at
+            .as_object_mut()
+            .expect("an object on the way")
+            .entry(key)
+            .or_insert(Value::Null);
+        if at.is_null() {
+            *at = json!({});
+        }
+    }
+    *at = value;
+}
+
+/// TrustRoot fields policy-controller's CRD declares and pullgate's model
+/// (`src/policy/types.rs`) does not parse yet, as JSON pointers. The CRD keeps them so that
+/// policy-controller's objects survive when pullgate owns the CRD; pullgate refuses a TrustRoot
+/// that sets one (it fails closed, as for every unknown field). The test below fails once the
+/// model learns one, so this list cannot go stale.
+const TRUST_ROOT_FIELDS_PULLGATE_LACKS: &[&str] = &[];
+
 #[test]
 fn crd_schemas_accept_every_policy_pullgate_accepts_and_no_field_it_does_not_know() {
     let m = load();
@@ -657,6 +694,20 @@ fn crd_schemas_accept_every_policy_pullgate_accepts_and_no_field_it_does_not_kno
         .unwrap_or_else(|e| panic!("CRD field {} unknown to pullgate: {}", e.path(), e.inner()));
     let mut full = maximal(tr);
     full["metadata"] = json!({"name": "full"});
+    for gap in TRUST_ROOT_FIELDS_PULLGATE_LACKS {
+        let (parent, field) = gap.rsplit_once('/').unwrap();
+        let value = full
+            .pointer_mut(parent)
+            .and_then(Value::as_object_mut)
+            .and_then(|o| o.remove(field))
+            .unwrap_or_else(|| panic!("{gap} is not in the CRD schema"));
+        let mut alone = json!({"metadata": {"name": "gap"}});
+        set_at(&mut alone, gap, value);
+        assert!(
+            serde_json::from_value::<TrustRoot>(alone).is_err(),
+            "pullgate's TrustRoot model now knows {gap}: remove it from TRUST_ROOT_FIELDS_PULLGATE_LACKS"
+        );
+    }
     serde_path_to_error::deserialize::<_, TrustRoot>(&full)
         .unwrap_or_else(|e| panic!("CRD field {} unknown to pullgate: {}", e.path(), e.inner()));
 
@@ -874,4 +925,732 @@ fn node_installer_ships_the_repository_unit_as_a_host_service() {
         .iter()
         .flatten()
         .any(|t| t.operator.as_deref() == Some("Exists") && t.key.is_none()));
+}
+
+/// The fields of policy-controller's CRDs (sigstore/policy-controller at f925c0c1,
+/// config/300-clusterimagepolicy.yaml and config/300-trustroot.yaml: every leaf, identical in
+/// v1alpha1 and v1beta1), with their types. Ours must declare each of them, so that objects
+/// written for policy-controller keep every field when pullgate's CRD is the one installed.
+const POLICY_CONTROLLER_CIP_FIELDS: &[&str] = &[
+    ".spec.authorities[].attestations[].name string",
+    ".spec.authorities[].attestations[].policy.configMapRef.key string",
+    ".spec.authorities[].attestations[].policy.configMapRef.name string",
+    ".spec.authorities[].attestations[].policy.configMapRef.namespace string",
+    ".spec.authorities[].attestations[].policy.data string",
+    ".spec.authorities[].attestations[].policy.fetchConfigFile boolean",
+    ".spec.authorities[].attestations[].policy.includeObjectMeta boolean",
+    ".spec.authorities[].attestations[].policy.includeSpec boolean",
+    ".spec.authorities[].attestations[].policy.includeTypeMeta boolean",
+    ".spec.authorities[].attestations[].policy.remote.sha256sum string",
+    ".spec.authorities[].attestations[].policy.remote.url string",
+    ".spec.authorities[].attestations[].policy.type string",
+    ".spec.authorities[].attestations[].predicateType string",
+    ".spec.authorities[].ctlog.trustRootRef string",
+    ".spec.authorities[].ctlog.url string",
+    ".spec.authorities[].key.data string",
+    ".spec.authorities[].key.hashAlgorithm string",
+    ".spec.authorities[].key.kms string",
+    ".spec.authorities[].key.secretRef.name string",
+    ".spec.authorities[].key.secretRef.namespace string",
+    ".spec.authorities[].keyless.ca-cert.data string",
+    ".spec.authorities[].keyless.ca-cert.hashAlgorithm string",
+    ".spec.authorities[].keyless.ca-cert.kms string",
+    ".spec.authorities[].keyless.ca-cert.secretRef.name string",
+    ".spec.authorities[].keyless.ca-cert.secretRef.namespace string",
+    ".spec.authorities[].keyless.identities[].issuer string",
+    ".spec.authorities[].keyless.identities[].issuerRegExp string",
+    ".spec.authorities[].keyless.identities[].subject string",
+    ".spec.authorities[].keyless.identities[].subjectRegExp string",
+    ".spec.authorities[].keyless.insecureIgnoreSCT boolean",
+    ".spec.authorities[].keyless.trustRootRef string",
+    ".spec.authorities[].keyless.url string",
+    ".spec.authorities[].name string",
+    ".spec.authorities[].rfc3161timestamp.trustRootRef string",
+    ".spec.authorities[].signatureFormat string",
+    ".spec.authorities[].source[].oci string",
+    ".spec.authorities[].source[].signaturePullSecrets[].name string",
+    ".spec.authorities[].source[].tagPrefix string",
+    ".spec.authorities[].static.action string",
+    ".spec.authorities[].static.message string",
+    ".spec.images[].glob string",
+    ".spec.match[].group string",
+    ".spec.match[].resource string",
+    ".spec.match[].selector.matchExpressions[].key string",
+    ".spec.match[].selector.matchExpressions[].operator string",
+    ".spec.match[].selector.matchExpressions[].values[] string",
+    ".spec.match[].selector.matchLabels object (any keys)",
+    ".spec.match[].version string",
+    ".spec.mode string",
+    ".spec.policy.configMapRef.key string",
+    ".spec.policy.configMapRef.name string",
+    ".spec.policy.configMapRef.namespace string",
+    ".spec.policy.data string",
+    ".spec.policy.fetchConfigFile boolean",
+    ".spec.policy.includeObjectMeta boolean",
+    ".spec.policy.includeSpec boolean",
+    ".spec.policy.includeTypeMeta boolean",
+    ".spec.policy.remote.sha256sum string",
+    ".spec.policy.remote.url string",
+    ".spec.policy.type string",
+    ".status.annotations object (any keys)",
+    ".status.conditions[].lastTransitionTime string",
+    ".status.conditions[].message string",
+    ".status.conditions[].reason string",
+    ".status.conditions[].severity string",
+    ".status.conditions[].status string",
+    ".status.conditions[].type string",
+    ".status.observedGeneration integer",
+];
+
+const POLICY_CONTROLLER_TRUST_ROOT_FIELDS: &[&str] = &[
+    ".spec.remote.mirror string",
+    ".spec.remote.root string",
+    ".spec.remote.targets string",
+    ".spec.remote.trustedRootTarget string",
+    ".spec.repository.mirrorFS string",
+    ".spec.repository.root string",
+    ".spec.repository.targets string",
+    ".spec.repository.trustedRootTarget string",
+    ".spec.sigstoreKeys.certificateAuthorities[].certChain string",
+    ".spec.sigstoreKeys.certificateAuthorities[].subject.commonName string",
+    ".spec.sigstoreKeys.certificateAuthorities[].subject.organization string",
+    ".spec.sigstoreKeys.certificateAuthorities[].uri string",
+    ".spec.sigstoreKeys.ctLogs[].baseURL string",
+    ".spec.sigstoreKeys.ctLogs[].hashAlgorithm string",
+    ".spec.sigstoreKeys.ctLogs[].publicKey string",
+    ".spec.sigstoreKeys.tLogs[].baseURL string",
+    ".spec.sigstoreKeys.tLogs[].hashAlgorithm string",
+    ".spec.sigstoreKeys.tLogs[].publicKey string",
+    ".spec.sigstoreKeys.timestampAuthorities[].certChain string",
+    ".spec.sigstoreKeys.timestampAuthorities[].subject.commonName string",
+    ".spec.sigstoreKeys.timestampAuthorities[].subject.organization string",
+    ".spec.sigstoreKeys.timestampAuthorities[].uri string",
+    ".status.annotations object (any keys)",
+    ".status.conditions[].lastTransitionTime string",
+    ".status.conditions[].message string",
+    ".status.conditions[].reason string",
+    ".status.conditions[].severity string",
+    ".status.conditions[].status string",
+    ".status.conditions[].type string",
+    ".status.observedGeneration integer",
+];
+
+/// Fields pullgate's CRDs add to policy-controller's (optional, from Sigstore's trusted_root.json;
+/// deploy/crds/trustroots.yaml says what becomes of them under policy-controller's CRD).
+const PULLGATE_ONLY_TRUST_ROOT_FIELDS: &[&str] = &[
+    ".spec.sigstoreKeys.certificateAuthorities[].validFor.end string",
+    ".spec.sigstoreKeys.certificateAuthorities[].validFor.start string",
+    ".spec.sigstoreKeys.ctLogs[].logID string",
+    ".spec.sigstoreKeys.tLogs[].logID string",
+    ".spec.sigstoreKeys.timestampAuthorities[].validFor.end string",
+    ".spec.sigstoreKeys.timestampAuthorities[].validFor.start string",
+];
+
+/// "path type" of every leaf of `schema`, in the form of the lists above; an object without
+/// declared properties that takes any keys is a leaf "object (any keys)".
+fn leaf_fields(schema: &JSONSchemaProps, at: &str, out: &mut Vec<String>) {
+    let ty = schema.type_.as_deref().unwrap_or("(no type)");
+    let props = schema.properties.as_ref().filter(|p| !p.is_empty());
+    let any_keys = schema.x_kubernetes_preserve_unknown_fields == Some(true)
+        || schema.additional_properties.is_some();
+    match (ty, props) {
+        ("object", Some(props)) => {
+            for (k, p) in props {
+                leaf_fields(p, &format!("{at}.{k}"), out);
+            }
+        }
+        ("object", None) if any_keys => out.push(format!("{at} object (any keys)")),
+        ("array", _) => match &schema.items {
+            Some(JSONSchemaPropsOrArray::Schema(item)) => {
+                leaf_fields(item, &format!("{at}[]"), out)
+            }
+            _ => out.push(format!("{at} array (no item schema)")),
+        },
+        _ => out.push(format!("{at} {ty}")),
+    }
+}
+
+#[test]
+fn crds_declare_every_policy_controller_field_with_its_type() {
+    let m = load();
+    for (name, upstream, ours_only) in [
+        (
+            "clusterimagepolicies.policy.sigstore.dev",
+            POLICY_CONTROLLER_CIP_FIELDS,
+            &[][..],
+        ),
+        (
+            "trustroots.policy.sigstore.dev",
+            POLICY_CONTROLLER_TRUST_ROOT_FIELDS,
+            PULLGATE_ONLY_TRUST_ROOT_FIELDS,
+        ),
+    ] {
+        for version in &crd(&m, name).spec.versions {
+            let schema = version
+                .schema
+                .as_ref()
+                .unwrap()
+                .open_api_v3_schema
+                .as_ref()
+                .unwrap();
+            assert_eq!(
+                schema.type_.as_deref(),
+                Some("object"),
+                "{name} {}",
+                version.name
+            );
+            let mut ours = Vec::new();
+            leaf_fields(schema, "", &mut ours);
+            ours.sort();
+            let missing: Vec<&&str> = upstream
+                .iter()
+                .filter(|f| !ours.iter().any(|o| o == *f))
+                .collect();
+            assert!(
+                missing.is_empty(),
+                "{name} {}: policy-controller's fields missing or typed differently: {missing:?}",
+                version.name
+            );
+            let extra: Vec<&String> = ours
+                .iter()
+                .filter(|o| !upstream.contains(&o.as_str()) && !ours_only.contains(&o.as_str()))
+                .collect();
+            assert!(
+                extra.is_empty(),
+                "{name} {}: fields policy-controller's CRD does not have (list them in \
+                 PULLGATE_ONLY_*_FIELDS and say in the CRD what becomes of them): {extra:?}",
+                version.name
+            );
+        }
+    }
+}
+
+/// kind-config/policies/ is what the README applies to a cluster: every object in it is a
+/// typed Kubernetes object or a policy that fits the CRD schema and pullgate's model.
+#[test]
+fn kind_config_policies_are_objects_a_cluster_accepts() {
+    let m = load();
+    let cip_schema = schema_of(crd(&m, "clusterimagepolicies.policy.sigstore.dev"));
+    let mut kinds = Vec::new();
+    for file in yaml_files(&root().join("kind-config/policies")) {
+        for (i, doc) in documents(&file).into_iter().enumerate() {
+            let origin = format!("{} document {}", file.display(), i + 1);
+            let kind = doc["kind"].as_str().unwrap_or_default().to_string();
+            match (
+                doc["apiVersion"].as_str().unwrap_or_default(),
+                kind.as_str(),
+            ) {
+                ("v1", "Namespace") => drop(typed::<Namespace>(&doc, &origin)),
+                ("v1", "Secret") => drop(typed::<Secret>(&doc, &origin)),
+                ("v1", "ConfigMap") => drop(typed::<ConfigMap>(&doc, &origin)),
+                (
+                    "policy.sigstore.dev/v1alpha1" | "policy.sigstore.dev/v1beta1",
+                    "ClusterImagePolicy",
+                ) => {
+                    conforms(&doc, cip_schema, "").unwrap_or_else(|e| panic!("{origin}: {e}"));
+                    serde_path_to_error::deserialize::<_, ClusterImagePolicy>(&doc)
+                        .unwrap_or_else(|e| panic!("{origin}: {}: {}", e.path(), e.inner()));
+                }
+                (api_version, kind) => panic!("{origin}: unexpected {api_version} {kind}"),
+            }
+            kinds.push(kind);
+        }
+    }
+    kinds.sort();
+    kinds.dedup();
+    assert_eq!(
+        kinds,
+        ["ClusterImagePolicy", "ConfigMap", "Namespace", "Secret"]
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The node installer, run for real: the ConfigMap's install.sh against a scratch "host" root,
+// with `nsenter` replaced by a stub that records the systemctl calls, a service-account dir
+// with a token and a cluster CA, and a TLS API server that records the bearer tokens it gets.
+// ---------------------------------------------------------------------------------------------
+
+use std::os::unix::fs::PermissionsExt as _;
+use std::process::{Child, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// A scratch node: `host` stands for the node's `/`, the rest for the installer pod.
+struct ScratchNode {
+    dir: tempfile::TempDir,
+}
+
+const FAKE_BINARY: &str = "#!/bin/sh\necho pullgate release under test\n";
+
+impl ScratchNode {
+    /// The ConfigMap's files, a service account with `token` and `ca_pem`, a binary to install,
+    /// the nsenter stub, and a kubelet config (when `kubelet_config` is given).
+    fn new(m: &Manifests, token: &str, ca_pem: &str, kubelet_config: Option<&str>) -> ScratchNode {
+        let node = ScratchNode {
+            dir: tempfile::tempdir().unwrap(),
+        };
+        for (name, text) in config_map_files(m) {
+            write(&node.path("files").join(name), &text);
+        }
+        write(&node.path("sa/token"), token);
+        write(&node.path("sa/ca.crt"), ca_pem);
+        write(&node.path("image/pullgate"), FAKE_BINARY);
+        // Like nsenter -t 1 -m ... -- CMD: refuses any other target, records CMD.
+        let stub = "#!/bin/sh\n\
+            [ \"$1 $2 $3\" = '-t 1 -m' ] || { echo \"nsenter stub: not PID 1's namespaces: $*\" >&2; exit 2; }\n\
+            while [ \"$1\" != -- ]; do shift; done; shift\n\
+            echo \"$*\" >> \"$NSENTER_CALLS\"\n";
+        write(&node.path("bin/nsenter"), stub);
+        std::fs::set_permissions(
+            node.path("bin/nsenter"),
+            std::fs::Permissions::from_mode(0o755),
+        )
+        .unwrap();
+        if let Some(config) = kubelet_config {
+            write(&node.host("var/lib/kubelet/config.yaml"), config);
+        }
+        std::fs::create_dir_all(node.host("run/pullgate")).unwrap();
+        node
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    fn host(&self, rel: &str) -> PathBuf {
+        self.dir.path().join("host").join(rel)
+    }
+
+    /// Starts install.sh as the DaemonSet would, with the scratch paths.
+    fn install(&self, api_host: &str, api_port: u16, configure_kubelet: bool) -> Installer {
+        let path = format!(
+            "{}:{}",
+            self.path("bin").display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let log = std::fs::File::create(self.path("installer.log")).unwrap();
+        let child = std::process::Command::new("sh")
+            .arg(self.path("files/install.sh"))
+            .env("PATH", path)
+            .env("INSTALL_HOST_ROOT", self.path("host"))
+            .env("INSTALL_FILES", self.path("files"))
+            .env("INSTALL_SA_DIR", self.path("sa"))
+            .env("INSTALL_BINARY", self.path("image/pullgate"))
+            .env("TOKEN_SYNC_SECONDS", "1")
+            .env("START_TIMEOUT_SECONDS", "2")
+            .env("KUBERNETES_SERVICE_HOST", api_host)
+            .env("KUBERNETES_SERVICE_PORT", api_port.to_string())
+            .env("NODE_NAME", "node-a")
+            .env("CONFIGURE_KUBELET", configure_kubelet.to_string())
+            .env("NSENTER_CALLS", self.path("calls"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        Installer { child }
+    }
+
+    /// The host commands the installer ran, one per line.
+    fn calls(&self) -> Vec<String> {
+        read_or_empty(&self.path("calls"))
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
+    fn log(&self) -> String {
+        read_or_empty(&self.path("installer.log"))
+    }
+
+    /// Stands in for pullgate coming up under systemd.
+    fn serve_socket(&self) -> std::os::unix::net::UnixListener {
+        std::os::unix::net::UnixListener::bind(self.host("run/pullgate/pullgate.sock")).unwrap()
+    }
+
+    /// The installer-written kubeconfig with its host paths moved under the scratch root, for
+    /// a client running here instead of on the node.
+    fn rebased_kubeconfig(&self) -> PathBuf {
+        let text = std::fs::read_to_string(self.host("etc/pullgate/kubeconfig")).unwrap();
+        let host = self.path("host");
+        let text = text
+            .replace(
+                "/etc/pullgate/",
+                &format!("{}/etc/pullgate/", host.display()),
+            )
+            .replace(
+                "/var/lib/pullgate/",
+                &format!("{}/var/lib/pullgate/", host.display()),
+            );
+        let path = self.path("kubeconfig.rebased");
+        write(&path, &text);
+        path
+    }
+}
+
+/// The installer process; killed when dropped (it loops, keeping the token fresh).
+struct Installer {
+    child: Child,
+}
+
+impl Installer {
+    /// Exit code once it has exited, `None` while it runs.
+    fn exited(&mut self) -> Option<i32> {
+        self.child
+            .try_wait()
+            .unwrap()
+            .map(|s| s.code().unwrap_or(-1))
+    }
+}
+
+impl Drop for Installer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn write(path: &Path, text: &str) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, text).unwrap();
+}
+
+fn read_or_empty(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+fn mode(path: &Path) -> u32 {
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+/// Polls `done` every 50 ms for up to 15 s; panics with `what` and the installer's log.
+async fn wait_for(node: &ScratchNode, what: &str, mut done: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "timed out waiting for {what}; installer log:\n{}",
+            node.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// An HTTPS API server on 127.0.0.1 with its own CA, answering every request with an empty
+/// NamespaceList and recording each request's Authorization header.
+struct TlsApi {
+    port: u16,
+    ca_pem: String,
+    authorizations: Arc<Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for TlsApi {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl TlsApi {
+    async fn start() -> TlsApi {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+
+        let ca_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "scratch cluster CA");
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let leaf = CertificateParams::new(vec!["127.0.0.1".to_string()])
+            .unwrap()
+            .signed_by(&key, &ca, &ca_key)
+            .unwrap();
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![CertificateDer::from(leaf.der().to_vec())],
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+            )
+            .unwrap();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let authorizations = Arc::new(Mutex::new(Vec::new()));
+        let seen = authorizations.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (acceptor, seen) = (acceptor.clone(), seen.clone());
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let service = hyper::service::service_fn(move |req: hyper::Request<_>| {
+                        let auth = req
+                            .headers()
+                            .get("authorization")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("(none)")
+                            .to_string();
+                        seen.lock().unwrap().push(auth);
+                        let body = json!({"apiVersion": "v1", "kind": "NamespaceList",
+                                          "metadata": {"resourceVersion": "1"}, "items": []});
+                        let response = hyper::Response::builder()
+                            .header("content-type", "application/json")
+                            .body(http_body_util::Full::new(bytes::Bytes::from(
+                                body.to_string(),
+                            )))
+                            .unwrap();
+                        async move { Ok::<_, std::convert::Infallible>(response) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                        .await;
+                });
+            }
+        });
+        TlsApi {
+            port,
+            ca_pem: ca.pem(),
+            authorizations,
+            task,
+        }
+    }
+
+    /// Lists namespaces with pullgate's own kubeconfig client; returns the Authorization
+    /// header the server got.
+    async fn list_with(&self, kubeconfig: &Path) -> String {
+        let client = pullgate::kube::client_from_kubeconfig(kubeconfig)
+            .await
+            .unwrap_or_else(|e| panic!("the installer's kubeconfig: {e}"));
+        let before = self.authorizations.lock().unwrap().len();
+        kube::Api::<Namespace>::all(client)
+            .list(&Default::default())
+            .await
+            .unwrap_or_else(|e| panic!("listing through the installer's kubeconfig: {e}"));
+        let seen = self.authorizations.lock().unwrap();
+        assert_eq!(seen.len(), before + 1, "{seen:?}");
+        seen[before].clone()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn node_installer_sets_up_the_host_service_and_keeps_its_token_fresh() {
+    let m = load();
+    let api = TlsApi::start().await;
+    // kubeadm writes a final newline; this one has none, which must not glue the lines.
+    let kubelet = "apiVersion: kubelet.config.k8s.io/v1beta1\nkind: KubeletConfiguration\ncgroupDriver: systemd";
+    let node = ScratchNode::new(&m, "token-one", &api.ca_pem, Some(kubelet));
+    let mut installer = node.install("127.0.0.1", api.port, true);
+
+    // It starts pullgate, then waits for the socket before touching kubelet.
+    wait_for(&node, "pullgate to be (re)started", || {
+        node.calls().len() >= 3
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        node.calls(),
+        [
+            "systemctl daemon-reload",
+            "systemctl enable pullgate.service",
+            "systemctl restart pullgate.service"
+        ],
+        "kubelet is left alone until pullgate serves"
+    );
+    assert_eq!(installer.exited(), None, "{}", node.log());
+    let _socket = node.serve_socket();
+    wait_for(&node, "kubelet to be pointed at pullgate", || {
+        node.log().contains("kubelet now pulls through pullgate")
+    })
+    .await;
+    assert_eq!(
+        node.calls().last().map(String::as_str),
+        Some("systemctl restart kubelet.service")
+    );
+
+    // The host files: the release's binary, the repository's units, modes that keep the
+    // credentials to root.
+    let files = config_map_files(&m);
+    let bin = node.host("usr/local/bin/pullgate");
+    assert_eq!(std::fs::read_to_string(&bin).unwrap(), FAKE_BINARY);
+    assert_eq!(mode(&bin), 0o755);
+    for (rel, key) in [
+        ("etc/systemd/system/pullgate.service", "pullgate.service"),
+        (
+            "etc/systemd/system/kubelet.service.d/10-pullgate.conf",
+            "10-pullgate.conf",
+        ),
+    ] {
+        assert_eq!(std::fs::read_to_string(node.host(rel)).unwrap(), files[key]);
+    }
+    assert_eq!(mode(&node.host("etc/pullgate")), 0o700);
+    assert_eq!(mode(&node.host("etc/pullgate/kubeconfig")), 0o600);
+    assert_eq!(mode(&node.host("var/lib/pullgate/token")), 0o600);
+    assert_eq!(
+        std::fs::read_to_string(node.host("etc/pullgate/pullgate.env")).unwrap(),
+        "PULLGATE_KUBECONFIG=/etc/pullgate/kubeconfig\nNODE_NAME=node-a\n"
+    );
+    // The unit reads that file: cluster mode without editing ExecStart.
+    assert!(files["pullgate.service"].contains("EnvironmentFile=-/etc/pullgate/pullgate.env"));
+
+    // The kubeconfig names the API server by address (the host has no cluster DNS), the
+    // copied CA and the token file.
+    let kubeconfig: Value = serde_yaml::from_str(
+        &std::fs::read_to_string(node.host("etc/pullgate/kubeconfig")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        kubeconfig["clusters"][0]["cluster"],
+        json!({"server": format!("https://127.0.0.1:{}", api.port),
+               "certificate-authority": "/etc/pullgate/ca.crt"})
+    );
+    assert_eq!(
+        kubeconfig["users"][0]["user"],
+        json!({"tokenFile": "/var/lib/pullgate/token"})
+    );
+    // pullgate's own client accepts it: TLS against the cluster CA, the pod's token.
+    let rebased = node.rebased_kubeconfig();
+    assert_eq!(api.list_with(&rebased).await, "Bearer token-one");
+
+    // kubelet's config gained exactly the endpoint, on its own line.
+    let config: Value = serde_yaml::from_str(
+        &std::fs::read_to_string(node.host("var/lib/kubelet/config.yaml")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        config,
+        json!({"apiVersion": "kubelet.config.k8s.io/v1beta1", "kind": "KubeletConfiguration",
+               "cgroupDriver": "systemd",
+               "imageServiceEndpoint": "unix:///run/pullgate/pullgate.sock"})
+    );
+
+    // The kubelet rotates the projected token (a new file swapped in): the host copy follows,
+    // and a client reading the token file sends the new one.
+    write(&node.path("sa/token.tmp"), "token-two");
+    std::fs::rename(node.path("sa/token.tmp"), node.path("sa/token")).unwrap();
+    wait_for(&node, "the rotated token on the host", || {
+        read_or_empty(&node.host("var/lib/pullgate/token")) == "token-two"
+    })
+    .await;
+    assert_eq!(api.list_with(&rebased).await, "Bearer token-two");
+    assert_eq!(installer.exited(), None, "still looping: {}", node.log());
+    drop(installer);
+
+    // Re-running with the same release (a pod restart, an env change) neither restarts
+    // pullgate nor kubelet, and does not add the endpoint twice.
+    let calls_before = node.calls().len();
+    let _again = node.install("127.0.0.1", api.port, true);
+    wait_for(&node, "the second run to settle", || {
+        node.log().contains("left as it is")
+    })
+    .await;
+    assert_eq!(
+        node.calls()[calls_before..],
+        [
+            "systemctl daemon-reload",
+            "systemctl enable pullgate.service",
+            "systemctl start pullgate.service"
+        ]
+    );
+    let text = std::fs::read_to_string(node.host("var/lib/kubelet/config.yaml")).unwrap();
+    assert_eq!(text.matches("imageServiceEndpoint").count(), 1, "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn node_installer_leaves_kubelet_alone_when_pullgate_does_not_come_up() {
+    let m = load();
+    let kubelet = "kind: KubeletConfiguration\n";
+    let node = ScratchNode::new(&m, "t", "not a real CA", Some(kubelet));
+    // An IPv6 Service address, as on single-stack IPv6 clusters.
+    let mut installer = node.install("fd00::1", 443, true);
+    wait_for(&node, "the installer to give up", || {
+        installer.exited().is_some()
+    })
+    .await;
+    assert_eq!(installer.exited(), Some(1), "{}", node.log());
+    assert!(
+        node.log()
+            .contains("pullgate did not come up within 2s; kubelet is left unchanged"),
+        "{}",
+        node.log()
+    );
+    assert!(
+        !node.calls().iter().any(|c| c.contains("kubelet")),
+        "{:?}",
+        node.calls()
+    );
+    assert_eq!(
+        std::fs::read_to_string(node.host("var/lib/kubelet/config.yaml")).unwrap(),
+        kubelet
+    );
+    let kubeconfig = std::fs::read_to_string(node.host("etc/pullgate/kubeconfig")).unwrap();
+    assert!(
+        kubeconfig.contains("server: https://[fd00::1]:443\n"),
+        "{kubeconfig}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn node_installer_fails_loudly_when_asked_to_configure_a_kubelet_it_cannot_find() {
+    let m = load();
+    let node = ScratchNode::new(&m, "t", "ca", None);
+    let _socket = node.serve_socket();
+    let mut installer = node.install("10.96.0.1", 443, true);
+    wait_for(&node, "the installer to stop", || {
+        installer.exited().is_some()
+    })
+    .await;
+    assert_eq!(installer.exited(), Some(1), "{}", node.log());
+    assert!(
+        node.log()
+            .contains("/var/lib/kubelet/config.yaml does not exist on this node"),
+        "{}",
+        node.log()
+    );
+    assert!(!node.host("var/lib/kubelet/config.yaml").exists());
+    // Without CONFIGURE_KUBELET the same node is fine: installed, serving, looping.
+    let mut installer = node.install("10.96.0.1", 443, false);
+    wait_for(&node, "pullgate to serve", || {
+        node.log().contains("pullgate is serving")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(installer.exited(), None, "{}", node.log());
+}
+
+/// The kind cluster the README's cluster-mode walkthrough creates: the node names it uses
+/// (pullgate-control-plane, pullgate-worker), and nothing of pullgate's on the nodes, so the
+/// installer can write the binary and kubelet starts out on containerd.
+#[test]
+fn kind_cluster_for_cluster_mode_starts_plain_with_the_walkthrough_nodes() {
+    let cluster: Value = serde_yaml::from_str(
+        &std::fs::read_to_string(root().join("kind-config/cluster-mode.yaml")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(cluster["kind"], "Cluster");
+    assert_eq!(cluster["apiVersion"], "kind.x-k8s.io/v1alpha4");
+    assert_eq!(cluster["name"], "pullgate");
+    let roles: Vec<&str> = cluster["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["role"].as_str().unwrap())
+        .collect();
+    assert_eq!(roles, ["control-plane", "worker"]);
+    for node in cluster["nodes"].as_array().unwrap() {
+        assert!(node.get("extraMounts").is_none(), "{node}");
+    }
+    assert!(cluster.get("kubeadmConfigPatches").is_none());
+    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+    assert!(readme.contains("kind create cluster --config kind-config/cluster-mode.yaml"));
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, Method, StatusCode};
-use http_body_util::{BodyExt as _, Full, LengthLimitError, Limited};
+use http_body_util::{BodyExt as _, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
@@ -23,7 +23,7 @@ use tokio_rustls::TlsAcceptor;
 
 use super::review::BadReview;
 use super::{Shim, Webhook};
-use crate::metrics::admin_reply;
+use crate::metrics::{admin_reply, reply, Reply};
 
 /// Largest AdmissionReview accepted, in bytes (3 MiB, the API server's own request limit).
 pub const MAX_BODY_BYTES: usize = 3 << 20;
@@ -45,16 +45,6 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, BindError> {
         .map_err(|source| BindError { addr, source })
 }
 
-type Reply = http::Response<Full<Bytes>>;
-
-fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Reply {
-    let mut response = http::Response::new(Full::new(body.into()));
-    *response.status_mut() = status;
-    if let Ok(v) = header::HeaderValue::from_str(content_type) {
-        response.headers_mut().insert(header::CONTENT_TYPE, v);
-    }
-    response
-}
 
 /// A plain-text answer: one line.
 fn text(status: StatusCode, line: &str) -> Reply {

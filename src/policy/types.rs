@@ -280,6 +280,9 @@ pub struct TrustRootRemote {
     pub mirror: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub targets: Option<String>,
+    /// The trusted root's TUF target name (policy-controller's `trustedRootTarget`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trusted_root_target: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -291,6 +294,9 @@ pub struct TrustRootRepository {
     pub mirror_fs: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub targets: Option<String>,
+    /// The trusted root's TUF target name (policy-controller's `trustedRootTarget`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trusted_root_target: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
