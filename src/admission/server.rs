@@ -45,7 +45,6 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, BindError> {
         .map_err(|source| BindError { addr, source })
 }
 
-
 /// A plain-text answer: one line.
 fn text(status: StatusCode, line: &str) -> Reply {
     reply(status, "text/plain; charset=utf-8", format!("{line}\n"))
