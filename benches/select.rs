@@ -117,6 +117,7 @@ fn decide(c: &mut Criterion) {
         bundle: None,
         certificate: None,
         chain: None,
+        rfc3161_timestamp: None,
     };
     let keys = [key];
     let check = KeyCheck {

@@ -484,7 +484,10 @@ pub fn render_text(d: &Decision) -> String {
         let result = if p.passed { "pass" } else { "fail" };
         out.push_str(&format!("  policy {} [{mode}]: {result}\n", p.name));
         for problem in &p.problems {
-            out.push_str(&format!("    invalid: {problem}\n"));
+            match problem.strip_prefix(crate::policy::eval::CIP_POLICY_FAILED) {
+                Some(cause) => out.push_str(&format!("    spec.policy: fail: {cause}\n")),
+                None => out.push_str(&format!("    invalid: {problem}\n")),
+            }
         }
         for a in &p.authorities {
             let result = if a.passed { "pass" } else { "fail" };

@@ -180,7 +180,7 @@ async fn key_signed_attestations_predicate_types_and_rego() {
         &[("cip.yaml", &missing)],
         &image,
         "deny",
-        "no matching attestations for \\\"provenance\\\" (https://slsa.dev/provenance/v1)",
+        "no matching attestations with type https://slsa.dev/provenance/v1, checked the following predicateTypes",
     )
     .await;
 
@@ -197,7 +197,7 @@ isCompliant {
         &[("cip.yaml", &policy)],
         &image,
         "deny",
-        "policy is not compliant for query 'data.sigstore.isCompliant'",
+        "failed evaluating rego policy for type no-criticals: policy is not compliant for query 'isCompliant = data.sigstore.isCompliant'",
     )
     .await;
 
@@ -431,4 +431,311 @@ async fn keyless_attestations_and_tag_prefix() {
             .contains("check source.tagPrefix"),
         "{json}"
     );
+}
+
+/// The Rekor entry body cosign's `attest` logs: `intoto` v0.0.1 (the signer's key or
+/// certificate in `publicKey`), binding the SHA-256 of the whole envelope.
+fn intoto_v001_body(envelope: &[u8], payload: &[u8], signer_pem: &str) -> String {
+    json!({
+        "apiVersion": "0.0.1",
+        "kind": "intoto",
+        "spec": {
+            "content": {
+                "hash": {"algorithm": "sha256", "value": sha256_digest(envelope).trim_start_matches("sha256:")},
+                "payloadHash": {"algorithm": "sha256", "value": sha256_digest(payload).trim_start_matches("sha256:")},
+            },
+            "publicKey": B64.encode(signer_pem),
+        },
+    })
+    .to_string()
+}
+
+/// `intoto` v0.0.2: the signer sits in the envelope's signature entry.
+fn intoto_v002_body(envelope: &[u8], payload: &[u8], signer_pem: &str) -> String {
+    json!({
+        "apiVersion": "0.0.2",
+        "kind": "intoto",
+        "spec": {
+            "content": {
+                "envelope": {
+                    "payloadType": IN_TOTO,
+                    "signatures": [{"publicKey": B64.encode(signer_pem), "sig": "c2ln"}],
+                },
+                "hash": {"algorithm": "sha256", "value": sha256_digest(envelope).trim_start_matches("sha256:")},
+                "payloadHash": {"algorithm": "sha256", "value": sha256_digest(payload).trim_start_matches("sha256:")},
+            },
+        },
+    })
+    .to_string()
+}
+
+/// `dsse` v0.0.1, what newer cosign logs.
+fn dsse_body(envelope: &[u8], payload: &[u8], signer_pem: &str) -> String {
+    json!({
+        "apiVersion": "0.0.1",
+        "kind": "dsse",
+        "spec": {
+            "envelopeHash": {"algorithm": "sha256", "value": sha256_digest(envelope).trim_start_matches("sha256:")},
+            "payloadHash": {"algorithm": "sha256", "value": sha256_digest(payload).trim_start_matches("sha256:")},
+            "signatures": [{"signature": "c2ln", "verifier": B64.encode(signer_pem)}],
+        },
+    })
+    .to_string()
+}
+
+/// Builds a case's bundle annotation from (envelope, statement); `None`: no bundle.
+type BundleFor<'a> = Box<dyn Fn(&[u8], &[u8]) -> Option<String> + 'a>;
+
+/// Pushes an image `REPO:v1` with one attestation signed by `key`, its bundle made by
+/// `bundle`; returns the image reference.
+async fn push_case(reg: &Registry, key: &TestKey, repo: &str, bundle: BundleFor<'_>) -> String {
+    let digest = reg.push_image(repo, "v1", &format!("ctlog-{repo}")).await;
+    let st = statement(&digest, VULN, json!({}));
+    let env = envelope(&st, key);
+    let mut annotations = json!({"predicateType": VULN});
+    if let Some(b) = bundle(&env, &st) {
+        annotations["dev.sigstore.cosign/bundle"] = json!(b);
+    }
+    push_attestations(reg, repo, &att_tag(&digest), &[(env, annotations)]).await;
+    reg.tag_ref(repo, "v1")
+}
+
+fn rekor_trust_root(url: &str, rekor: &TestRekor) -> String {
+    format!(
+        "---\napiVersion: policy.sigstore.dev/v1alpha1\nkind: TrustRoot\nmetadata: {{name: private-rekor}}\nspec:\n  sigstoreKeys:\n    tLogs:\n    - baseURL: {url}\n      hashAlgorithm: sha-256\n      publicKey: {}\n",
+        B64.encode(rekor.public_pem())
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ctlog_requires_a_rekor_bundle_bound_to_the_envelope() {
+    let reg = Registry::start().await;
+    let rekor = TestRekor::new();
+    let key = TestKey::generate(KeyKind::EcdsaP256);
+    let glob = format!("{}/**", reg.addr());
+    let url = "https://rekor.example.test";
+    let trust_root = rekor_trust_root(url, &rekor);
+    let policy = cip(
+        &glob,
+        &format!(
+            "{}    ctlog: {{url: \"{url}\"}}\n",
+            key_authority(&key, "    - {name: scan, predicateType: vuln}\n")
+        ),
+    );
+    let files = [
+        ("tr.yaml", trust_root.as_str()),
+        ("cip.yaml", policy.as_str()),
+    ];
+    let pem = key.public_pem();
+
+    // Logged as `intoto` v0.0.1 and as `dsse`: allowed, with the log entry as evidence.
+    let p = pem.clone();
+    let r = &rekor;
+    let image = push_case(
+        &reg,
+        &key,
+        "intoto",
+        Box::new(move |env, st| {
+            Some(r.bundle_for_body(&intoto_v001_body(env, st, &p), 1_700_000_000))
+        }),
+    )
+    .await;
+    let json = expect(&files, &image, "allow", "").await;
+    let evidence = &json["policies"][0]["authorities"][0]["evidence"][0];
+    assert_eq!(
+        evidence["tlog"]["integrated_time"], 1_700_000_000,
+        "{evidence}"
+    );
+    let p = pem.clone();
+    let image = push_case(
+        &reg,
+        &key,
+        "dsse",
+        Box::new(move |env, st| Some(r.bundle_for_body(&dsse_body(env, st, &p), 1_700_000_000))),
+    )
+    .await;
+    expect(&files, &image, "allow", "").await;
+
+    // No bundle at all.
+    let image = push_case(&reg, &key, "unlogged", Box::new(|_, _| None)).await;
+    expect(
+        &files,
+        &image,
+        "deny",
+        "ctlog is required but the attestation has no Rekor bundle",
+    )
+    .await;
+
+    // A genuine entry, but for another envelope (a second signing of the same statement).
+    let p = pem.clone();
+    let k = &key;
+    let image = push_case(
+        &reg,
+        &key,
+        "swapped",
+        Box::new(move |_, st| {
+            let other = envelope(st, k);
+            Some(r.bundle_for_body(&intoto_v001_body(&other, st, &p), 1_700_000_000))
+        }),
+    )
+    .await;
+    expect(&files, &image, "deny", "envelope hash differs").await;
+
+    // An entry naming another signer.
+    let stranger = TestKey::generate(KeyKind::EcdsaP256).public_pem();
+    let image = push_case(
+        &reg,
+        &key,
+        "other-signer",
+        Box::new(move |env, st| {
+            Some(r.bundle_for_body(&intoto_v001_body(env, st, &stranger), 1_700_000_000))
+        }),
+    )
+    .await;
+    expect(&files, &image, "deny", "signer differs").await;
+
+    // A log the policy does not trust, and a kind that cannot log an attestation.
+    let foreign = TestRekor::new();
+    let p = pem.clone();
+    let f = &foreign;
+    let image = push_case(
+        &reg,
+        &key,
+        "foreign",
+        Box::new(move |env, st| {
+            Some(f.bundle_for_body(&intoto_v001_body(env, st, &p), 1_700_000_000))
+        }),
+    )
+    .await;
+    expect(&files, &image, "deny", "not a trusted transparency log").await;
+    let p = pem.clone();
+    let image = push_case(
+        &reg,
+        &key,
+        "hashedrekord",
+        Box::new(move |env, _| Some(r.bundle_for(env, "c2ln", &p, 1_700_000_000))),
+    )
+    .await;
+    expect(
+        &files,
+        &image,
+        "deny",
+        "a hashedrekord entry cannot log an attestation",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn keyless_attestation_is_judged_at_its_log_time() {
+    let reg = Registry::start().await;
+    let fulcio = TestFulcio::new("attest-fulcio-rekor");
+    let rekor = TestRekor::new();
+    let trust_root = fulcio.trust_root_yaml("private", &rekor.public_pem());
+    let glob = format!("{}/**", reg.addr());
+    let policy = cip(
+        &glob,
+        "    keyless: {trustRootRef: private, identities: [{issuer: \"https://token.actions.githubusercontent.com\", subjectRegExp: \"^https://github.com/acme/\"}]}\n    ctlog: {trustRootRef: private}\n    attestations:\n    - {name: scan, predicateType: vuln}\n",
+    );
+    let files = [
+        ("tr.yaml", trust_root.as_str()),
+        ("cip.yaml", policy.as_str()),
+    ];
+
+    // A ten-minute certificate that expired an hour ago, logged while it was valid.
+    let signer = TestKey::generate(KeyKind::EcdsaP256);
+    let leaf = Leaf {
+        not_before: fulcio::now() - 7200,
+        lifetime: 600,
+        ..Leaf::default()
+    };
+    let cert = fulcio.issue(&signer, &leaf);
+    let push = |repo: &'static str, logged_at: Option<i64>| {
+        let (reg, signer, cert, fulcio, rekor) = (&reg, &signer, &cert, &fulcio, &rekor);
+        async move {
+            let digest = reg
+                .push_image(repo, "v1", &format!("kl-rekor-{repo}"))
+                .await;
+            let st = statement(&digest, VULN, json!({}));
+            let env = envelope(&st, signer);
+            let mut annotations = json!({
+                "predicateType": VULN,
+                "dev.sigstore.cosign/certificate": cert,
+                "dev.sigstore.cosign/chain": fulcio.chain_pem(),
+            });
+            if let Some(t) = logged_at {
+                let body = intoto_v002_body(&env, &st, cert);
+                annotations["dev.sigstore.cosign/bundle"] = json!(rekor.bundle_for_body(&body, t));
+            }
+            push_attestations(reg, repo, &att_tag(&digest), &[(env, annotations)]).await;
+            reg.tag_ref(repo, "v1")
+        }
+    };
+
+    let image = push("in-time", Some(fulcio::now() - 7000)).await;
+    let json = expect(&files, &image, "allow", "").await;
+    let evidence = &json["policies"][0]["authorities"][0]["evidence"][0];
+    assert_eq!(
+        evidence["issuer"], "https://token.actions.githubusercontent.com",
+        "{evidence}"
+    );
+    assert!(evidence["subject"]
+        .as_str()
+        .unwrap_or_default()
+        .starts_with("https://github.com/acme/"));
+
+    // Logged after the certificate expired; or not logged although ctlog demands it.
+    let image = push("late", Some(fulcio::now() - 60)).await;
+    expect(&files, &image, "deny", "not valid at").await;
+    let image = push("unlogged", None).await;
+    expect(
+        &files,
+        &image,
+        "deny",
+        "ctlog is required but the attestation has no Rekor bundle",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rego_errors_from_the_policy_reach_the_user() {
+    let reg = Registry::start().await;
+    let key = TestKey::generate(KeyKind::EcdsaP256);
+    let glob = format!("{}/**", reg.addr());
+    let digest = reg.push_image("scanned", "v1", "attest-rego-msg").await;
+    let st = statement(
+        &digest,
+        VULN,
+        json!({"scanner": {"result": {"critical": 3}}}),
+    );
+    push_attestations(
+        &reg,
+        "scanned",
+        &att_tag(&digest),
+        &[(envelope(&st, &key), json!({"predicateType": VULN}))],
+    )
+    .await;
+    // policy-controller's documented form: a set of {result, error, warning} objects.
+    let rego = r#"package sigstore
+isCompliant[response] {
+  n := input.predicate.scanner.result.critical
+  response := {"result": n == 0, "error": sprintf("%d critical vulnerabilities", [n]), "warning": ""}
+}
+"#;
+    let policy = cip(
+        &glob,
+        &key_authority(
+            &key,
+            &format!(
+                "    - name: no-criticals\n      predicateType: {VULN}\n      policy: {{type: rego, data: {}}}\n",
+                serde_json::to_string(rego).unwrap()
+            ),
+        ),
+    );
+    expect(
+        &[("cip.yaml", &policy)],
+        &reg.tag_ref("scanned", "v1"),
+        "deny",
+        "failed evaluating rego policy for type no-criticals: policy is not compliant for query 'isCompliant = data.sigstore.isCompliant' with errors: 3 critical vulnerabilities",
+    )
+    .await;
 }

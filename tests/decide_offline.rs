@@ -253,7 +253,9 @@ async fn features_not_built_fail_closed_with_a_reason() {
     let (v, reasons) = verdict(&s, "ghcr.io/a/b:1", None).await;
     assert_eq!(v, Verdict::Deny);
     assert!(
-        reasons[0].contains("(TUF) trust roots are not supported by this version of pullgate"),
+        reasons[0].contains(
+            "TrustRoot remote/repository (TUF) is not supported by this version of pullgate"
+        ),
         "{reasons:?}"
     );
 }

@@ -6,7 +6,6 @@ mod common;
 
 use common::fulcio::{now, Leaf, TestFulcio};
 use common::*;
-use serde_json::Value;
 
 /// Signs `REPO@DIGEST` with a fresh key, attaches a certificate for it issued by `fulcio`
 /// (`leaf`) and its chain, and, with `rekor`, a bundle logged at `integrated_time`.
@@ -43,34 +42,8 @@ fn keyless_cip(glob: &str, keyless: &str, extra: &str) -> String {
     )
 }
 
-struct Verified {
-    code: i32,
-    json: Value,
-    stderr: String,
-}
-
-impl Verified {
-    fn verdict(&self) -> &str {
-        self.json["verdict"].as_str().unwrap_or("<none>")
-    }
-    fn reasons(&self) -> String {
-        self.json["reasons"].to_string()
-    }
-}
-
 async fn verify(files: &[(&str, &str)], image: &str) -> Verified {
-    let dir = write_policy_dir(files);
-    let policy = dir.path().to_str().unwrap().to_string();
-    let out = run_pullgate_async(
-        &["verify", "--policy", &policy, "--output", "json", image],
-        &[],
-    )
-    .await;
-    Verified {
-        code: out.code,
-        json: serde_json::from_str(&out.stdout).unwrap_or(Value::Null),
-        stderr: out.stderr,
-    }
+    verify_json(files, image, &[]).await
 }
 
 fn allowed(v: &Verified) {
@@ -430,4 +403,195 @@ async fn ca_cert_authority_is_really_used() {
         "",
     );
     allowed(&verify(&[("secret.yaml", &secret), ("cip.yaml", &cip)], &image).await);
+}
+
+/// A keyless signature layer for `REPO@DIGEST` (certificate and chain attached, no bundle)
+/// and the raw signature bytes an RFC 3161 timestamp covers.
+fn keyless_layer(
+    reg: &Registry,
+    repo: &str,
+    digest: &str,
+    fulcio: &TestFulcio,
+    leaf: &Leaf<'_>,
+) -> (SigLayer, Vec<u8>) {
+    use base64::Engine as _;
+    let signer = TestKey::generate(KeyKind::EcdsaP256);
+    let cert = fulcio.issue(&signer, leaf);
+    let layer = cosign_sign_layer(&reg.repo_ref(repo), digest, &signer)
+        .with_annotation(CERTIFICATE_ANNOTATION, &cert)
+        .with_annotation(CHAIN_ANNOTATION, &fulcio.chain_pem());
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(layer.signature_b64().unwrap())
+        .unwrap();
+    (layer, raw)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rfc3161_timestamp_judges_an_expired_certificate() {
+    use common::tsa::{TestTsa, RFC3161_TIMESTAMP_ANNOTATION};
+    let reg = Registry::start().await;
+    let fulcio = TestFulcio::new("test-fulcio");
+    let rekor = TestRekor::new();
+    let tsa = TestTsa::new("test tsa");
+    let rogue_tsa = TestTsa::new("test tsa");
+    let files = [
+        (
+            "tr.yaml",
+            fulcio.trust_root_yaml("private", &rekor.public_pem()),
+        ),
+        ("tsa.yaml", tsa.trust_root_yaml("tsa")),
+    ];
+    let glob = format!("{}/**", reg.addr());
+    let identity = format!("identities: [{{issuer: \"{ISSUER}\", subject: \"{WORKFLOW}\"}}]");
+    // A certificate that expires three seconds from now, and no Rekor bundle at all.
+    let issued = now() - 60;
+    let leaf = Leaf {
+        not_before: issued,
+        lifetime: 63,
+        ..Leaf::default()
+    };
+    let mut images = Vec::new();
+    for (repo, stamp) in [
+        ("stamped", Some(&tsa)),
+        ("unstamped", None),
+        ("otherdata", Some(&tsa)),
+        ("roguestamp", Some(&rogue_tsa)),
+    ] {
+        let digest = reg.push_image(repo, "v1", &format!("tsa-{repo}")).await;
+        let (layer, raw) = keyless_layer(&reg, repo, &digest, &fulcio, &leaf);
+        let layer = match stamp {
+            None => layer,
+            // cosign stamps the raw signature bytes; "otherdata" stamps the payload instead.
+            Some(t) if repo == "otherdata" => {
+                let payload = layer.payload.clone();
+                layer.with_annotation(RFC3161_TIMESTAMP_ANNOTATION, &t.annotation(&payload))
+            }
+            Some(t) => layer.with_annotation(RFC3161_TIMESTAMP_ANNOTATION, &t.annotation(&raw)),
+        };
+        reg.push_signature_layers(repo, &signature_tag(&digest), &[layer], false)
+            .await;
+        images.push(reg.tag_ref(repo, "v1"));
+    }
+    // Let the certificate expire: only the timestamp can now say it was valid when used.
+    while now() <= issued + 63 {
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    let with = |cip: String| {
+        let mut f: Vec<(String, String)> = files
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.clone()))
+            .collect();
+        f.push(("cip.yaml".into(), cip));
+        f
+    };
+    let run = |files: Vec<(String, String)>, image: String| async move {
+        let refs: Vec<(&str, &str)> = files
+            .iter()
+            .map(|(a, b)| (a.as_str(), b.as_str()))
+            .collect();
+        verify(&refs, &image).await
+    };
+    let stamped_cip = keyless_cip(
+        &glob,
+        &format!("trustRootRef: private, {identity}"),
+        "    rfc3161timestamp: {trustRootRef: tsa}\n",
+    );
+    let v = run(with(stamped_cip.clone()), images[0].clone()).await;
+    allowed(&v);
+    let evidence = &v.json["policies"][0]["authorities"][0]["evidence"];
+    let stamped_at = evidence["timestamp"]["time"].as_i64().unwrap();
+    assert!((issued..=issued + 63).contains(&stamped_at), "{evidence}");
+    assert!(evidence["tlog"].is_null(), "{evidence}");
+    assert_eq!(evidence["subject"], WORKFLOW, "{evidence}");
+
+    let v = run(with(stamped_cip.clone()), images[1].clone()).await;
+    denied(
+        &v,
+        "rfc3161timestamp is required but the signature has no RFC 3161 timestamp",
+    );
+    let v = run(with(stamped_cip.clone()), images[2].clone()).await;
+    denied(&v, "message imprint differs");
+    let v = run(with(stamped_cip), images[3].clone()).await;
+    denied(&v, "timestamp authority not trusted");
+
+    // Without rfc3161timestamp no timestamp authority is trusted: the timestamp proves
+    // nothing, the expired certificate is judged now and denied.
+    let plain = keyless_cip(&glob, &format!("trustRootRef: private, {identity}"), "");
+    let v = run(with(plain), images[0].clone()).await;
+    denied(&v, "signing certificate was not valid at");
+    assert!(
+        v.reasons().contains("now: no Rekor bundle or timestamp"),
+        "{}",
+        v.reasons()
+    );
+
+    // A TrustRoot without timestamp authorities cannot back rfc3161timestamp.
+    let empty = keyless_cip(
+        &glob,
+        &format!("trustRootRef: private, {identity}"),
+        "    rfc3161timestamp: {trustRootRef: private}\n",
+    );
+    let v = run(with(empty), images[0].clone()).await;
+    denied(&v, "has no timestampAuthorities");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn trust_windows_and_unsupported_trust_sources_deny() {
+    let reg = Registry::start().await;
+    let fulcio = TestFulcio::new("test-fulcio");
+    let rekor = TestRekor::new();
+    let glob = format!("{}/**", reg.addr());
+    let identity = format!("identities: [{{issuer: \"{ISSUER}\", subject: \"{WORKFLOW}\"}}]");
+    let digest = reg.push_image("app", "v1", "keyless-windows").await;
+    sign_keyless(
+        &reg,
+        "app",
+        &digest,
+        &fulcio,
+        &Leaf::default(),
+        Some((&rekor, now())),
+    )
+    .await;
+    let image = reg.tag_ref("app", "v1");
+    let cip = keyless_cip(&glob, &format!("trustRootRef: private, {identity}"), "");
+    let trust_root = fulcio.trust_root_yaml("private", &rekor.public_pem());
+    allowed(&verify(&[("tr.yaml", &trust_root), ("cip.yaml", &cip)], &image).await);
+
+    // The same CA, trusted only until yesterday (a retired root): denied.
+    let retired = trust_root.replace(
+        "      uri: https://fulcio.test\n",
+        "      uri: https://fulcio.test\n      validFor: {start: \"2020-01-01T00:00:00Z\", end: \"2021-01-01T00:00:00Z\"}\n",
+    );
+    assert_ne!(retired, trust_root);
+    let v = verify(&[("tr.yaml", &retired), ("cip.yaml", &cip)], &image).await;
+    denied(
+        &v,
+        "is only trusted from 2020-01-01T00:00:00Z to 2021-01-01T00:00:00Z",
+    );
+
+    // TUF trust roots are not fetched: a clear reason, never a pass.
+    let tuf = "---\napiVersion: policy.sigstore.dev/v1alpha1\nkind: TrustRoot\nmetadata: {name: private}\nspec:\n  remote: {mirror: \"https://tuf.example\", root: cm9vdA==}\n";
+    let v = verify(&[("tr.yaml", tuf), ("cip.yaml", &cip)], &image).await;
+    denied(
+        &v,
+        "TrustRoot remote/repository (TUF) is not supported by this version of pullgate",
+    );
+
+    // A private Fulcio named by url alone: its roots are unknown, so it is refused.
+    let by_url = keyless_cip(
+        &glob,
+        &format!("url: \"https://fulcio.internal.example\", {identity}"),
+        "",
+    );
+    let v = verify(&[("cip.yaml", &by_url)], &image).await;
+    denied(&v, "is not supported by this version of pullgate");
+    // The public-good url means the built-in public-good trust (Fulcio, CT and Rekor), which
+    // does not trust this signature's test Rekor (nor its CA).
+    let public = keyless_cip(
+        &glob,
+        &format!("url: \"https://fulcio.sigstore.dev\", {identity}"),
+        "",
+    );
+    let v = verify(&[("cip.yaml", &public)], &image).await;
+    denied(&v, "not a trusted transparency log");
 }

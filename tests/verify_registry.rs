@@ -6,7 +6,6 @@ mod common;
 use std::collections::BTreeMap;
 
 use common::*;
-use serde_json::Value;
 
 /// A ClusterImagePolicy covering `glob` with one key authority per PEM in `pems`.
 fn key_cip(name: &str, glob: &str, pems: &[&str], authority_extra: &str) -> String {
@@ -22,34 +21,8 @@ fn key_cip(name: &str, glob: &str, pems: &[&str], authority_extra: &str) -> Stri
     )
 }
 
-struct Verified {
-    code: i32,
-    json: Value,
-    stderr: String,
-}
-
-impl Verified {
-    fn verdict(&self) -> &str {
-        self.json["verdict"].as_str().unwrap_or("<none>")
-    }
-    fn reasons(&self) -> String {
-        self.json["reasons"].to_string()
-    }
-}
-
 async fn verify(policy_yaml: &str, image: &str, extra: &[&str]) -> Verified {
-    let dir = write_policy_dir(&[("policy.yaml", policy_yaml)]);
-    let policy = dir.path().to_str().unwrap().to_string();
-    let mut args = vec!["verify", "--policy", &policy, "--output", "json"];
-    args.extend_from_slice(extra);
-    args.push(image);
-    let out = run_pullgate_async(&args, &[]).await;
-    let json = serde_json::from_str(&out.stdout).unwrap_or(Value::Null);
-    Verified {
-        code: out.code,
-        json,
-        stderr: out.stderr,
-    }
+    verify_json(&[("policy.yaml", policy_yaml)], image, extra).await
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use super::snapshot::{Check, CompiledAuthority, CompiledPolicy, Mode, NoMatchPolicy, Snapshot};
 use crate::image_ref::ImageRef;
-use crate::verify::attest::{check_attestations, Signer, DSSE_MEDIA_TYPE};
+use crate::verify::attest::{check_attestations, AttestationPolicy, Signer, DSSE_MEDIA_TYPE};
 use crate::verify::cosign::{
     check_key, check_keyless, KeyCheck, SignatureLayer, SIMPLE_SIGNING_MEDIA_TYPE,
 };
@@ -114,7 +114,10 @@ pub fn static_outcome(p: &CompiledPolicy) -> Option<PolicyOutcome> {
     let static_pass = authorities
         .iter()
         .any(|a| matches!(a.check, Check::Static { pass: true, .. }));
-    if !static_pass && !authorities.iter().all(is_static) {
+    // A CIP-level policy sees every authority's matches, so the signed ones must be checked
+    // too before it is asked (as policy-controller does).
+    let decided = static_pass && p.policy.is_none();
+    if !decided && !authorities.iter().all(is_static) {
         return None;
     }
     let outcomes: Vec<AuthorityOutcome> = authorities
@@ -122,12 +125,21 @@ pub fn static_outcome(p: &CompiledPolicy) -> Option<PolicyOutcome> {
         .filter(|a| is_static(a))
         .map(static_authority)
         .collect();
+    let passed = outcomes.iter().any(|o| o.passed);
+    let mut problems = Vec::new();
+    if passed {
+        if let Some(policy) = &p.policy {
+            if let Err(e) = evaluate_cip_policy(policy, &outcomes) {
+                problems.push(format!("{CIP_POLICY_FAILED}{e}"));
+            }
+        }
+    }
     Some(PolicyOutcome {
         name: p.name.clone(),
         mode: p.mode,
-        passed: outcomes.iter().any(|o| o.passed),
+        passed: passed && problems.is_empty(),
         authorities: outcomes,
-        problems: Vec::new(),
+        problems,
     })
 }
 
@@ -235,8 +247,12 @@ pub fn evaluate_policy(
                 .unwrap_or_default();
             let now = jiff::Timestamp::now().as_second();
             let checked = match &a.check {
-                Check::Key { keys, hash, .. } if !a.attestations.is_empty() => {
-                    let signer = Signer::Keys { keys, hash: *hash };
+                Check::Key { keys, hash, tlog } if !a.attestations.is_empty() => {
+                    let signer = Signer::Keys {
+                        keys,
+                        hash: *hash,
+                        tlog: tlog.as_ref(),
+                    };
                     check_attestations(layers, digest, &signer, &a.attestations)
                         .map(|m| serde_json::to_value(m).ok())
                         .map_err(|cause| ("attestation key validation failed", cause))
@@ -282,14 +298,86 @@ pub fn evaluate_policy(
             }
         })
         .collect();
+    let passed = authorities.iter().any(|a| a.passed);
+    let mut problems = Vec::new();
+    if passed {
+        if let Some(policy) = &p.policy {
+            if let Err(e) = evaluate_cip_policy(policy, &authorities) {
+                problems.push(format!("{CIP_POLICY_FAILED}{e}"));
+            }
+        }
+    }
     PolicyOutcome {
         name: p.name.clone(),
         mode: p.mode,
-        passed: authorities.iter().any(|a| a.passed),
+        passed: passed && problems.is_empty(),
         authorities,
-        problems: Vec::new(),
+        problems,
     }
 }
+
+/// The document policy-controller evaluates a CIP-level policy on: per passing authority, the
+/// signatures and attestations that satisfied it. (The admission object's `spec`, `metadata`
+/// and `typemeta` are not part of it: the node has no admission object.)
+pub fn policy_document(authorities: &[AuthorityOutcome]) -> serde_json::Value {
+    use serde_json::{json, Map, Value};
+    let mut matches = Map::new();
+    for a in authorities.iter().filter(|a| a.passed) {
+        let evidence = a.evidence.clone().unwrap_or(Value::Null);
+        // As policy-controller writes it: empty lists are left out, a static pass is marked.
+        let mut entry = Map::new();
+        match &evidence {
+            // Attestation matches: a list of {name, predicate_type, layer_digest, …}.
+            Value::Array(list) => {
+                let mut by_name = Map::new();
+                for m in list {
+                    let name = m["name"].as_str().unwrap_or_default().to_string();
+                    let mut item =
+                        json!({"id": m["layer_digest"], "predicateType": m["predicate_type"]});
+                    for field in ["subject", "issuer"] {
+                        if let Some(v) = m.get(field).filter(|v| !v.is_null()) {
+                            item[field] = v.clone();
+                        }
+                    }
+                    if let Value::Array(items) = by_name.entry(name).or_insert_with(|| json!([])) {
+                        items.push(item);
+                    }
+                }
+                if !by_name.is_empty() {
+                    entry.insert("attestations".into(), Value::Object(by_name));
+                }
+            }
+            Value::Object(m) => {
+                let mut sig = json!({"id": m.get("layer_digest").cloned().unwrap_or(Value::Null)});
+                for field in ["subject", "issuer"] {
+                    if let Some(v) = m.get(field) {
+                        sig[field] = v.clone();
+                    }
+                }
+                entry.insert("signatures".into(), json!([sig]));
+            }
+            _ => {
+                entry.insert("static".into(), Value::Bool(true));
+            }
+        }
+        let entry = Value::Object(entry);
+        matches.insert(a.name.clone(), entry);
+    }
+    json!({"authorityMatches": matches})
+}
+
+fn evaluate_cip_policy(
+    policy: &AttestationPolicy,
+    authorities: &[AuthorityOutcome],
+) -> Result<(), String> {
+    match policy {
+        AttestationPolicy::Unsupported(reason) => Err(reason.clone()),
+        AttestationPolicy::Rego(rego) => rego.evaluate(&policy_document(authorities)),
+    }
+}
+
+/// How a failing CIP-level `spec.policy` is reported (in [`PolicyOutcome::problems`]).
+pub const CIP_POLICY_FAILED: &str = "failed evaluating cip level policy: ";
 
 /// The reason line for a failed policy, in policy-controller's shape:
 /// `failed policy: <cip>: <path> <image> <authority errors>`.
@@ -297,7 +385,10 @@ pub fn failure_reason(outcome: &PolicyOutcome, path: &str, image: &str) -> Strin
     let mut causes: Vec<String> = outcome
         .problems
         .iter()
-        .map(|p| format!("policy is invalid: {p}"))
+        .map(|p| match p.starts_with(CIP_POLICY_FAILED) {
+            true => p.clone(),
+            false => format!("policy is invalid: {p}"),
+        })
         .collect();
     causes.extend(outcome.authorities.iter().filter_map(|a| a.reason.clone()));
     format!(

@@ -131,6 +131,8 @@ pub struct CompiledPolicy {
     pub mode: Mode,
     pub globs: Vec<String>,
     pub authorities: Result<Vec<CompiledAuthority>, Vec<Problem>>,
+    /// `spec.policy`: evaluated over the authorities' matches once one authority passed.
+    pub policy: Option<AttestationPolicy>,
 }
 
 /// A problem found while building a snapshot, for `pullgate validate` and reload reports.
@@ -294,6 +296,7 @@ impl Snapshot {
                 path: "policies".to_string(),
                 message: reason.to_string(),
             }]),
+            policy: None,
         };
         let settings = Settings {
             scope: Scope::OptOut,
@@ -437,12 +440,37 @@ fn compile(
     } else {
         Err(problems)
     };
+    let policy = cip
+        .spec
+        .policy
+        .as_ref()
+        .map(|p| cip_policy(p, &name, resolver));
     CompiledPolicy {
         name,
         origin: origin.to_string(),
         mode,
         globs,
         authorities,
+        policy,
+    }
+}
+
+/// A CIP-level `spec.policy`. What cannot be evaluated (cue, an image config to fetch, a
+/// policy that does not parse or cannot be found) becomes a reason that fails the CIP.
+fn cip_policy(p: &super::types::Policy, cip: &str, resolver: &Resolver) -> AttestationPolicy {
+    let unsupported = |why: String| AttestationPolicy::Unsupported(why);
+    match p.type_.as_str() {
+        "cue" => unsupported(format!(
+            "cue policies are not supported by this version of pullgate (ClusterImagePolicy {cip}, spec.policy); use type: rego"
+        )),
+        "rego" if p.fetch_config_file == Some(true) => unsupported(
+            "spec.policy.fetchConfigFile is not supported by this version of pullgate".into(),
+        ),
+        "rego" => match policy_source(p, resolver).and_then(|s| RegoPolicy::compile(&s)) {
+            Ok(policy) => AttestationPolicy::Rego(std::sync::Arc::new(policy)),
+            Err(e) => unsupported(format!("spec.policy: {e}")),
+        },
+        other => unsupported(format!("spec.policy: unknown policy type {other:?}")),
     }
 }
 
@@ -550,20 +578,14 @@ fn policy_source(p: &super::types::Policy, resolver: &Resolver) -> Result<String
 }
 
 /// Features a CIP may use that this build does not verify. They fail closed with a reason.
-fn unsupported(a: &Authority, cip: &ClusterImagePolicy) -> Option<String> {
+fn unsupported(a: &Authority, _cip: &ClusterImagePolicy) -> Option<String> {
     let not_built = |what: &str| {
         Some(format!(
             "{what} is not supported by this version of pullgate"
         ))
     };
-    if cip.spec.policy.is_some() {
-        return not_built("a ClusterImagePolicy-level policy (spec.policy)");
-    }
-    if a.rfc3161timestamp.is_some() {
-        return not_built("rfc3161timestamp");
-    }
-    if !a.attestations.is_empty() && a.ctlog.is_some() {
-        return not_built("ctlog (Rekor) verification of attestations");
+    if a.rfc3161timestamp.is_some() && a.keyless.is_none() {
+        return not_built("rfc3161timestamp on a key authority");
     }
     if let Some(key) = &a.key {
         if let Some(kms) = &key.kms {
@@ -622,71 +644,81 @@ pub fn holds_certificate(bytes: &[u8]) -> bool {
     bytes.windows(marker.len()).any(|w| w == marker)
 }
 
-/// The checks of a keyless authority: roots from `trustRootRef`, `ca-cert`, or the
-/// public-good Fulcio shipped inside pullgate; CT logs likewise; identities compiled.
+/// The checks of a keyless authority: Fulcio CAs and CT logs from `trustRootRef`, `ca-cert`,
+/// or the public-good instance shipped inside pullgate; timestamp authorities from
+/// `rfc3161timestamp`; Rekor keys from `ctlog`; identities compiled.
 fn keyless_check(
     a: &Authority,
     keyless: &super::types::KeylessRef,
     resolver: &Resolver,
 ) -> Result<KeylessCheck, String> {
-    use crate::verify::keyless::{public_good_roots, IdentityMatcher};
-    use crate::verify::x509::{Cert, CtLogs};
+    use crate::verify::keyless::IdentityMatcher;
+    use crate::verify::trust_root::{self, from_ca_cert};
 
-    let trust_root = match &keyless.trust_root_ref {
-        Some(name) => Some(
-            *resolver
-                .trust_roots
-                .get(name.as_str())
-                .ok_or_else(|| format!("keyless.trustRootRef: TrustRoot {name:?} not found"))?,
-        ),
+    let trust_root = keyless
+        .trust_root_ref
+        .as_deref()
+        .map(|name| {
+            trust_material(name, resolver).map_err(|e| format!("keyless.trustRootRef: {e}"))
+        })
+        .transpose()?;
+    let ca_cert = match &keyless.ca_cert {
         None => None,
+        Some(ca) => {
+            let text = if let Some(data) = &ca.data {
+                data.clone()
+            } else if let Some(secret_ref) = &ca.secret_ref {
+                secret_text(resolver, &secret_ref.name, holds_certificate)?
+            } else {
+                return Err("keyless.ca-cert has neither data nor secretRef".into());
+            };
+            Some(from_ca_cert(&text).map_err(|e| format!("keyless.ca-cert: {e}"))?)
+        }
     };
-    let (mut anchors, mut ct_logs) = (Vec::new(), CtLogs::default());
-    if let Some(root) = trust_root {
-        if root.spec.remote.is_some() || root.spec.repository.is_some() {
-            return Err(format!(
-                "TrustRoot {:?}: remote/repository (TUF) trust roots are not supported by this version of pullgate; use sigstoreKeys",
-                root.metadata.name.as_deref().unwrap_or_default()
-            ));
-        }
-        let keys = root.spec.sigstore_keys.as_ref();
-        for ca in keys.iter().flat_map(|k| &k.certificate_authorities) {
-            anchors.extend(
-                Cert::from_pem_chain(&maybe_base64(&ca.cert_chain))
-                    .map_err(|e| format!("TrustRoot certificateAuthorities certChain: {e}"))?,
-            );
-        }
-        for log in keys.iter().flat_map(|k| &k.ct_logs) {
-            ct_logs.0.push(
-                decode_log_key(&log.public_key)
-                    .map_err(|e| format!("TrustRoot ctLogs key: {e}"))?,
-            );
-        }
-        if anchors.is_empty() {
-            return Err("keyless.trustRootRef: the TrustRoot has no certificateAuthorities".into());
-        }
+    let url = keyless
+        .url
+        .as_deref()
+        .unwrap_or_default()
+        .trim_end_matches('/');
+    if !url.is_empty() && url != PUBLIC_GOOD_FULCIO_URL && trust_root.is_none() && ca_cert.is_none()
+    {
+        return Err(format!(
+            "keyless.url {url}: fetching the roots of a Fulcio other than {PUBLIC_GOOD_FULCIO_URL} is not supported by this version of pullgate; name its roots with trustRootRef or ca-cert"
+        ));
     }
-    if let Some(ca) = &keyless.ca_cert {
-        let text = if let Some(data) = &ca.data {
-            data.clone()
-        } else if let Some(secret_ref) = &ca.secret_ref {
-            secret_text(resolver, &secret_ref.name, holds_certificate)?
-        } else {
-            return Err("keyless.ca-cert has neither data nor secretRef".into());
-        };
-        anchors.extend(Cert::from_pem_chain(&text).map_err(|e| format!("keyless.ca-cert: {e}"))?);
-    }
-    if anchors.is_empty() {
-        let (certs, logs) = public_good_roots()?;
-        anchors = certs;
-        if trust_root.is_none() {
-            ct_logs = logs;
+    let (mut fulcio, ct_logs) = match trust_root {
+        Some(tm) if tm.fulcio.is_empty() => {
+            return Err("keyless.trustRootRef: the TrustRoot has no certificateAuthorities".into())
         }
-    } else if trust_root.is_none() {
-        // A private CA given as ca-cert: its SCTs, if any, come from the public-good CT log
-        // unless a TrustRoot says otherwise.
-        ct_logs = public_good_roots()?.1;
-    }
+        Some(tm) => (tm.fulcio, tm.ct_logs),
+        // A CA given as ca-cert: its SCTs, if any, come from the public-good CT logs unless a
+        // TrustRoot says otherwise (or insecureIgnoreSCT).
+        None if ca_cert.is_some() => (Vec::new(), trust_root::public_good()?.ct_logs),
+        None => {
+            let tm = trust_root::public_good()?;
+            (tm.fulcio, tm.ct_logs)
+        }
+    };
+    fulcio.extend(ca_cert);
+    let timestamp_authorities = match &a.rfc3161timestamp {
+        None => None,
+        Some(ts) => {
+            let name = ts.trust_root_ref.as_str();
+            let tsas = if name.is_empty() {
+                trust_root::public_good()?.timestamp_authorities
+            } else {
+                trust_material(name, resolver)
+                    .map_err(|e| format!("rfc3161timestamp.trustRootRef: {e}"))?
+                    .timestamp_authorities
+            };
+            if tsas.is_empty() {
+                return Err(format!(
+                    "rfc3161timestamp.trustRootRef: TrustRoot {name:?} has no timestampAuthorities"
+                ));
+            }
+            Some(tsas)
+        }
+    };
     let compile = |re: &Option<String>, what: &str| -> Result<Option<regex::Regex>, String> {
         re.as_deref()
             .filter(|r| !r.is_empty())
@@ -705,11 +737,16 @@ fn keyless_check(
             })
         })
         .collect::<Result<Vec<_>, String>>()?;
-    let tlog = match (&a.ctlog, trust_root) {
+    let tlog = match (&a.ctlog, keyless.trust_root_ref.as_deref()) {
         (Some(ctlog), _) => log_keys(ctlog, resolver)?,
-        (None, Some(root)) => {
+        (None, Some(name)) => {
             let mut keys = LogKeys::default();
-            for log in root.spec.sigstore_keys.iter().flat_map(|k| &k.t_logs) {
+            let root = resolver.trust_roots.get(name);
+            for log in root
+                .iter()
+                .flat_map(|r| &r.spec.sigstore_keys)
+                .flat_map(|k| &k.t_logs)
+            {
                 keys.insert(
                     decode_log_key(&log.public_key)
                         .map_err(|e| format!("TrustRoot tLog key: {e}"))?,
@@ -720,26 +757,39 @@ fn keyless_check(
         (None, None) => LogKeys::public_good(),
     };
     Ok(KeylessCheck {
-        anchors,
+        fulcio,
         identities,
         ct_logs: (!keyless.insecure_ignore_sct.unwrap_or(false)).then_some(ct_logs),
         tlog,
         require_tlog: a.ctlog.is_some(),
+        timestamp_authorities,
     })
 }
 
-/// TrustRoot `certChain` values are base64 of PEM; raw PEM is accepted too.
-fn maybe_base64(value: &str) -> String {
-    use base64::Engine as _;
-    if value.contains("-----BEGIN") {
-        return value.to_string();
+/// The public-good Fulcio, whose roots are built in.
+const PUBLIC_GOOD_FULCIO_URL: &str = "https://fulcio.sigstore.dev";
+
+/// The trust material of TrustRoot `name` (its `sigstoreKeys`; TUF roots fail closed).
+fn trust_material(
+    name: &str,
+    resolver: &Resolver,
+) -> Result<crate::verify::trust_root::TrustMaterial, String> {
+    let root = resolver
+        .trust_roots
+        .get(name)
+        .ok_or_else(|| format!("TrustRoot {name:?} not found"))?;
+    if root.spec.remote.is_some() || root.spec.repository.is_some() {
+        return Err(format!(
+            "TrustRoot {name:?}: TrustRoot remote/repository (TUF) is not supported by this version of pullgate; use sigstoreKeys"
+        ));
     }
-    let compact: String = value.split_whitespace().collect();
-    base64::engine::general_purpose::STANDARD
-        .decode(compact.as_bytes())
-        .ok()
-        .and_then(|b| String::from_utf8(b).ok())
-        .unwrap_or_default()
+    let keys = root
+        .spec
+        .sigstore_keys
+        .as_ref()
+        .ok_or_else(|| format!("TrustRoot {name:?} has no sigstoreKeys"))?;
+    crate::verify::trust_root::from_sigstore_keys(keys)
+        .map_err(|e| format!("TrustRoot {name:?}: spec.sigstoreKeys.{e}"))
 }
 
 /// The text of the Secret entries `wanted` accepts, joined.
@@ -858,6 +908,9 @@ fn log_keys(ctlog: &super::types::TLog, resolver: &Resolver) -> Result<LogKeys, 
 fn hash_policy(hasher: &mut sha2::Sha256, cip: &ClusterImagePolicy, compiled: &CompiledPolicy) {
     hasher.update(compiled.name.as_bytes());
     hasher.update(serde_json::to_vec(&cip.spec).unwrap_or_default());
+    if let Some(AttestationPolicy::Rego(p)) = &compiled.policy {
+        hasher.update(p.source().as_bytes());
+    }
     if let Ok(authorities) = &compiled.authorities {
         for a in authorities {
             // Policy text from a ConfigMap is not in the CIP spec: hash what is in force.
@@ -875,17 +928,7 @@ fn hash_policy(hasher: &mut sha2::Sha256, cip: &ClusterImagePolicy, compiled: &C
                         hasher.update(id.as_bytes());
                     }
                 }
-                Check::Keyless(k) => {
-                    for c in &k.anchors {
-                        hasher.update(&c.der);
-                    }
-                    for log in k.ct_logs.iter().flat_map(|l| &l.0) {
-                        hasher.update(log.spki_der());
-                    }
-                    for id in k.tlog.ids() {
-                        hasher.update(id.as_bytes());
-                    }
-                }
+                Check::Keyless(k) => hasher.update(k.fingerprint_bytes()),
                 Check::Unusable(reason) => hasher.update(reason.as_bytes()),
                 Check::Static { .. } => {}
             }

@@ -21,7 +21,7 @@ use sha2::Digest as _;
 use crate::image_ref::ImageRef;
 use crate::verify::cosign::{
     SignatureLayer, BUNDLE_ANNOTATION, CERTIFICATE_ANNOTATION, CHAIN_ANNOTATION,
-    SIGNATURE_ANNOTATION, SIMPLE_SIGNING_MEDIA_TYPE,
+    RFC3161_TIMESTAMP_ANNOTATION, SIGNATURE_ANNOTATION, SIMPLE_SIGNING_MEDIA_TYPE,
 };
 use auth::{parse_challenge, Challenge};
 pub use auth::{Credential, Credentials};
@@ -392,6 +392,7 @@ impl RegistryClient {
             bundle: desc.annotations.remove(BUNDLE_ANNOTATION),
             certificate: desc.annotations.remove(CERTIFICATE_ANNOTATION),
             chain: desc.annotations.remove(CHAIN_ANNOTATION),
+            rfc3161_timestamp: desc.annotations.remove(RFC3161_TIMESTAMP_ANNOTATION),
         })
     }
 

@@ -8,16 +8,22 @@ use std::sync::Arc;
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use sha2::Digest as _;
 
 use super::cosign::SignatureLayer;
 use super::keyless::{verify_signer, KeylessCheck};
 use super::keys::{HashAlgorithm, PublicKey};
+use super::rekor::{verify_set, LogKeys, LoggedEntry};
+use super::x509::pem_certificates;
 use crate::policy::rego::RegoPolicy;
 
 /// Media type of an attestation layer.
 pub const DSSE_MEDIA_TYPE: &str = "application/vnd.dsse.envelope.v1+json";
 /// The only payload type cosign attestations carry.
 pub const IN_TOTO_PAYLOAD_TYPE: &str = "application/vnd.in-toto+json";
+/// More signatures than this on one envelope is not something cosign writes: refuse it
+/// rather than try each.
+const MAX_ENVELOPE_SIGNATURES: usize = 16;
 
 /// cosign's predicate type short names (`cosign attest --type`), as policy-controller matches
 /// them; anything else is a full URI compared as is.
@@ -52,11 +58,13 @@ pub struct AttestationCheck {
     pub policy: Option<AttestationPolicy>,
 }
 
-/// Who must have signed the envelope.
+/// Who must have signed the envelope: the authority's signer.
 pub enum Signer<'a> {
     Keys {
         keys: &'a [PublicKey],
         hash: HashAlgorithm,
+        /// `Some` when the authority has a `ctlog`: a verified Rekor bundle is required.
+        tlog: Option<&'a LogKeys>,
     },
     Keyless {
         check: &'a KeylessCheck,
@@ -77,12 +85,28 @@ struct EnvelopeSignature {
     sig: String,
 }
 
-/// The attestations that satisfied an authority, by name.
+/// An attestation that satisfied one `attestations[]` entry.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct AttestationMatch {
     pub name: String,
     pub predicate_type: String,
     pub layer_digest: String,
+    /// Keyless: the certificate identity that matched.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub issuer: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tlog: Option<LoggedEntry>,
+}
+
+/// What a verified envelope proves.
+struct Verified {
+    statement: Value,
+    predicate_type: String,
+    subject: Option<String>,
+    issuer: Option<String>,
+    tlog: Option<LoggedEntry>,
 }
 
 /// DSSE pre-authentication encoding: what the envelope's signatures cover.
@@ -97,33 +121,177 @@ pub fn pae(payload_type: &str, payload: &[u8]) -> Vec<u8> {
     out
 }
 
-/// A verified statement: the envelope's signature checked, the statement parsed and bound to
-/// `digest`. Returns the statement and its predicate type.
+/// Who a Rekor entry must name as the signer.
+enum LoggedSigner<'a> {
+    Key(&'a PublicKey),
+    /// DER of the leaf certificate.
+    Certificate(&'a [u8]),
+}
+
+/// Verifies the Rekor bundle of an attestation. cosign logs attestations as `intoto`
+/// (v0.0.1 or v0.0.2) or `dsse` entries; as in cosign's own offline check, the entry binds
+/// the SHA-256 of the whole envelope (the layer blob) and the signer's key or certificate.
+fn verify_attestation_bundle(
+    raw: &str,
+    logs: &LogKeys,
+    envelope: &[u8],
+    signer: LoggedSigner,
+) -> Result<LoggedEntry, String> {
+    let (logged, body) = verify_set(raw, logs).map_err(|e| format!("ctlog: {e}"))?;
+    let entry: Value = serde_json::from_slice(&body)
+        .map_err(|e| format!("ctlog: malformed bundle: body is not JSON: {e}"))?;
+    let spec = &entry["spec"];
+    let (hash, key) = match entry["kind"].as_str() {
+        Some("intoto") => (
+            &spec["content"]["hash"],
+            spec.get("publicKey")
+                .unwrap_or(&spec["content"]["envelope"]["signatures"][0]["publicKey"]),
+        ),
+        Some("dsse") => (&spec["envelopeHash"], &spec["signatures"][0]["verifier"]),
+        other => {
+            return Err(format!(
+                "ctlog: a {} entry cannot log an attestation (want intoto or dsse)",
+                other.unwrap_or("kindless")
+            ))
+        }
+    };
+    let envelope_hash = hex::encode(sha2::Sha256::digest(envelope));
+    if hash["algorithm"] != "sha256" || hash["value"] != envelope_hash.as_str() {
+        return Err(
+            "ctlog: bundle entry does not match this attestation: envelope hash differs".into(),
+        );
+    }
+    let pem = key
+        .as_str()
+        .and_then(|k| base64::engine::general_purpose::STANDARD.decode(k).ok())
+        .and_then(|p| String::from_utf8(p).ok())
+        .ok_or("ctlog: bundle entry does not name the signer's key")?;
+    let same = match signer {
+        LoggedSigner::Key(key) => PublicKey::from_pem(&pem).ok().as_ref() == Some(key),
+        LoggedSigner::Certificate(der) => pem_certificates(&pem)
+            .ok()
+            .and_then(|c| c.into_iter().next())
+            .is_some_and(|c| c == der),
+    };
+    if !same {
+        return Err("ctlog: bundle entry does not match this attestation: signer differs".into());
+    }
+    Ok(logged)
+}
+
+/// Checks the envelope's signatures over `signed` (its PAE) with the authority's signer.
+/// `relaxed` is the keyless check with the bundle requirement lifted: the DSSE bundle is
+/// verified here, since the keyless module verifies hashedrekord bundles only.
+fn verify_signature(
+    layer: &SignatureLayer,
+    signatures: &[EnvelopeSignature],
+    signed: &[u8],
+    signer: &Signer,
+    relaxed: Option<&KeylessCheck>,
+) -> Result<Verified, String> {
+    let mut verified = Verified {
+        statement: Value::Null,
+        predicate_type: String::new(),
+        subject: None,
+        issuer: None,
+        tlog: None,
+    };
+    match signer {
+        Signer::Keys { keys, hash, tlog } => {
+            let key = keys
+                .iter()
+                .find(|k| {
+                    signatures
+                        .iter()
+                        .any(|s| k.verify_b64(*hash, signed, &s.sig))
+                })
+                .ok_or("attestation signature does not verify with the authority's key")?;
+            if let Some(logs) = tlog {
+                let bundle = layer
+                    .bundle
+                    .as_deref()
+                    .ok_or("ctlog is required but the attestation has no Rekor bundle")?;
+                verified.tlog = Some(verify_attestation_bundle(
+                    bundle,
+                    logs,
+                    &layer.payload,
+                    LoggedSigner::Key(key),
+                )?);
+            }
+        }
+        Signer::Keyless { check, now } => {
+            let relaxed = relaxed.unwrap_or(check);
+            let time = match layer.bundle.as_deref() {
+                Some(bundle) => {
+                    let pem = layer
+                        .certificate
+                        .as_deref()
+                        .ok_or("attestation has no certificate (not a keyless attestation)")?;
+                    let leaf = pem_certificates(pem)
+                        .map_err(|e| format!("signing certificate: {e}"))?
+                        .into_iter()
+                        .next()
+                        .ok_or("signing certificate: empty")?;
+                    let logged = verify_attestation_bundle(
+                        bundle,
+                        &check.tlog,
+                        &layer.payload,
+                        LoggedSigner::Certificate(&leaf),
+                    )?;
+                    let time = logged.integrated_time;
+                    verified.tlog = Some(logged);
+                    time
+                }
+                None if check.require_tlog => {
+                    return Err("ctlog is required but the attestation has no Rekor bundle".into())
+                }
+                None => *now,
+            };
+            // The bundle is checked above; the certificate is judged at its log time.
+            let unbundled = SignatureLayer {
+                bundle: None,
+                ..layer.clone()
+            };
+            let mut last = Err("attestation envelope has no signatures".to_string());
+            for s in signatures {
+                last = verify_signer(&unbundled, signed, &s.sig, relaxed, time);
+                if last.is_ok() {
+                    break;
+                }
+            }
+            let (_, found) = last?;
+            verified.subject = Some(found.subject);
+            verified.issuer = Some(found.issuer);
+        }
+    }
+    Ok(verified)
+}
+
+/// A verified statement: the envelope's signature checked, then the statement parsed and
+/// bound to `digest`. Nothing is read from the payload before its signature verified.
 fn verified_statement(
     layer: &SignatureLayer,
     digest: &str,
     signer: &Signer,
-) -> Result<(Value, String), String> {
+    relaxed: Option<&KeylessCheck>,
+) -> Result<Verified, String> {
     let b64 = base64::engine::general_purpose::STANDARD;
     let envelope: Envelope = serde_json::from_slice(&layer.payload)
         .map_err(|e| format!("attestation is not a DSSE envelope: {e}"))?;
+    if envelope.signatures.is_empty() {
+        return Err("attestation envelope has no signatures".into());
+    }
+    if envelope.signatures.len() > MAX_ENVELOPE_SIGNATURES {
+        return Err(format!(
+            "attestation envelope has {} signatures, more than {MAX_ENVELOPE_SIGNATURES}",
+            envelope.signatures.len()
+        ));
+    }
     let payload = b64
         .decode(envelope.payload.trim())
-        .map_err(|e| format!("DSSE payload is not base64: {e}"))?;
+        .map_err(|e| format!("attestation DSSE payload is not base64: {e}"))?;
     let signed = pae(&envelope.payload_type, &payload);
-    let verified = envelope.signatures.iter().any(|s| match signer {
-        Signer::Keys { keys, hash } => keys.iter().any(|k| k.verify_b64(*hash, &signed, &s.sig)),
-        Signer::Keyless { check, now } => {
-            verify_signer(layer, &signed, &s.sig, check, *now).is_ok()
-        }
-    });
-    if !verified {
-        // For keyless, say why the certificate failed: that is what users need to fix.
-        if let (Signer::Keyless { check, now }, Some(s)) = (signer, envelope.signatures.first()) {
-            verify_signer(layer, &signed, &s.sig, check, *now)?;
-        }
-        return Err("attestation signature does not verify with the authority's key".into());
-    }
+    let mut verified = verify_signature(layer, &envelope.signatures, &signed, signer, relaxed)?;
     if envelope.payload_type != IN_TOTO_PAYLOAD_TYPE {
         return Err(format!(
             "attestation payload type {:?} is not {IN_TOTO_PAYLOAD_TYPE}",
@@ -141,14 +309,27 @@ fn verified_statement(
             "attestation is for another image: its subject does not name {digest}"
         ));
     }
-    let predicate_type = statement["predicateType"]
+    verified.predicate_type = statement["predicateType"]
         .as_str()
         .unwrap_or_default()
         .to_string();
-    Ok((statement, predicate_type))
+    verified.statement = statement;
+    Ok(verified)
 }
 
-/// Checks that every attestation in `checks` is satisfied by one of `layers`.
+/// Runs `check`'s policy on a verified statement of the right type.
+fn apply_policy(check: &AttestationCheck, statement: &Value) -> Result<(), String> {
+    match &check.policy {
+        None => Ok(()),
+        Some(AttestationPolicy::Unsupported(reason)) => Err(reason.clone()),
+        Some(AttestationPolicy::Rego(policy)) => policy
+            .evaluate(statement)
+            .map_err(|e| format!("failed evaluating rego policy for type {}: {e}", check.name)),
+    }
+}
+
+/// Checks that every attestation in `checks` is satisfied by at least one of `layers`. The
+/// error is the cause users see.
 pub fn check_attestations(
     layers: &[SignatureLayer],
     digest: &str,
@@ -158,55 +339,70 @@ pub fn check_attestations(
     if layers.is_empty() {
         return Err("no attestations found".into());
     }
+    let relaxed = match signer {
+        Signer::Keyless { check, .. } => Some(KeylessCheck {
+            require_tlog: false,
+            ..(*check).clone()
+        }),
+        Signer::Keys { .. } => None,
+    };
     // Verify each envelope once, whatever number of attestations are asked for.
-    let verified: Vec<Result<(Value, String), String>> = layers
+    let verified: Vec<Result<Verified, String>> = layers
         .iter()
-        .map(|l| verified_statement(l, digest, signer))
+        .map(|l| verified_statement(l, digest, signer, relaxed.as_ref()))
         .collect();
+    let mut invalid: Vec<&str> = Vec::new();
+    for e in verified.iter().filter_map(|v| v.as_ref().err()) {
+        if !invalid.contains(&e.as_str()) {
+            invalid.push(e);
+        }
+    }
+    if verified.iter().all(Result::is_err) {
+        return Err(format!("no matching attestations: {}", invalid.join("; ")));
+    }
     let mut matches = Vec::new();
     for check in checks {
-        let mut causes: Vec<String> = Vec::new();
-        let mut found = None;
-        for (layer, result) in layers.iter().zip(&verified) {
-            let cause = match result {
-                Err(e) => e.clone(),
-                Ok((_, pt)) if pt != &check.predicate_type => {
-                    format!("predicate type {pt:?} is not {:?}", check.predicate_type)
+        let mut policy_failure = None;
+        let mut seen_types: Vec<&str> = Vec::new();
+        let found = layers.iter().zip(&verified).find_map(|(layer, v)| {
+            let v = v.as_ref().ok()?;
+            if !seen_types.contains(&v.predicate_type.as_str()) {
+                seen_types.push(&v.predicate_type);
+            }
+            if v.predicate_type != check.predicate_type {
+                return None;
+            }
+            match apply_policy(check, &v.statement) {
+                Ok(()) => Some((layer, v)),
+                Err(e) => {
+                    policy_failure.get_or_insert(e);
+                    None
                 }
-                Ok((statement, _)) => match &check.policy {
-                    None => {
-                        found = Some(layer);
-                        break;
-                    }
-                    Some(AttestationPolicy::Unsupported(reason)) => reason.clone(),
-                    Some(AttestationPolicy::Rego(policy)) => match policy.evaluate(statement) {
-                        Ok(()) => {
-                            found = Some(layer);
-                            break;
-                        }
-                        Err(e) => format!("policy: {e}"),
-                    },
-                },
-            };
-            if !causes.contains(&cause) {
-                causes.push(cause);
             }
-        }
-        match found {
-            Some(layer) => matches.push(AttestationMatch {
-                name: check.name.clone(),
-                predicate_type: check.predicate_type.clone(),
-                layer_digest: layer.layer_digest.clone(),
-            }),
-            None => {
-                return Err(format!(
-                    "no matching attestations for {:?} ({}): {}",
-                    check.name,
-                    check.predicate_type,
-                    causes.join("; ")
-                ))
+        });
+        let Some((layer, v)) = found else {
+            // A policy that rejected a matching attestation is the specific reason.
+            if let Some(e) = policy_failure {
+                return Err(e);
             }
-        }
+            let mut reason = format!(
+                "no matching attestations with type {}, checked the following predicateTypes: {:?}",
+                check.predicate_type,
+                seen_types.join(",")
+            );
+            if !invalid.is_empty() {
+                reason.push_str(&format!("; also rejected: {}", invalid.join("; ")));
+            }
+            return Err(reason);
+        };
+        matches.push(AttestationMatch {
+            name: check.name.clone(),
+            predicate_type: check.predicate_type.clone(),
+            layer_digest: layer.layer_digest.clone(),
+            subject: v.subject.clone(),
+            issuer: v.issuer.clone(),
+            tlog: v.tlog.clone(),
+        });
     }
     Ok(matches)
 }
@@ -214,6 +410,32 @@ pub fn check_attestations(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn layer(payload: &[u8]) -> SignatureLayer {
+        SignatureLayer {
+            layer_digest: "sha256:00".into(),
+            payload: payload.to_vec(),
+            signature: None,
+            bundle: None,
+            certificate: None,
+            chain: None,
+            rfc3161_timestamp: None,
+        }
+    }
+
+    const NO_KEYS: Signer = Signer::Keys {
+        keys: &[],
+        hash: HashAlgorithm::Sha256,
+        tlog: None,
+    };
+
+    fn checks() -> [AttestationCheck; 1] {
+        [AttestationCheck {
+            name: "a".into(),
+            predicate_type: "p".into(),
+            policy: None,
+        }]
+    }
 
     #[test]
     fn pae_matches_the_dsse_spec_example() {
@@ -242,27 +464,29 @@ mod tests {
 
     #[test]
     fn malformed_envelopes_are_reasons() {
-        let layer = SignatureLayer {
-            layer_digest: "sha256:00".into(),
-            payload: b"{not json".to_vec(),
-            signature: None,
-            bundle: None,
-            certificate: None,
-            chain: None,
-        };
-        let checks = [AttestationCheck {
-            name: "a".into(),
-            predicate_type: "p".into(),
-            policy: None,
-        }];
-        let signer = Signer::Keys {
-            keys: &[],
-            hash: HashAlgorithm::Sha256,
-        };
-        let err = check_attestations(&[layer], "sha256:ab", &signer, &checks).unwrap_err();
-        assert!(err.contains("not a DSSE envelope"), "{err}");
+        let cases: [(&[u8], &str); 4] = [
+            (b"{not json", "not a DSSE envelope"),
+            (
+                br#"{"payloadType":"x","payload":"e30=","signatures":[]}"#,
+                "has no signatures",
+            ),
+            (
+                br#"{"payloadType":"x","payload":"%%%","signatures":[{"sig":"AA=="}]}"#,
+                "payload is not base64",
+            ),
+            (
+                br#"{"payloadType":"x","payload":"e30=","signatures":[{"sig":"AA=="}]}"#,
+                "does not verify with the authority's key",
+            ),
+        ];
+        for (payload, want) in cases {
+            let err = check_attestations(&[layer(payload)], "sha256:ab", &NO_KEYS, &checks())
+                .unwrap_err();
+            assert!(err.starts_with("no matching attestations: "), "{err}");
+            assert!(err.contains(want), "{err}");
+        }
         assert_eq!(
-            check_attestations(&[], "sha256:ab", &signer, &checks).unwrap_err(),
+            check_attestations(&[], "sha256:ab", &NO_KEYS, &checks()).unwrap_err(),
             "no attestations found"
         );
     }

@@ -18,6 +18,7 @@ pub const BUNDLE_ANNOTATION: &str = "dev.sigstore.cosign/bundle";
 pub const CERTIFICATE_ANNOTATION: &str = "dev.sigstore.cosign/certificate";
 /// Layer annotation holding the certificate's issuing chain (keyless).
 pub const CHAIN_ANNOTATION: &str = "dev.sigstore.cosign/chain";
+pub use super::tsa::RFC3161_TIMESTAMP_ANNOTATION;
 
 /// One signature found in a signature manifest: the payload blob and the layer annotations.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -29,6 +30,8 @@ pub struct SignatureLayer {
     pub bundle: Option<String>,
     pub certificate: Option<String>,
     pub chain: Option<String>,
+    /// cosign's RFC 3161 timestamp JSON (`dev.sigstore.cosign/rfc3161timestamp`).
+    pub rfc3161_timestamp: Option<String>,
 }
 
 #[derive(Deserialize)]

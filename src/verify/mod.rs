@@ -6,4 +6,6 @@ pub mod cosign;
 pub mod keyless;
 pub mod keys;
 pub mod rekor;
+pub mod trust_root;
+pub mod tsa;
 pub mod x509;

@@ -149,25 +149,7 @@ pub fn verify_bundle(
     certificate: Option<&[u8]>,
 ) -> Result<LoggedEntry, BundleError> {
     let b64 = &base64::engine::general_purpose::STANDARD;
-    let bundle: Bundle =
-        serde_json::from_str(raw).map_err(|e| BundleError::Malformed(e.to_string()))?;
-    let log_key = logs
-        .0
-        .get(&bundle.payload.log_id)
-        .ok_or_else(|| BundleError::UnknownLog(bundle.payload.log_id.clone()))?;
-    let canonical = serde_json_canonicalizer::to_vec(&bundle.payload)
-        .map_err(|e| BundleError::Malformed(e.to_string()))?;
-    if !log_key.verify_b64(
-        HashAlgorithm::Sha256,
-        &canonical,
-        &bundle.signed_entry_timestamp,
-    ) {
-        return Err(BundleError::BadSet);
-    }
-
-    let body = b64
-        .decode(bundle.payload.body.as_bytes())
-        .map_err(|e| BundleError::Malformed(format!("body is not base64: {e}")))?;
+    let (logged, body) = verify_set(raw, logs)?;
     let entry: Entry = serde_json::from_slice(&body)
         .map_err(|e| BundleError::Malformed(format!("body is not a hashedrekord entry: {e}")))?;
     if entry.kind != "hashedrekord" {
@@ -209,11 +191,37 @@ pub fn verify_bundle(
         (None, Some(_)) => return Err(BundleError::Mismatch("entry has no certificate")),
         (None, None) => {}
     }
-    Ok(LoggedEntry {
+    Ok(logged)
+}
+
+/// Verifies the signed entry timestamp of bundle `raw` against `logs` and returns what it
+/// proves with the decoded entry body. The caller must still bind the body to its signature:
+/// hashedrekord here, DSSE/in-toto entries in `verify::attest`.
+pub fn verify_set(raw: &str, logs: &LogKeys) -> Result<(LoggedEntry, Vec<u8>), BundleError> {
+    let bundle: Bundle =
+        serde_json::from_str(raw).map_err(|e| BundleError::Malformed(e.to_string()))?;
+    let log_key = logs
+        .0
+        .get(&bundle.payload.log_id)
+        .ok_or_else(|| BundleError::UnknownLog(bundle.payload.log_id.clone()))?;
+    let canonical = serde_json_canonicalizer::to_vec(&bundle.payload)
+        .map_err(|e| BundleError::Malformed(e.to_string()))?;
+    if !log_key.verify_b64(
+        HashAlgorithm::Sha256,
+        &canonical,
+        &bundle.signed_entry_timestamp,
+    ) {
+        return Err(BundleError::BadSet);
+    }
+    let body = base64::engine::general_purpose::STANDARD
+        .decode(bundle.payload.body.as_bytes())
+        .map_err(|e| BundleError::Malformed(format!("body is not base64: {e}")))?;
+    let logged = LoggedEntry {
         log_id: bundle.payload.log_id,
         log_index: bundle.payload.log_index,
         integrated_time: bundle.payload.integrated_time,
-    })
+    };
+    Ok((logged, body))
 }
 
 #[cfg(test)]

@@ -6,11 +6,12 @@ use der::{Decode as _, Encode as _};
 use sha2::Digest as _;
 use x509_cert::ext::pkix::name::GeneralName;
 use x509_cert::ext::pkix::{
-    BasicConstraints, ExtendedKeyUsage, KeyUsage, KeyUsages, SubjectAltName,
+    BasicConstraints, ExtendedKeyUsage, KeyUsage, KeyUsages, SubjectAltName, SubjectKeyIdentifier,
 };
 use x509_cert::Certificate;
 
 use super::keys::{HashAlgorithm, PublicKey};
+use super::trust_root::CertificateAuthority;
 
 /// Longest chain accepted (leaf, intermediates, root).
 const MAX_CHAIN: usize = 6;
@@ -22,6 +23,8 @@ const OID_FULCIO_ISSUER_V1: &str = "1.3.6.1.4.1.57264.1.1";
 const OID_SCT_LIST: &str = "1.3.6.1.4.1.11129.2.4.2";
 /// id-kp-codeSigning.
 const OID_CODE_SIGNING: &str = "1.3.6.1.5.5.7.3.3";
+/// id-kp-timeStamping.
+const OID_TIME_STAMPING: &str = "1.3.6.1.5.5.7.3.8";
 
 /// A parsed certificate and what verification needs of it.
 #[derive(Clone)]
@@ -107,7 +110,7 @@ impl Cert {
     }
 
     /// Whether `self` was signed by `issuer`'s key.
-    fn signed_by(&self, issuer: &Cert) -> bool {
+    pub(super) fn signed_by(&self, issuer: &Cert) -> bool {
         let hash = match self.parsed.signature_algorithm().oid.to_string().as_str() {
             "1.2.840.10045.4.3.2" | "1.2.840.113549.1.1.11" => HashAlgorithm::Sha256,
             "1.2.840.10045.4.3.3" | "1.2.840.113549.1.1.12" => HashAlgorithm::Sha384,
@@ -162,21 +165,55 @@ impl Cert {
             .collect()
     }
 
-    /// The leaf must be a code-signing end-entity certificate.
-    fn check_leaf_usage(&self) -> Result<(), String> {
+    /// The leaf must be an end-entity certificate for `purpose`: code signing (Fulcio), or
+    /// time stamping with the extended key usage marked critical, as RFC 3161 demands.
+    fn check_leaf_usage(&self, purpose: Purpose) -> Result<(), String> {
+        let (what, oid, usage) = match purpose {
+            Purpose::CodeSigning => ("signing certificate", OID_CODE_SIGNING, "code signing"),
+            Purpose::TimeStamping => (
+                "timestamp authority certificate",
+                OID_TIME_STAMPING,
+                "time stamping",
+            ),
+        };
         if self.is_ca() {
-            return Err("signing certificate is a CA certificate".into());
+            return Err(format!("{what} is a CA certificate"));
         }
         let tbs = self.parsed.tbs_certificate();
-        if let Ok(Some((_, KeyUsage(flags)))) = tbs.get_extension::<KeyUsage>() {
-            if !flags.contains(KeyUsages::DigitalSignature) {
-                return Err("signing certificate's key usage lacks digitalSignature".into());
+        match tbs.get_extension::<KeyUsage>() {
+            Ok(Some((_, KeyUsage(flags)))) if !flags.contains(KeyUsages::DigitalSignature) => {
+                return Err(format!("{what}'s key usage lacks digitalSignature"))
             }
+            Ok(_) => {}
+            Err(e) => return Err(format!("{what}'s key usage: {e}")),
         }
         match tbs.get_extension::<ExtendedKeyUsage>() {
-            Ok(Some((_, eku))) if eku.0.iter().any(|o| o.to_string() == OID_CODE_SIGNING) => Ok(()),
-            Ok(_) => Err("signing certificate is not for code signing (extended key usage)".into()),
-            Err(e) => Err(format!("signing certificate's extended key usage: {e}")),
+            Ok(Some((critical, eku))) if eku.0.iter().any(|o| o.to_string() == oid) => {
+                if purpose == Purpose::TimeStamping && !critical {
+                    return Err(format!("{what}'s extended key usage is not critical"));
+                }
+                Ok(())
+            }
+            Ok(_) => Err(format!("{what} is not for {usage} (extended key usage)")),
+            Err(e) => Err(format!("{what}'s extended key usage: {e}")),
+        }
+    }
+
+    /// Whether this is the certificate a CMS `IssuerAndSerialNumber` names (both DER).
+    pub(super) fn has_issuer_serial(&self, issuer_der: &[u8], serial_der: &[u8]) -> bool {
+        let serial = self.parsed.tbs_certificate().serial_number().to_der();
+        self.issuer_der == issuer_der && serial.is_ok_and(|s| s == serial_der)
+    }
+
+    /// The subject key identifier extension's value, if any.
+    pub(super) fn subject_key_id(&self) -> Option<Vec<u8>> {
+        match self
+            .parsed
+            .tbs_certificate()
+            .get_extension::<SubjectKeyIdentifier>()
+        {
+            Ok(Some((_, ski))) => Some(ski.0.as_bytes().to_vec()),
+            _ => None,
         }
     }
 }
@@ -206,38 +243,67 @@ pub fn pem_certificates(text: &str) -> Result<Vec<Vec<u8>>, String> {
     Ok(out)
 }
 
-/// Builds a path from `leaf` through `intermediates` to one of `anchors`, checking every
-/// signature, that issuers are CAs, and that every certificate is valid at `time`.
+/// What a leaf certificate must be for: Fulcio signing certificates sign code, a timestamp
+/// authority's certificate stamps time (RFC 3161 section 2.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    CodeSigning,
+    TimeStamping,
+}
+
+/// A moment a certificate must have been valid at, and what vouches for it (for messages).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct At {
+    pub time: i64,
+    pub source: &'static str,
+}
+
+/// Builds a path from `leaf` through `intermediates` to a certificate of one of `cas`,
+/// checking every signature, that issuers are CAs, that every certificate was valid at every
+/// moment of `times`, and that those moments fall inside the CA's own validity window (a
+/// retired Fulcio root must not vouch for certificates issued after it was retired).
 pub fn verify_chain(
     leaf: &Cert,
     intermediates: &[Cert],
-    anchors: &[Cert],
-    time: i64,
+    cas: &[CertificateAuthority],
+    times: &[At],
+    purpose: Purpose,
 ) -> Result<Vec<Cert>, String> {
-    leaf.check_leaf_usage()?;
-    if !leaf.valid_at(time) {
-        return Err(format!(
-            "signing certificate was not valid at {} (valid {} to {})",
-            show_time(time),
-            show_time(leaf.not_before),
-            show_time(leaf.not_after)
-        ));
-    }
+    leaf.check_leaf_usage(purpose)?;
+    let what = match purpose {
+        Purpose::CodeSigning => "signing certificate",
+        Purpose::TimeStamping => "timestamp authority certificate",
+    };
+    valid_at_all(leaf, times, what.to_string())?;
     let mut path = vec![leaf.clone()];
     let mut current = leaf.clone();
+    let mut window_error = None;
     for _ in 0..MAX_CHAIN {
-        // A trusted CA that signed the current certificate ends the path.
-        if let Some(anchor) = anchors
+        // A trusted CA certificate that signed the current one ends the path.
+        let mut signers = cas
             .iter()
-            .find(|a| a.subject_der == current.issuer_der && current.signed_by(a))
-        {
-            if !anchor.valid_at(time) {
-                return Err(format!(
-                    "trusted CA {} was not valid at {}",
-                    anchor.subject(),
-                    show_time(time)
-                ));
+            .flat_map(|ca| ca.certs.iter().map(move |c| (ca, c)));
+        let found = signers.find(|(ca, anchor)| {
+            if anchor.subject_der != current.issuer_der || !current.signed_by(anchor) {
+                return false;
             }
+            match times.iter().find(|at| !ca.valid.contains(at.time)) {
+                Some(at) => {
+                    window_error = Some(format!(
+                        "trusted CA {} ({}) is only trusted {}, not at {} ({})",
+                        anchor.subject(),
+                        ca.uri,
+                        ca.valid,
+                        show_time(at.time),
+                        at.source
+                    ));
+                    false
+                }
+                None => true,
+            }
+        });
+        if let Some((_, anchor)) = found {
+            valid_at_all(anchor, times, format!("trusted CA {}", anchor.subject()))?;
             if anchor != &current {
                 path.push(anchor.clone());
             }
@@ -251,13 +317,7 @@ pub fn verify_chain(
         if !next.is_ca() {
             return Err(format!("{} is not a CA certificate", next.subject()));
         }
-        if !next.valid_at(time) {
-            return Err(format!(
-                "intermediate CA {} was not valid at {}",
-                next.subject(),
-                show_time(time)
-            ));
-        }
+        valid_at_all(next, times, format!("intermediate CA {}", next.subject()))?;
         if next.self_issued() {
             // A self-signed certificate that is not a trust anchor ends nowhere.
             break;
@@ -265,13 +325,29 @@ pub fn verify_chain(
         path.push(next.clone());
         current = next.clone();
     }
-    Err(format!(
-        "certificate chain does not lead to a trusted root (issuer {})",
-        current.parsed.tbs_certificate().issuer()
-    ))
+    Err(window_error.unwrap_or_else(|| {
+        format!(
+            "certificate chain does not lead to a trusted root (issuer {})",
+            current.parsed.tbs_certificate().issuer()
+        )
+    }))
 }
 
-fn show_time(t: i64) -> String {
+/// `cert` (`what`, for the message) must have been valid at every moment of `times`.
+fn valid_at_all(cert: &Cert, times: &[At], what: String) -> Result<(), String> {
+    match times.iter().find(|at| !cert.valid_at(at.time)) {
+        None => Ok(()),
+        Some(at) => Err(format!(
+            "{what} was not valid at {} ({}): valid {} to {}",
+            show_time(at.time),
+            at.source,
+            show_time(cert.not_before),
+            show_time(cert.not_after)
+        )),
+    }
+}
+
+pub(super) fn show_time(t: i64) -> String {
     jiff::Timestamp::from_second(t).map_or_else(|_| t.to_string(), |ts| ts.to_string())
 }
 
@@ -442,7 +518,7 @@ fn precert_tbs(leaf: &Cert) -> Result<Vec<u8>, String> {
 }
 
 /// (tag, content) of the one DER element `bytes` holds.
-fn tlv(bytes: &[u8]) -> Result<(u8, &[u8]), String> {
+pub(super) fn tlv(bytes: &[u8]) -> Result<(u8, &[u8]), String> {
     let (tag, content, rest) = next_tlv(bytes)?;
     if !rest.is_empty() {
         return Err("trailing bytes after a DER element".into());
@@ -451,14 +527,14 @@ fn tlv(bytes: &[u8]) -> Result<(u8, &[u8]), String> {
 }
 
 /// One DER element: its tag, its content and the whole element.
-struct Element<'a> {
-    tag: u8,
-    content: &'a [u8],
-    raw: &'a [u8],
+pub(super) struct Element<'a> {
+    pub tag: u8,
+    pub content: &'a [u8],
+    pub raw: &'a [u8],
 }
 
 /// Each DER element in `bytes`.
-fn elements(mut bytes: &[u8]) -> Result<Vec<Element<'_>>, String> {
+pub(super) fn elements(mut bytes: &[u8]) -> Result<Vec<Element<'_>>, String> {
     let mut out = Vec::new();
     while !bytes.is_empty() {
         let (tag, content, rest) = next_tlv(bytes)?;
@@ -469,7 +545,7 @@ fn elements(mut bytes: &[u8]) -> Result<Vec<Element<'_>>, String> {
     Ok(out)
 }
 
-fn next_tlv(bytes: &[u8]) -> Result<(u8, &[u8], &[u8]), String> {
+pub(super) fn next_tlv(bytes: &[u8]) -> Result<(u8, &[u8], &[u8]), String> {
     let bad = || "malformed DER".to_string();
     let (&tag, rest) = bytes.split_first().ok_or_else(bad)?;
     if tag & 0x1f == 0x1f {
@@ -495,7 +571,7 @@ fn next_tlv(bytes: &[u8]) -> Result<(u8, &[u8], &[u8]), String> {
     Ok((tag, &rest[..len], &rest[len..]))
 }
 
-fn wrap(tag: u8, content: &[u8]) -> Vec<u8> {
+pub(super) fn wrap(tag: u8, content: &[u8]) -> Vec<u8> {
     let mut out = vec![tag];
     let len = content.len();
     if len < 0x80 {

@@ -39,6 +39,7 @@ mod process;
 mod registry;
 mod rekor;
 mod skopeo;
+pub mod tsa;
 
 use std::fs;
 use std::path::Path;
@@ -72,6 +73,39 @@ pub fn write_policy_dir(files: &[(&str, &str)]) -> tempfile::TempDir {
         write_file(dir.path(), name, contents);
     }
     dir
+}
+
+/// `pullgate verify --output json` on the policy files given: its exit code, JSON answer and
+/// stderr.
+pub struct Verified {
+    pub code: i32,
+    pub json: serde_json::Value,
+    pub stderr: String,
+}
+
+impl Verified {
+    pub fn verdict(&self) -> &str {
+        self.json["verdict"].as_str().unwrap_or("<none>")
+    }
+
+    pub fn reasons(&self) -> String {
+        self.json["reasons"].to_string()
+    }
+}
+
+/// Runs `pullgate verify --policy DIR --output json EXTRA… IMAGE` with `files` in DIR.
+pub async fn verify_json(files: &[(&str, &str)], image: &str, extra: &[&str]) -> Verified {
+    let dir = write_policy_dir(files);
+    let policy = dir.path().to_str().expect("UTF-8 temp path").to_string();
+    let mut args = vec!["verify", "--policy", &policy, "--output", "json"];
+    args.extend_from_slice(extra);
+    args.push(image);
+    let out = run_pullgate_async(&args, &[]).await;
+    Verified {
+        code: out.code,
+        json: serde_json::from_str(&out.stdout).unwrap_or(serde_json::Value::Null),
+        stderr: out.stderr,
+    }
 }
 
 /// Writes `contents` to `dir/name`, creating parent dirs.
