@@ -4,15 +4,19 @@
 //! turn, measured in the same run so the ratio between them is what to read.
 //! `decide/static_pass` is a whole registry-free decision against 10 000 policies;
 //! `decide/key_check` checks one fetched cosign signature against a key authority (the pure
-//! part of a verification once signatures are in memory).
+//! part of a verification once signatures are in memory); `decide/keyless_check` checks the
+//! same signature made keyless (certificate chain, identity, key); `decide/rego_eval` evaluates
+//! one rego attestation policy.
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion};
 use pullgate::image_ref::ImageRef;
 use pullgate::policy::eval::{decide_offline, Offline};
 use pullgate::policy::glob::{Glob, GlobIndex};
 use pullgate::policy::load::Objects;
+use pullgate::policy::rego::RegoPolicy;
+use pullgate::policy::snapshot::Check;
 use pullgate::policy::snapshot::{Settings, Snapshot};
-use pullgate::verify::cosign::{check_key, KeyCheck, SignatureLayer};
+use pullgate::verify::cosign::{check_key, check_keyless, KeyCheck, SignatureLayer};
 use pullgate::verify::keys::{HashAlgorithm, PublicKey};
 
 /// Realistic globs: team registries, org wildcards, a few recursive and exact ones.
@@ -129,7 +133,87 @@ fn decide(c: &mut Criterion) {
     group.bench_function("key_check", |b| {
         b.iter(|| check_key(black_box(std::slice::from_ref(&layer)), digest, &check))
     });
+
+    // The same signature made keyless: a certificate for that key under a private root, the
+    // authority compiled from CIP YAML as a policy directory would give it.
+    let keyless_layer = keyless_layer(&signing, layer.clone());
+    let root_pem = keyless_layer.1.clone();
+    let keyless_layer = keyless_layer.0;
+    let cip = format!(
+        "apiVersion: policy.sigstore.dev/v1beta1\nkind: ClusterImagePolicy\nmetadata: {{name: k}}\nspec:\n  images: [{{glob: \"**\"}}]\n  authorities:\n  - keyless:\n      ca-cert: {{data: {}}}\n      insecureIgnoreSCT: true\n      identities: [{{issuer: \"https://issuer.example\", subjectRegExp: \"@example.com$\"}}]\n",
+        serde_json::to_string(&root_pem).unwrap()
+    );
+    let mut objects = Objects::default();
+    objects.load_str(&cip, "bench").unwrap();
+    let snapshot = Snapshot::build(&objects, Settings::default());
+    let authorities = snapshot.policies[0].authorities.as_ref().unwrap();
+    let Check::Keyless(keyless) = &authorities[0].check else {
+        panic!("not a keyless check: {:?}", authorities[0].check);
+    };
+    let now = jiff::Timestamp::now().as_second();
+    check_keyless(std::slice::from_ref(&keyless_layer), digest, keyless, now).unwrap();
+    group.bench_function("keyless_check", |b| {
+        b.iter(|| {
+            check_keyless(
+                black_box(std::slice::from_ref(&keyless_layer)),
+                digest,
+                keyless,
+                now,
+            )
+        })
+    });
+
+    // A rego attestation policy over a small in-toto statement.
+    let rego = RegoPolicy::compile(
+        "package sigstore\ndefault isCompliant = false\nisCompliant {\n  input.predicate.scanner.result.critical == 0\n}\n",
+    )
+    .unwrap();
+    let statement = serde_json::json!({
+        "_type": "https://in-toto.io/Statement/v0.1",
+        "predicateType": "https://cosign.sigstore.dev/attestation/vuln/v1",
+        "subject": [{"name": "x", "digest": {"sha256": "00"}}],
+        "predicate": {"scanner": {"result": {"critical": 0}}},
+    });
+    rego.evaluate(&statement).unwrap();
+    group.bench_function("rego_eval", |b| {
+        b.iter(|| rego.evaluate(black_box(&statement)))
+    });
     group.finish();
+}
+
+/// `layer` with a certificate for `key` (issuer extension, email SAN, code signing) under a new
+/// root; returns the layer and the root's PEM.
+fn keyless_layer(
+    key: &p256::ecdsa::SigningKey,
+    mut layer: SignatureLayer,
+) -> (SignatureLayer, String) {
+    use p256::pkcs8::EncodePrivateKey as _;
+    use rcgen::{
+        BasicConstraints, CertificateParams, CustomExtension, ExtendedKeyUsagePurpose, IsCa,
+        KeyPair, KeyUsagePurpose, SanType,
+    };
+    let root_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut root = CertificateParams::new(Vec::<String>::new()).unwrap();
+    root.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    root.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+    let root = root.self_signed(&root_key).unwrap();
+    let leaf_key = KeyPair::from_pem(&key.to_pkcs8_pem(Default::default()).unwrap()).unwrap();
+    let mut leaf = CertificateParams::new(Vec::<String>::new()).unwrap();
+    leaf.is_ca = IsCa::ExplicitNoCa;
+    leaf.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::CodeSigning];
+    leaf.subject_alt_names = vec![SanType::Rfc822Name("dev@example.com".try_into().unwrap())];
+    // Fulcio's issuer extension (1.3.6.1.4.1.57264.1.8), a DER UTF8String.
+    let issuer = "https://issuer.example";
+    let mut value = vec![0x0c, issuer.len() as u8];
+    value.extend_from_slice(issuer.as_bytes());
+    leaf.custom_extensions = vec![CustomExtension::from_oid_content(
+        &[1, 3, 6, 1, 4, 1, 57264, 1, 8],
+        value,
+    )];
+    let leaf = leaf.signed_by(&leaf_key, &root, &root_key).unwrap();
+    layer.certificate = Some(leaf.pem());
+    (layer, root.pem())
 }
 
 criterion_group!(benches, select, decide);
