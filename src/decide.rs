@@ -7,7 +7,7 @@ use crate::policy::eval::{
     Verdict,
 };
 use crate::policy::Snapshot;
-use crate::registry::{Credential, RegistryClient};
+use crate::registry::{Credential, Credentials, RegistryClient};
 
 /// Decides whether `image` may run in `namespace` under `snapshot`.
 ///
@@ -18,17 +18,21 @@ pub async fn decide(
     image: &ImageRef,
     namespace: Option<&str>,
 ) -> Decision {
-    decide_with_auth(snapshot, registry, image, namespace, None).await
+    decide_with_auth(snapshot, registry, image, namespace, None, None).await
 }
 
 /// [`decide`] with the caller's registry credential (e.g. the one kubelet resolved for the
-/// pull), used for the tag lookup and signature fetches.
+/// pull), used for the tag lookup and signature fetches. `signature_auth`: the credentials of
+/// the authorities' `signaturePullSecrets` (read from the workload's namespace), used first for
+/// what those authorities fetch. Credentials only open registry access; they never make an
+/// image pass.
 pub async fn decide_with_auth(
     snapshot: &Snapshot,
     registry: &RegistryClient,
     image: &ImageRef,
     namespace: Option<&str>,
     auth: Option<&Credential>,
+    signature_auth: Option<&Credentials>,
 ) -> Decision {
     let (mut decision, undecided) = match decide_offline(snapshot, image, namespace) {
         Offline::Decided(decision) => return decision,
@@ -49,10 +53,14 @@ pub async fn decide_with_auth(
     let policies: Vec<_> = undecided.iter().map(|&i| &snapshot.policies[i]).collect();
     let needed = attached_needed(&policies, &pinned, &digest);
     let fetches = needed.iter().map(|att| async move {
+        let credential = signature_auth
+            .filter(|_| att.pull_secrets)
+            .and_then(|c| c.for_host(att.repo.registry()))
+            .or(auth);
         (
             att.key(),
             registry
-                .fetch_attached(&att.repo, &att.tag, att.media_type, auth)
+                .fetch_attached(&att.repo, &att.tag, att.media_type, credential)
                 .await,
         )
     });

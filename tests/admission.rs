@@ -924,3 +924,71 @@ async fn cluster_mode_reads_policies_and_pull_secrets_from_the_api_server() {
         "{message}"
     );
 }
+
+/// `source.signaturePullSecrets`: signatures kept in a private registry, read with a Secret of
+/// the workload's namespace (cluster mode).
+#[tokio::test(flavor = "multi_thread")]
+async fn signature_pull_secrets_open_a_private_signature_repository() {
+    use common::fake_api::{namespace, FakeApi, CIPS, NAMESPACES};
+    const DEMO_SECRETS: &str = "/api/v1/namespaces/demo/secrets";
+
+    let public = Registry::start().await;
+    let private = Registry::start_with_htpasswd(TEST_USER, TEST_PASSWORD).await;
+    let digest = public
+        .push_image("app", "v1", "signature-pull-secrets")
+        .await;
+    let key = TestKey::generate(KeyKind::EcdsaP256);
+    let layer = cosign_sign_layer(&public.repo_ref("app"), &digest, &key);
+    private
+        .push_signature_layers("sigs", &signature_tag(&digest), &[layer], false)
+        .await;
+
+    let fake = FakeApi::start(true).await;
+    fake.apply(NAMESPACES, namespace("demo", true));
+    let authority = |secrets: serde_json::Value| {
+        json!({"metadata": {"name": "private-signatures"},
+               "spec": {"images": [{"glob": format!("{}/**", public.addr())}],
+                        "authorities": [{"key": {"data": key.public_pem()},
+                                         "source": [{"oci": format!("{}/sigs", private.addr()),
+                                                     "signaturePullSecrets": secrets}]}]}})
+    };
+    fake.apply(CIPS, authority(json!([{"name": "sigcred"}])));
+    fake.add_collection(DEMO_SECRETS, "v1", "Secret");
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    let config = json!({"auths": {private.addr(): {
+        "auth": b64(&format!("{TEST_USER}:{TEST_PASSWORD}"))}}});
+    fake.apply(
+        DEMO_SECRETS,
+        json!({"metadata": {"name": "sigcred", "namespace": "demo"},
+               "type": "kubernetes.io/dockerconfigjson",
+               "data": {".dockerconfigjson": b64(&config.to_string())}}),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = fake.kubeconfig(dir.path()).display().to_string();
+    let shim = Admission::start(&dir.path().join("unused"), &["--kubeconfig", &kubeconfig]).await;
+
+    let mut pod = fixture("pod.json");
+    pod["request"]["namespace"] = json!("demo");
+    pod["request"]["object"]["metadata"]["namespace"] = json!("demo");
+    pod["request"]["object"]["spec"] =
+        json!({"containers": [{"name": "app", "image": public.tag_ref("app", "v1")}]});
+    assert_allowed(&shim.review("/validate/workloads", &pod).await, &[]);
+
+    // The same policy without the Secret: the signature repository refuses, so it is denied.
+    fake.apply(CIPS, authority(json!([])));
+    let mut last = Value::Null;
+    for i in 0..100 {
+        pod["request"]["uid"] = json!(format!("retry-{i}"));
+        last = shim.review("/validate/workloads", &pod).await;
+        if last["allowed"] == false {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(last["allowed"], false, "{last}");
+    let message = last["status"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("requires a username and password"),
+        "{message}"
+    );
+}

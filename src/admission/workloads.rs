@@ -17,7 +17,9 @@ use super::{pull_secrets, Shim};
 use crate::audit::{AuditLine, Source};
 use crate::decide::decide_with_auth;
 use crate::image_ref::ImageRef;
-use crate::policy::eval::{decide_offline, failure_reason, Decision, Offline, Verdict};
+use crate::policy::eval::{
+    decide_offline, failure_reason, signature_pull_secret_names, Decision, Offline, Verdict,
+};
 use crate::policy::snapshot::Mode;
 use crate::policy::Snapshot;
 use crate::registry::Credential;
@@ -182,6 +184,14 @@ async fn decide(
         }
     };
     let pinned = image.with_digest(&digest);
+    // signaturePullSecrets live in the workload's namespace: read them now (cluster mode).
+    let secret_names = signature_pull_secret_names(snapshot, image);
+    let signature_auth = match (&shim.pull_secrets, namespace) {
+        (Some(reader), Some(ns)) if !secret_names.is_empty() => {
+            Some(reader.credentials(ns, &secret_names).await)
+        }
+        _ => None,
+    };
     let key = CacheKey {
         image: pinned.to_string(),
         enforced: true,
@@ -190,7 +200,14 @@ async fn decide(
     let (mut decision, hit) = shim
         .cache
         .get_or_compute(key, || {
-            decide_with_auth(snapshot, &shim.registry, &pinned, namespace, auth)
+            decide_with_auth(
+                snapshot,
+                &shim.registry,
+                &pinned,
+                namespace,
+                auth,
+                signature_auth.as_ref(),
+            )
         })
         .await;
     decision.namespace = namespace.map(str::to_string);

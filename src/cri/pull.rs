@@ -185,7 +185,7 @@ async fn decide_pull(
     let (mut decision, hit) = proxy
         .cache
         .get_or_compute(key, || {
-            decide_with_auth(&snapshot, &proxy.registry, &pinned, namespace, auth)
+            decide_with_auth(&snapshot, &proxy.registry, &pinned, namespace, auth, None)
         })
         .await;
     // A cached decision may have been made for a pod of another enforced namespace.

@@ -177,6 +177,8 @@ pub struct Attached {
     pub repo: ImageRef,
     pub tag: String,
     pub media_type: &'static str,
+    /// An authority reading it names `signaturePullSecrets`: their credentials come first.
+    pub pull_secrets: bool,
 }
 
 impl Attached {
@@ -201,7 +203,21 @@ pub fn attached_for(a: &CompiledAuthority, image: &ImageRef, digest: &str) -> Op
         repo: a.signature_repo.clone().unwrap_or_else(|| image.clone()),
         tag: crate::registry::attached_tag(&a.tag_prefix, digest, suffix)?,
         media_type,
+        pull_secrets: !a.signature_pull_secrets.is_empty(),
     })
+}
+
+/// The `signaturePullSecrets` named by the authorities of the policies covering `image`.
+pub fn signature_pull_secret_names(snapshot: &Snapshot, image: &ImageRef) -> Vec<String> {
+    let mut names: Vec<String> = snapshot
+        .applicable(image)
+        .into_iter()
+        .flat_map(|i| snapshot.policies[i].authorities.iter().flatten())
+        .flat_map(|a| a.signature_pull_secrets.iter().cloned())
+        .collect();
+    names.sort();
+    names.dedup();
+    names
 }
 
 /// Everything the undecided policies need fetched, each once.
@@ -214,8 +230,9 @@ pub fn attached_needed(
     for p in policies {
         for a in p.authorities.iter().flatten() {
             if let Some(att) = attached_for(a, image, digest) {
-                if !needed.iter().any(|n| n.key() == att.key()) {
-                    needed.push(att);
+                match needed.iter_mut().find(|n| n.key() == att.key()) {
+                    Some(n) => n.pull_secrets |= att.pull_secrets,
+                    None => needed.push(att),
                 }
             }
         }

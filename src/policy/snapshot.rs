@@ -120,6 +120,10 @@ pub struct CompiledAuthority {
     pub tag_prefix: String,
     /// Non-empty: the authority is satisfied by these attestations, not by signatures.
     pub attestations: Vec<AttestationCheck>,
+    /// `source.signaturePullSecrets`: Secrets of the workload's namespace whose registry
+    /// credentials fetch this authority's signatures (read where a workload namespace's
+    /// Secrets can be read: the admission shim in cluster mode).
+    pub signature_pull_secrets: Vec<String>,
 }
 
 /// A CIP ready for evaluation. `authorities` is `Err` when the CIP is invalid: every image it
@@ -510,6 +514,13 @@ fn compile_authority(
             .first()
             .and_then(|s| s.tag_prefix.clone())
             .unwrap_or_default(),
+        signature_pull_secrets: a
+            .source
+            .iter()
+            .flat_map(|s| &s.signature_pull_secrets)
+            .map(|r| r.name.clone())
+            .filter(|n| !n.is_empty())
+            .collect(),
         attestations,
     }
 }
@@ -590,11 +601,6 @@ fn unsupported(a: &Authority, _cip: &ClusterImagePolicy) -> Option<String> {
     if let Some(key) = &a.key {
         if let Some(kms) = &key.kms {
             return not_built(&format!("a KMS key ({kms})"));
-        }
-    }
-    if let Some(source) = a.source.first() {
-        if !source.signature_pull_secrets.is_empty() {
-            return not_built("source.signaturePullSecrets");
         }
     }
     match a.signature_format.as_deref() {
