@@ -739,3 +739,54 @@ isCompliant[response] {
     )
     .await;
 }
+
+/// A keyless attestation with an RFC 3161 timestamp over the envelope (what cosign stamps for
+/// attestations): the expired certificate is judged at the stamped time.
+#[tokio::test(flavor = "multi_thread")]
+async fn keyless_attestation_judged_at_its_rfc3161_timestamp() {
+    use common::tsa::{TestTsa, RFC3161_TIMESTAMP_ANNOTATION};
+    let reg = Registry::start().await;
+    let fulcio = TestFulcio::new("attest-fulcio-tsa");
+    let rekor = TestRekor::new();
+    let tsa = TestTsa::new("attest tsa");
+    let glob = format!("{}/**", reg.addr());
+    let signer = TestKey::generate(KeyKind::EcdsaP256);
+    let issued = fulcio::now() - 60;
+    let leaf = Leaf {
+        not_before: issued,
+        lifetime: 63,
+        ..Leaf::default()
+    };
+    let cert = fulcio.issue(&signer, &leaf);
+    let mut images = Vec::new();
+    for (repo, stamp_envelope) in [("stamped", true), ("wrongstamp", false)] {
+        let digest = reg.push_image(repo, "v1", &format!("kl-tsa-{repo}")).await;
+        let st = statement(&digest, VULN, json!({}));
+        let env = envelope(&st, &signer);
+        let stamped: &[u8] = if stamp_envelope { &env } else { &st };
+        let annotations = json!({
+            "predicateType": VULN,
+            "dev.sigstore.cosign/certificate": cert,
+            "dev.sigstore.cosign/chain": fulcio.chain_pem(),
+            RFC3161_TIMESTAMP_ANNOTATION: tsa.annotation(stamped),
+        });
+        push_attestations(&reg, repo, &att_tag(&digest), &[(env, annotations)]).await;
+        images.push(reg.tag_ref(repo, "v1"));
+    }
+    while fulcio::now() <= issued + 63 {
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    let trust_root = fulcio.trust_root_yaml("private", &rekor.public_pem());
+    let tsa_root = tsa.trust_root_yaml("tsa");
+    let policy = cip(
+        &glob,
+        "    keyless: {trustRootRef: private, identities: [{issuer: \"https://token.actions.githubusercontent.com\", subjectRegExp: \"^https://github.com/acme/\"}]}\n    rfc3161timestamp: {trustRootRef: tsa}\n    attestations:\n    - {name: scan, predicateType: vuln}\n",
+    );
+    let files = [
+        ("tr.yaml", trust_root.as_str()),
+        ("tsa.yaml", tsa_root.as_str()),
+        ("cip.yaml", policy.as_str()),
+    ];
+    expect(&files, &images[0], "allow", "").await;
+    expect(&files, &images[1], "deny", "message imprint differs").await;
+}

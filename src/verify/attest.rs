@@ -11,7 +11,7 @@ use serde_json::Value;
 use sha2::Digest as _;
 
 use super::cosign::SignatureLayer;
-use super::keyless::{verify_signer, KeylessCheck};
+use super::keyless::{Evidence, KeylessCheck, SignerCertificate};
 use super::keys::{HashAlgorithm, PublicKey};
 use super::rekor::{verify_set, LogKeys, LoggedEntry};
 use super::x509::pem_certificates;
@@ -180,14 +180,11 @@ fn verify_attestation_bundle(
 }
 
 /// Checks the envelope's signatures over `signed` (its PAE) with the authority's signer.
-/// `relaxed` is the keyless check with the bundle requirement lifted: the DSSE bundle is
-/// verified here, since the keyless module verifies hashedrekord bundles only.
 fn verify_signature(
     layer: &SignatureLayer,
     signatures: &[EnvelopeSignature],
     signed: &[u8],
     signer: &Signer,
-    relaxed: Option<&KeylessCheck>,
 ) -> Result<Verified, String> {
     let mut verified = Verified {
         statement: Value::Null,
@@ -220,48 +217,53 @@ fn verify_signature(
             }
         }
         Signer::Keyless { check, now } => {
-            let relaxed = relaxed.unwrap_or(check);
-            let time = match layer.bundle.as_deref() {
+            let pem = layer
+                .certificate
+                .as_deref()
+                .ok_or("attestation has no certificate (not a keyless attestation)")?;
+            let certificate = SignerCertificate::parse(pem, layer.chain.as_deref())?;
+            if !signatures.iter().any(|s| {
+                certificate
+                    .key()
+                    .verify_b64(HashAlgorithm::Sha256, signed, &s.sig)
+            }) {
+                return Err(
+                    "attestation signature does not verify with the certificate's key".into(),
+                );
+            }
+            // Attestations are logged as intoto/dsse entries, checked here; the certificate
+            // is then judged at the log time (and at a timestamp over the envelope, which is
+            // what cosign stamps for attestations).
+            let tlog = match layer.bundle.as_deref() {
                 Some(bundle) => {
-                    let pem = layer
-                        .certificate
-                        .as_deref()
-                        .ok_or("attestation has no certificate (not a keyless attestation)")?;
                     let leaf = pem_certificates(pem)
                         .map_err(|e| format!("signing certificate: {e}"))?
                         .into_iter()
                         .next()
                         .ok_or("signing certificate: empty")?;
-                    let logged = verify_attestation_bundle(
+                    Some(verify_attestation_bundle(
                         bundle,
                         &check.tlog,
                         &layer.payload,
                         LoggedSigner::Certificate(&leaf),
-                    )?;
-                    let time = logged.integrated_time;
-                    verified.tlog = Some(logged);
-                    time
+                    )?)
                 }
                 None if check.require_tlog => {
                     return Err("ctlog is required but the attestation has no Rekor bundle".into())
                 }
-                None => *now,
+                None => None,
             };
-            // The bundle is checked above; the certificate is judged at its log time.
-            let unbundled = SignatureLayer {
-                bundle: None,
-                ..layer.clone()
+            let evidence = Evidence {
+                tlog,
+                rfc3161_timestamp: layer
+                    .rfc3161_timestamp
+                    .as_deref()
+                    .map(|raw| (raw, layer.payload.as_slice())),
             };
-            let mut last = Err("attestation envelope has no signatures".to_string());
-            for s in signatures {
-                last = verify_signer(&unbundled, signed, &s.sig, relaxed, time);
-                if last.is_ok() {
-                    break;
-                }
-            }
-            let (_, found) = last?;
+            let found = certificate.verify(check, evidence, *now)?;
             verified.subject = Some(found.subject);
             verified.issuer = Some(found.issuer);
+            verified.tlog = found.tlog;
         }
     }
     Ok(verified)
@@ -273,7 +275,6 @@ fn verified_statement(
     layer: &SignatureLayer,
     digest: &str,
     signer: &Signer,
-    relaxed: Option<&KeylessCheck>,
 ) -> Result<Verified, String> {
     let b64 = base64::engine::general_purpose::STANDARD;
     let envelope: Envelope = serde_json::from_slice(&layer.payload)
@@ -291,7 +292,7 @@ fn verified_statement(
         .decode(envelope.payload.trim())
         .map_err(|e| format!("attestation DSSE payload is not base64: {e}"))?;
     let signed = pae(&envelope.payload_type, &payload);
-    let mut verified = verify_signature(layer, &envelope.signatures, &signed, signer, relaxed)?;
+    let mut verified = verify_signature(layer, &envelope.signatures, &signed, signer)?;
     if envelope.payload_type != IN_TOTO_PAYLOAD_TYPE {
         return Err(format!(
             "attestation payload type {:?} is not {IN_TOTO_PAYLOAD_TYPE}",
@@ -339,17 +340,10 @@ pub fn check_attestations(
     if layers.is_empty() {
         return Err("no attestations found".into());
     }
-    let relaxed = match signer {
-        Signer::Keyless { check, .. } => Some(KeylessCheck {
-            require_tlog: false,
-            ..(*check).clone()
-        }),
-        Signer::Keys { .. } => None,
-    };
     // Verify each envelope once, whatever number of attestations are asked for.
     let verified: Vec<Result<Verified, String>> = layers
         .iter()
-        .map(|l| verified_statement(l, digest, signer, relaxed.as_ref()))
+        .map(|l| verified_statement(l, digest, signer))
         .collect();
     let mut invalid: Vec<&str> = Vec::new();
     for e in verified.iter().filter_map(|v| v.as_ref().err()) {
