@@ -34,14 +34,9 @@ pub fn review(snapshot: &Snapshot, req: &Request) -> Response {
     if !ours || !matches!(req.operation.as_str(), "CREATE" | "UPDATE") {
         return Response::allow(&req.uid);
     }
-    let Some(object) = &req.object else {
-        return Response::deny(
-            &req.uid,
-            format!(
-                "validation failed: the {} request carries no object",
-                req.operation
-            ),
-        );
+    let object = match req.object_or_deny() {
+        Ok(object) => object,
+        Err(denied) => return denied,
     };
     // The API server always sends apiVersion and kind; fill them from the request if not, so
     // the object is judged as what it was submitted as.

@@ -53,6 +53,21 @@ pub struct Request {
     pub dry_run: Option<bool>,
 }
 
+impl Request {
+    /// The object under review; a CREATE or UPDATE without one is denied, never guessed at.
+    pub fn object_or_deny(&self) -> Result<&Value, Response> {
+        self.object.as_ref().ok_or_else(|| {
+            Response::deny(
+                &self.uid,
+                format!(
+                    "validation failed: the {} request carries no object",
+                    self.operation
+                ),
+            )
+        })
+    }
+}
+
 /// Parses a request body. Size limits are the HTTP layer's job.
 pub fn parse(body: &[u8]) -> Result<Request, BadReview> {
     let value: Value =

@@ -229,14 +229,9 @@ pub async fn review(shim: &Shim, snapshot: &Snapshot, req: &Request) -> Response
     let Some(spec_path) = pod_spec_path(&req.kind) else {
         return Response::allow(&req.uid);
     };
-    let Some(object) = &req.object else {
-        return Response::deny(
-            &req.uid,
-            format!(
-                "validation failed: the {} request carries no object",
-                req.operation
-            ),
-        );
+    let object = match req.object_or_deny() {
+        Ok(object) => object,
+        Err(denied) => return denied,
     };
     // An object being deleted only has its finalizers removed; blocking that helps no one.
     if object
