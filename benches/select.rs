@@ -16,7 +16,7 @@ use pullgate::policy::load::Objects;
 use pullgate::policy::rego::RegoPolicy;
 use pullgate::policy::snapshot::Check;
 use pullgate::policy::snapshot::{Settings, Snapshot};
-use pullgate::verify::cosign::{check_key, check_keyless, KeyCheck, SignatureLayer};
+use pullgate::verify::cosign::{check_key, check_keyless, KeyCheck, LayerFormat, SignatureLayer};
 use pullgate::verify::keys::{HashAlgorithm, PublicKey};
 
 /// Realistic globs: team registries, org wildcards, a few recursive and exact ones.
@@ -116,6 +116,7 @@ fn decide(c: &mut Criterion) {
     use base64::Engine as _;
     let layer = SignatureLayer {
         layer_digest: "sha256:00".into(),
+        format: LayerFormat::Legacy,
         signature: Some(base64::engine::general_purpose::STANDARD.encode(sig.to_der())),
         payload,
         bundle: None,

@@ -3,8 +3,8 @@
 
 use crate::image_ref::ImageRef;
 use crate::policy::eval::{
-    attached_needed, conclude, decide_offline, evaluate_policy, Decision, Offline, Signatures,
-    Verdict,
+    attached_needed, conclude, decide_offline, evaluate_policy, AttachedKind, Decision, Offline,
+    Signatures, Verdict,
 };
 use crate::policy::Snapshot;
 use crate::registry::{Credential, Credentials, RegistryClient};
@@ -59,9 +59,18 @@ pub async fn decide_with_auth(
             .or(auth);
         (
             att.key(),
-            registry
-                .fetch_attached(&att.repo, &att.tag, att.media_type, credential)
-                .await,
+            match &att.kind {
+                AttachedKind::Tag { tag, media_type } => {
+                    registry
+                        .fetch_attached(&att.repo, tag, media_type, credential)
+                        .await
+                }
+                AttachedKind::Referrers { digest } => {
+                    registry
+                        .fetch_referrers(&att.repo, digest, credential)
+                        .await
+                }
+            },
         )
     });
     let mut signatures = Signatures::new();

@@ -5,9 +5,13 @@ use std::collections::HashMap;
 
 use serde::Serialize;
 
-use super::snapshot::{Check, CompiledAuthority, CompiledPolicy, Mode, NoMatchPolicy, Snapshot};
+use super::snapshot::{
+    Check, CompiledAuthority, CompiledPolicy, Mode, NoMatchPolicy, SignatureFormat, Snapshot,
+};
 use crate::image_ref::ImageRef;
-use crate::verify::attest::{check_attestations, AttestationPolicy, Signer, DSSE_MEDIA_TYPE};
+use crate::verify::attest::{
+    check_attestations, check_bundle_signatures, AttestationPolicy, Signer, DSSE_MEDIA_TYPE,
+};
 use crate::verify::cosign::{
     check_key, check_keyless, KeyCheck, SignatureLayer, SIMPLE_SIGNING_MEDIA_TYPE,
 };
@@ -170,39 +174,65 @@ fn static_authority(a: &CompiledAuthority) -> AuthorityOutcome {
     }
 }
 
-/// Something attached to an image that authorities check: the repository holding it, its tag
-/// and the media type of the layers wanted.
+/// Something attached to an image that authorities check: the repository holding it and
+/// where in it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Attached {
     pub repo: ImageRef,
-    pub tag: String,
-    pub media_type: &'static str,
+    pub kind: AttachedKind,
     /// An authority reading it names `signaturePullSecrets`: their credentials come first.
     pub pull_secrets: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AttachedKind {
+    /// cosign's tag scheme: the layers of media type `media_type` at `tag`.
+    Tag {
+        tag: String,
+        media_type: &'static str,
+    },
+    /// Sigstore bundles referring to `digest` (OCI 1.1 referrers).
+    Referrers { digest: String },
 }
 
 impl Attached {
     /// The key of its layers in [`Signatures`].
     pub fn key(&self) -> String {
-        format!("{}:{}", self.repo.name(), self.tag)
+        match &self.kind {
+            AttachedKind::Tag { tag, .. } => format!("{}:{tag}", self.repo.name()),
+            AttachedKind::Referrers { digest } => {
+                format!("{}@{digest} referrers", self.repo.name())
+            }
+        }
     }
 }
 
-/// What `a` needs fetched for `digest`: its `.sig` signatures, or its `.att` attestations when
-/// it names any; `None` for authorities that need nothing.
+/// What `a` needs fetched for `digest`: its `.sig` signatures, its `.att` attestations when
+/// it names any, or its Sigstore bundles in the bundle format; `None` for authorities that
+/// need nothing.
 pub fn attached_for(a: &CompiledAuthority, image: &ImageRef, digest: &str) -> Option<Attached> {
     if !matches!(a.check, Check::Key { .. } | Check::Keyless(_)) {
         return None;
     }
-    let (suffix, media_type) = if a.attestations.is_empty() {
-        ("sig", SIMPLE_SIGNING_MEDIA_TYPE)
-    } else {
-        ("att", DSSE_MEDIA_TYPE)
+    let kind = match a.signature_format {
+        SignatureFormat::Bundle => AttachedKind::Referrers {
+            digest: digest.to_string(),
+        },
+        SignatureFormat::Legacy => {
+            let (suffix, media_type) = if a.attestations.is_empty() {
+                ("sig", SIMPLE_SIGNING_MEDIA_TYPE)
+            } else {
+                ("att", DSSE_MEDIA_TYPE)
+            };
+            AttachedKind::Tag {
+                tag: crate::registry::attached_tag(&a.tag_prefix, digest, suffix)?,
+                media_type,
+            }
+        }
     };
     Some(Attached {
         repo: a.signature_repo.clone().unwrap_or_else(|| image.clone()),
-        tag: crate::registry::attached_tag(&a.tag_prefix, digest, suffix)?,
-        media_type,
+        kind,
         pull_secrets: !a.signature_pull_secrets.is_empty(),
     })
 }
@@ -279,6 +309,24 @@ pub fn evaluate_policy(
                     check_attestations(layers, digest, &signer, &a.attestations)
                         .map(|m| serde_json::to_value(m).ok())
                         .map_err(|cause| ("attestation keyless validation failed", cause))
+                }
+                Check::Key { keys, hash, tlog }
+                    if a.signature_format == SignatureFormat::Bundle =>
+                {
+                    let signer = Signer::Keys {
+                        keys,
+                        hash: *hash,
+                        tlog: tlog.as_ref(),
+                    };
+                    check_bundle_signatures(layers, digest, &signer)
+                        .map(|m| serde_json::to_value(m).ok())
+                        .map_err(|cause| ("signature key validation failed", cause))
+                }
+                Check::Keyless(check) if a.signature_format == SignatureFormat::Bundle => {
+                    let signer = Signer::Keyless { check, now };
+                    check_bundle_signatures(layers, digest, &signer)
+                        .map(|m| serde_json::to_value(m).ok())
+                        .map_err(|cause| ("signature keyless validation failed", cause))
                 }
                 Check::Key { keys, hash, tlog } => {
                     let check = KeyCheck {

@@ -120,10 +120,34 @@ pub struct CompiledAuthority {
     pub tag_prefix: String,
     /// Non-empty: the authority is satisfied by these attestations, not by signatures.
     pub attestations: Vec<AttestationCheck>,
+    /// `signatureFormat`: where and how this authority's signatures are stored.
+    pub signature_format: SignatureFormat,
     /// `source.signaturePullSecrets`: Secrets of the workload's namespace whose registry
     /// credentials fetch this authority's signatures (read where a workload namespace's
     /// Secrets can be read: the admission shim in cluster mode).
     pub signature_pull_secrets: Vec<String>,
+}
+
+/// How an authority's signatures and attestations are stored (`signatureFormat`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum SignatureFormat {
+    /// cosign's tags, `sha256-<hex>.sig` and `.att` (`legacy`, the default).
+    #[default]
+    Legacy,
+    /// Sigstore bundles attached as OCI 1.1 referrers, as cosign v3 writes them (`bundle`).
+    Bundle,
+}
+
+impl SignatureFormat {
+    fn parse(value: Option<&str>) -> Result<SignatureFormat, String> {
+        match value.unwrap_or_default() {
+            "" | "legacy" => Ok(SignatureFormat::Legacy),
+            "bundle" => Ok(SignatureFormat::Bundle),
+            other => Err(format!(
+                "signatureFormat {other:?} is not known: use legacy or bundle"
+            )),
+        }
+    }
 }
 
 /// A CIP ready for evaluation. `authorities` is `Err` when the CIP is invalid: every image it
@@ -498,7 +522,9 @@ fn compile_authority(
         .iter()
         .map(|at| compile_attestation(at, cip, &name, resolver))
         .collect::<Result<Vec<_>, String>>();
-    let (check, attestations) = match (unsupported(a, cip), attestations) {
+    let signature_format = SignatureFormat::parse(a.signature_format.as_deref());
+    let unusable = unsupported(a, cip).or_else(|| signature_format.clone().err());
+    let (check, attestations) = match (unusable, attestations) {
         (Some(reason), _) | (None, Err(reason)) => (Check::Unusable(reason), Vec::new()),
         (None, Ok(attestations)) => (
             resolve_check(a, resolver).unwrap_or_else(Check::Unusable),
@@ -514,6 +540,7 @@ fn compile_authority(
             .first()
             .and_then(|s| s.tag_prefix.clone())
             .unwrap_or_default(),
+        signature_format: signature_format.unwrap_or_default(),
         signature_pull_secrets: a
             .source
             .iter()
@@ -603,10 +630,7 @@ fn unsupported(a: &Authority, _cip: &ClusterImagePolicy) -> Option<String> {
             return not_built(&format!("a KMS key ({kms})"));
         }
     }
-    match a.signature_format.as_deref() {
-        None | Some("") | Some("simplesigning") => None,
-        Some(other) => not_built(&format!("signatureFormat {other:?}")),
-    }
+    None
 }
 
 fn resolve_check(a: &Authority, resolver: &Resolver) -> Result<Check, String> {

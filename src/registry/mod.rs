@@ -19,8 +19,9 @@ use serde::Deserialize;
 use sha2::Digest as _;
 
 use crate::image_ref::ImageRef;
+use crate::verify::bundle::is_bundle_media_type;
 use crate::verify::cosign::{
-    SignatureLayer, BUNDLE_ANNOTATION, CERTIFICATE_ANNOTATION, CHAIN_ANNOTATION,
+    LayerFormat, SignatureLayer, BUNDLE_ANNOTATION, CERTIFICATE_ANNOTATION, CHAIN_ANNOTATION,
     RFC3161_TIMESTAMP_ANNOTATION, SIGNATURE_ANNOTATION, SIMPLE_SIGNING_MEDIA_TYPE,
 };
 use auth::{parse_challenge, Challenge};
@@ -113,6 +114,24 @@ type Result<T, E = RegistryError> = std::result::Result<T, E>;
 struct Manifest {
     #[serde(default)]
     layers: Vec<Descriptor>,
+    /// OCI 1.1: the manifest this one refers to (a referrer's image).
+    #[serde(default)]
+    subject: Option<Descriptor>,
+}
+
+/// An image index as the referrers API or the referrers tag serves it.
+#[derive(Deserialize)]
+struct Index {
+    #[serde(default)]
+    manifests: Vec<IndexEntry>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct IndexEntry {
+    digest: String,
+    #[serde(default)]
+    artifact_type: String,
 }
 
 #[derive(Deserialize)]
@@ -121,6 +140,7 @@ struct Descriptor {
     #[serde(default)]
     media_type: String,
     digest: String,
+    #[serde(default)]
     size: u64,
     #[serde(default)]
     annotations: HashMap<String, String>,
@@ -303,22 +323,12 @@ impl RegistryClient {
             });
         }
         let url = target.url(&format!("manifests/{tag}"));
-        let resp = self
-            .send(&target, Method::GET, &url, MANIFEST_ACCEPT)
-            .await?;
-        match resp.status() {
-            StatusCode::OK => {}
-            StatusCode::NOT_FOUND => return Ok(Vec::new()),
-            s => return Err(status_error(&url, s)),
-        }
-        let body = self
-            .read_limited(
-                resp,
-                self.config.limits.manifest_bytes,
-                "signature manifest",
-                target.host,
-            )
-            .await?;
+        let Some(body) = self
+            .get_manifest(&target, &url, "signature manifest")
+            .await?
+        else {
+            return Ok(Vec::new());
+        };
         let manifest: Manifest =
             serde_json::from_slice(&body).map_err(|e| RegistryError::Invalid {
                 host: target.host.to_string(),
@@ -341,6 +351,125 @@ impl RegistryClient {
             .into_iter()
             .map(|d| self.fetch_signature_layer(&target, d));
         futures_util::future::try_join_all(fetches).await
+    }
+
+    /// The Sigstore bundles attached to `digest` in `repo` as OCI 1.1 referrers, as cosign v3
+    /// writes signatures and attestations: listed by the registry's referrers API, or where the
+    /// registry has none (it answers 404) by the `sha256-<hex>` referrers tag. Each referrer
+    /// manifest must name `digest` as its subject; one that is listed but gone is skipped, as
+    /// a stale referrers tag may list it. Nothing attached is an empty list.
+    pub async fn fetch_referrers(
+        &self,
+        repo: &ImageRef,
+        digest: &str,
+        auth: Option<&Credential>,
+    ) -> Result<Vec<SignatureLayer>> {
+        let target = self.target(repo, auth);
+        if !is_digest(digest) {
+            return Err(RegistryError::Invalid {
+                host: target.host.to_string(),
+                what: "digest",
+                message: format!("{digest:?} is not sha256:<hex>"),
+            });
+        }
+        let api = target.url(&format!("referrers/{digest}"));
+        let index = match self.get_manifest(&target, &api, "referrers index").await? {
+            Some(body) => body,
+            None => {
+                let tag = digest.replacen(':', "-", 1);
+                let url = target.url(&format!("manifests/{tag}"));
+                match self
+                    .get_manifest(&target, &url, "referrers tag index")
+                    .await?
+                {
+                    Some(body) => body,
+                    None => return Ok(Vec::new()),
+                }
+            }
+        };
+        let index: Index = serde_json::from_slice(&index).map_err(|e| RegistryError::Invalid {
+            host: target.host.to_string(),
+            what: "referrers index",
+            message: e.to_string(),
+        })?;
+        let bundles: Vec<IndexEntry> = index
+            .manifests
+            .into_iter()
+            .filter(|m| is_bundle_media_type(&m.artifact_type))
+            .collect();
+        if bundles.len() > self.config.limits.signature_layers {
+            return Err(RegistryError::TooLarge {
+                what: "referrer count",
+                host: target.host.to_string(),
+                limit: self.config.limits.signature_layers as u64,
+            });
+        }
+        let fetches = bundles
+            .into_iter()
+            .map(|m| self.fetch_referrer(&target, m.digest, digest));
+        let found = futures_util::future::try_join_all(fetches).await?;
+        Ok(found.into_iter().flatten().collect())
+    }
+
+    /// One referrer manifest and its bundle layer; `None` when it is gone or refers to
+    /// another image.
+    async fn fetch_referrer(
+        &self,
+        target: &Target<'_>,
+        manifest_digest: String,
+        subject: &str,
+    ) -> Result<Option<SignatureLayer>> {
+        let invalid = |message: String| RegistryError::Invalid {
+            host: target.host.to_string(),
+            what: "referrer manifest",
+            message,
+        };
+        if !is_digest(&manifest_digest) {
+            return Err(invalid(format!("unsupported digest {manifest_digest:?}")));
+        }
+        let url = target.url(&format!("manifests/{manifest_digest}"));
+        let Some(body) = self.get_manifest(target, &url, "referrer manifest").await? else {
+            return Ok(None);
+        };
+        if format!("sha256:{}", hex::encode(sha2::Sha256::digest(&body))) != manifest_digest {
+            return Err(invalid(format!(
+                "content of {manifest_digest} does not match its digest"
+            )));
+        }
+        let manifest: Manifest =
+            serde_json::from_slice(&body).map_err(|e| invalid(e.to_string()))?;
+        if manifest.subject.as_ref().map(|s| s.digest.as_str()) != Some(subject) {
+            return Ok(None);
+        }
+        let Some(layer) = manifest
+            .layers
+            .into_iter()
+            .find(|l| is_bundle_media_type(&l.media_type))
+        else {
+            return Ok(None);
+        };
+        let mut layer = self.fetch_signature_layer(target, layer).await?;
+        layer.format = LayerFormat::SigstoreBundle;
+        Ok(Some(layer))
+    }
+
+    /// GETs a manifest or index within the manifest limit; `None` on 404.
+    async fn get_manifest(
+        &self,
+        target: &Target<'_>,
+        url: &str,
+        what: &'static str,
+    ) -> Result<Option<Vec<u8>>> {
+        let resp = self.send(target, Method::GET, url, MANIFEST_ACCEPT).await?;
+        match resp.status() {
+            StatusCode::OK => {}
+            StatusCode::NOT_FOUND => return Ok(None),
+            s => return Err(status_error(url, s)),
+        }
+        let limit = self.config.limits.manifest_bytes;
+        self.read_limited(resp, limit, what, target.host)
+            .await
+            .map(Some)
     }
 
     async fn fetch_signature_layer(
@@ -387,6 +516,7 @@ impl RegistryClient {
         }
         Ok(SignatureLayer {
             layer_digest: desc.digest,
+            format: LayerFormat::Legacy,
             payload,
             signature: desc.annotations.remove(SIGNATURE_ANNOTATION),
             bundle: desc.annotations.remove(BUNDLE_ANNOTATION),

@@ -10,10 +10,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::Digest as _;
 
-use super::cosign::SignatureLayer;
-use super::keyless::{Evidence, KeylessCheck, SignerCertificate};
+use super::cosign::{LayerFormat, SignatureLayer};
+use super::keyless::{Evidence, KeylessCheck, SignerCertificate, Stamp};
 use super::keys::{HashAlgorithm, PublicKey};
 use super::rekor::{verify_set, LogKeys, LoggedEntry};
+use super::tsa::VerifiedTimestamp;
 use super::x509::pem_certificates;
 use crate::policy::rego::RegoPolicy;
 
@@ -23,7 +24,10 @@ pub const DSSE_MEDIA_TYPE: &str = "application/vnd.dsse.envelope.v1+json";
 pub const IN_TOTO_PAYLOAD_TYPE: &str = "application/vnd.in-toto+json";
 /// More signatures than this on one envelope is not something cosign writes: refuse it
 /// rather than try each.
-const MAX_ENVELOPE_SIGNATURES: usize = 16;
+pub(super) const MAX_ENVELOPE_SIGNATURES: usize = 16;
+/// The predicate type of the statement cosign v3 signs to sign an image (`cosign sign` in the
+/// Sigstore bundle format).
+pub const COSIGN_SIGN_PREDICATE_TYPE: &str = "https://sigstore.dev/cosign/sign/v1";
 
 /// cosign's predicate type short names (`cosign attest --type`), as policy-controller matches
 /// them; anything else is a full URI compared as is.
@@ -98,15 +102,20 @@ pub struct AttestationMatch {
     pub issuer: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tlog: Option<LoggedEntry>,
+    /// Keyless: the verified RFC 3161 timestamp the certificate was judged at.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timestamp: Option<VerifiedTimestamp>,
 }
 
 /// What a verified envelope proves.
-struct Verified {
-    statement: Value,
-    predicate_type: String,
-    subject: Option<String>,
-    issuer: Option<String>,
-    tlog: Option<LoggedEntry>,
+#[derive(Default)]
+pub(super) struct Verified {
+    pub statement: Value,
+    pub predicate_type: String,
+    pub subject: Option<String>,
+    pub issuer: Option<String>,
+    pub tlog: Option<LoggedEntry>,
+    pub timestamp: Option<VerifiedTimestamp>,
 }
 
 /// DSSE pre-authentication encoding: what the envelope's signatures cover.
@@ -122,10 +131,31 @@ pub fn pae(payload_type: &str, payload: &[u8]) -> Vec<u8> {
 }
 
 /// Who a Rekor entry must name as the signer.
-enum LoggedSigner<'a> {
+#[derive(Clone, Copy)]
+pub(super) enum LoggedSigner<'a> {
     Key(&'a PublicKey),
     /// DER of the leaf certificate.
     Certificate(&'a [u8]),
+}
+
+impl LoggedSigner<'_> {
+    /// Whether `logged` (an entry's base64 PEM key or certificate) names this signer.
+    pub(super) fn is_named_by(self, logged: &Value) -> bool {
+        let Some(pem) = logged
+            .as_str()
+            .and_then(|k| base64::engine::general_purpose::STANDARD.decode(k).ok())
+            .and_then(|p| String::from_utf8(p).ok())
+        else {
+            return false;
+        };
+        match self {
+            LoggedSigner::Key(key) => PublicKey::from_pem(&pem).ok().as_ref() == Some(key),
+            LoggedSigner::Certificate(der) => pem_certificates(&pem)
+                .ok()
+                .and_then(|c| c.into_iter().next())
+                .is_some_and(|c| c == der),
+        }
+    }
 }
 
 /// Verifies the Rekor bundle of an attestation. cosign logs attestations as `intoto`
@@ -161,19 +191,10 @@ fn verify_attestation_bundle(
             "ctlog: bundle entry does not match this attestation: envelope hash differs".into(),
         );
     }
-    let pem = key
-        .as_str()
-        .and_then(|k| base64::engine::general_purpose::STANDARD.decode(k).ok())
-        .and_then(|p| String::from_utf8(p).ok())
-        .ok_or("ctlog: bundle entry does not name the signer's key")?;
-    let same = match signer {
-        LoggedSigner::Key(key) => PublicKey::from_pem(&pem).ok().as_ref() == Some(key),
-        LoggedSigner::Certificate(der) => pem_certificates(&pem)
-            .ok()
-            .and_then(|c| c.into_iter().next())
-            .is_some_and(|c| c == der),
-    };
-    if !same {
+    if key.is_null() {
+        return Err("ctlog: bundle entry does not name the signer's key".into());
+    }
+    if !signer.is_named_by(key) {
         return Err("ctlog: bundle entry does not match this attestation: signer differs".into());
     }
     Ok(logged)
@@ -186,13 +207,7 @@ fn verify_signature(
     signed: &[u8],
     signer: &Signer,
 ) -> Result<Verified, String> {
-    let mut verified = Verified {
-        statement: Value::Null,
-        predicate_type: String::new(),
-        subject: None,
-        issuer: None,
-        tlog: None,
-    };
+    let mut verified = Verified::default();
     match signer {
         Signer::Keys { keys, hash, tlog } => {
             let key = keys
@@ -258,12 +273,13 @@ fn verify_signature(
                 rfc3161_timestamp: layer
                     .rfc3161_timestamp
                     .as_deref()
-                    .map(|raw| (raw, layer.payload.as_slice())),
+                    .map(|raw| (Stamp::Annotation(raw), layer.payload.as_slice())),
             };
             let found = certificate.verify(check, evidence, *now)?;
             verified.subject = Some(found.subject);
             verified.issuer = Some(found.issuer);
             verified.tlog = found.tlog;
+            verified.timestamp = found.timestamp;
         }
     }
     Ok(verified)
@@ -276,6 +292,9 @@ fn verified_statement(
     digest: &str,
     signer: &Signer,
 ) -> Result<Verified, String> {
+    if layer.format == LayerFormat::SigstoreBundle {
+        return super::bundle::verified_statement(&layer.payload, digest, signer);
+    }
     let b64 = base64::engine::general_purpose::STANDARD;
     let envelope: Envelope = serde_json::from_slice(&layer.payload)
         .map_err(|e| format!("attestation is not a DSSE envelope: {e}"))?;
@@ -292,14 +311,24 @@ fn verified_statement(
         .decode(envelope.payload.trim())
         .map_err(|e| format!("attestation DSSE payload is not base64: {e}"))?;
     let signed = pae(&envelope.payload_type, &payload);
-    let mut verified = verify_signature(layer, &envelope.signatures, &signed, signer)?;
-    if envelope.payload_type != IN_TOTO_PAYLOAD_TYPE {
+    let verified = verify_signature(layer, &envelope.signatures, &signed, signer)?;
+    read_statement(verified, &envelope.payload_type, &payload, digest)
+}
+
+/// Reads the in-toto statement of an envelope whose signature `verified` holds: it must be
+/// one, name `digest` as a subject, and say its predicate type.
+pub(super) fn read_statement(
+    mut verified: Verified,
+    payload_type: &str,
+    payload: &[u8],
+    digest: &str,
+) -> Result<Verified, String> {
+    if payload_type != IN_TOTO_PAYLOAD_TYPE {
         return Err(format!(
-            "attestation payload type {:?} is not {IN_TOTO_PAYLOAD_TYPE}",
-            envelope.payload_type
+            "attestation payload type {payload_type:?} is not {IN_TOTO_PAYLOAD_TYPE}"
         ));
     }
-    let statement: Value = serde_json::from_slice(&payload)
+    let statement: Value = serde_json::from_slice(payload)
         .map_err(|e| format!("attestation payload is not an in-toto statement: {e}"))?;
     let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
     let names_image = statement["subject"]
@@ -337,8 +366,37 @@ pub fn check_attestations(
     signer: &Signer,
     checks: &[AttestationCheck],
 ) -> Result<Vec<AttestationMatch>, String> {
+    check_statements(layers, digest, signer, checks, "attestations")
+}
+
+/// Finds an image signature among Sigstore bundles (cosign v3): a signed statement of type
+/// [`COSIGN_SIGN_PREDICATE_TYPE`] naming `digest`. The errors read as for signatures:
+/// `no signatures found`, `no matching signatures: …`.
+pub fn check_bundle_signatures(
+    layers: &[SignatureLayer],
+    digest: &str,
+    signer: &Signer,
+) -> Result<AttestationMatch, String> {
+    let sign = [AttestationCheck {
+        name: "signature".into(),
+        predicate_type: COSIGN_SIGN_PREDICATE_TYPE.into(),
+        policy: None,
+    }];
+    let mut found = check_statements(layers, digest, signer, &sign, "signatures")?;
+    found.pop().ok_or_else(|| "no signatures found".into())
+}
+
+/// Checks that every check is satisfied by one of `layers`; `noun` names what they are in
+/// the causes users see.
+fn check_statements(
+    layers: &[SignatureLayer],
+    digest: &str,
+    signer: &Signer,
+    checks: &[AttestationCheck],
+    noun: &str,
+) -> Result<Vec<AttestationMatch>, String> {
     if layers.is_empty() {
-        return Err("no attestations found".into());
+        return Err(format!("no {noun} found"));
     }
     // Verify each envelope once, whatever number of attestations are asked for.
     let verified: Vec<Result<Verified, String>> = layers
@@ -352,7 +410,7 @@ pub fn check_attestations(
         }
     }
     if verified.iter().all(Result::is_err) {
-        return Err(format!("no matching attestations: {}", invalid.join("; ")));
+        return Err(format!("no matching {noun}: {}", invalid.join("; ")));
     }
     let mut matches = Vec::new();
     for check in checks {
@@ -380,7 +438,7 @@ pub fn check_attestations(
                 return Err(e);
             }
             let mut reason = format!(
-                "no matching attestations with type {}, checked the following predicateTypes: {:?}",
+                "no matching {noun} with type {}, checked the following predicateTypes: {:?}",
                 check.predicate_type,
                 seen_types.join(",")
             );
@@ -396,6 +454,7 @@ pub fn check_attestations(
             subject: v.subject.clone(),
             issuer: v.issuer.clone(),
             tlog: v.tlog.clone(),
+            timestamp: v.timestamp.clone(),
         });
     }
     Ok(matches)
@@ -408,6 +467,7 @@ mod tests {
     fn layer(payload: &[u8]) -> SignatureLayer {
         SignatureLayer {
             layer_digest: "sha256:00".into(),
+            format: LayerFormat::Legacy,
             payload: payload.to_vec(),
             signature: None,
             bundle: None,

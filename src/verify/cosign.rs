@@ -20,10 +20,24 @@ pub const CERTIFICATE_ANNOTATION: &str = "dev.sigstore.cosign/certificate";
 pub const CHAIN_ANNOTATION: &str = "dev.sigstore.cosign/chain";
 pub use super::tsa::RFC3161_TIMESTAMP_ANNOTATION;
 
+/// How a layer stores its signature, which decides how it is read and what its log entry and
+/// timestamp are bound to.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LayerFormat {
+    /// cosign's tag scheme: the payload is the signed blob, the rest are layer annotations.
+    #[default]
+    Legacy,
+    /// A Sigstore bundle (cosign v3, attached as an OCI referrer): the payload is the bundle
+    /// JSON, which carries the envelope, the signer and the evidence itself.
+    SigstoreBundle,
+}
+
 /// One signature found in a signature manifest: the payload blob and the layer annotations.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct SignatureLayer {
     pub layer_digest: String,
+    pub format: LayerFormat,
     #[serde(skip)]
     pub payload: Vec<u8>,
     pub signature: Option<String>,

@@ -20,7 +20,7 @@ use super::cosign::SignatureLayer;
 use super::keys::{HashAlgorithm, PublicKey};
 use super::rekor::{verify_bundle, LogKeys, LoggedEntry};
 use super::trust_root::CertificateAuthority;
-use super::tsa::{verify_timestamp, VerifiedTimestamp};
+use super::tsa::{verify_timestamp, verify_timestamp_der, VerifiedTimestamp};
 use super::x509::{verify_chain, verify_embedded_sct, At, Cert, CtLogs, Purpose};
 
 /// More certificates than this in a layer's chain annotation is not a Fulcio chain: refused
@@ -133,9 +133,18 @@ pub struct Evidence<'a> {
     /// A Rekor entry whose signed entry timestamp the caller verified against
     /// `KeylessCheck::tlog` and which it bound to this certificate and signature.
     pub tlog: Option<LoggedEntry>,
-    /// The layer's `dev.sigstore.cosign/rfc3161timestamp` annotation and the bytes cosign
-    /// stamps: the raw signature bytes, or for an attestation its payload (the envelope).
-    pub rfc3161_timestamp: Option<(&'a str, &'a [u8])>,
+    /// An RFC 3161 timestamp and the bytes it must stamp: the raw signature bytes, or for a
+    /// legacy attestation its payload (the envelope).
+    pub rfc3161_timestamp: Option<(Stamp<'a>, &'a [u8])>,
+}
+
+/// An RFC 3161 timestamp as it is carried.
+#[derive(Clone, Copy)]
+pub enum Stamp<'a> {
+    /// cosign's `dev.sigstore.cosign/rfc3161timestamp` layer annotation (JSON).
+    Annotation(&'a str),
+    /// DER, from a Sigstore bundle's `timestampVerificationData`.
+    Der(&'a [u8]),
 }
 
 /// A certificate that passed every check of a keyless authority.
@@ -174,6 +183,24 @@ impl SignerCertificate {
         Ok(SignerCertificate { leaf, chain })
     }
 
+    /// A chain as a Sigstore bundle carries it: DER certificates, the leaf first.
+    pub fn from_der(certificates: &[Vec<u8>]) -> Result<Self, String> {
+        let (leaf, rest) = certificates
+            .split_first()
+            .ok_or("the bundle has no signing certificate")?;
+        if rest.len() > MAX_LAYER_CHAIN {
+            return Err(format!(
+                "certificate chain: more than {MAX_LAYER_CHAIN} certificates"
+            ));
+        }
+        let leaf = Cert::from_der(leaf).map_err(|e| format!("signing certificate: {e}"))?;
+        let chain = rest
+            .iter()
+            .map(|der| Cert::from_der(der).map_err(|e| format!("certificate chain: {e}")))
+            .collect::<Result<_, _>>()?;
+        Ok(SignerCertificate { leaf, chain })
+    }
+
     /// The leaf's public key (not yet trusted: check the signature with it, then `verify`).
     pub fn key(&self) -> &PublicKey {
         &self.leaf.key
@@ -197,7 +224,12 @@ impl SignerCertificate {
             return Err("ctlog is required but the signature has no Rekor bundle".into());
         }
         let timestamp = match (&check.timestamp_authorities, evidence.rfc3161_timestamp) {
-            (Some(tsas), Some((raw, stamped))) => Some(verify_timestamp(raw, stamped, tsas)?),
+            (Some(tsas), Some((Stamp::Annotation(raw), stamped))) => {
+                Some(verify_timestamp(raw, stamped, tsas)?)
+            }
+            (Some(tsas), Some((Stamp::Der(der), stamped))) => {
+                Some(verify_timestamp_der(der, stamped, tsas)?)
+            }
             (Some(_), None) => {
                 return Err(
                     "rfc3161timestamp is required but the signature has no RFC 3161 timestamp"
@@ -326,7 +358,7 @@ pub fn verify_signer(
         rfc3161_timestamp: layer
             .rfc3161_timestamp
             .as_deref()
-            .map(|raw| (raw, raw_signature.as_slice())),
+            .map(|raw| (Stamp::Annotation(raw), raw_signature.as_slice())),
     };
     let verified = signer.verify(check, evidence, now)?;
     Ok((

@@ -1,6 +1,7 @@
 //! Signature checks: pure functions over signatures already fetched from the registry.
 
 pub mod attest;
+pub mod bundle;
 pub mod cache;
 pub mod cosign;
 pub mod keyless;

@@ -200,28 +200,48 @@ pub fn verify_bundle(
 pub fn verify_set(raw: &str, logs: &LogKeys) -> Result<(LoggedEntry, Vec<u8>), BundleError> {
     let bundle: Bundle =
         serde_json::from_str(raw).map_err(|e| BundleError::Malformed(e.to_string()))?;
-    let log_key = logs
-        .0
-        .get(&bundle.payload.log_id)
-        .ok_or_else(|| BundleError::UnknownLog(bundle.payload.log_id.clone()))?;
-    let canonical = serde_json_canonicalizer::to_vec(&bundle.payload)
-        .map_err(|e| BundleError::Malformed(e.to_string()))?;
-    if !log_key.verify_b64(
-        HashAlgorithm::Sha256,
-        &canonical,
-        &bundle.signed_entry_timestamp,
-    ) {
-        return Err(BundleError::BadSet);
-    }
     let body = base64::engine::general_purpose::STANDARD
         .decode(bundle.payload.body.as_bytes())
         .map_err(|e| BundleError::Malformed(format!("body is not base64: {e}")))?;
+    let set = base64::engine::general_purpose::STANDARD
+        .decode(bundle.signed_entry_timestamp.trim().as_bytes())
+        .map_err(|e| {
+            BundleError::Malformed(format!("signed entry timestamp is not base64: {e}"))
+        })?;
     let logged = LoggedEntry {
         log_id: bundle.payload.log_id,
         log_index: bundle.payload.log_index,
         integrated_time: bundle.payload.integrated_time,
     };
+    verify_promise(&logged, &body, &set, logs)?;
     Ok((logged, body))
+}
+
+/// Verifies a signed entry timestamp `set`: the log named by `entry` signed the RFC 8785
+/// canonical form of the entry's body, integrated time, index and log ID. This is what cosign's
+/// bundle annotation and a Sigstore bundle's inclusion promise both carry.
+pub fn verify_promise(
+    entry: &LoggedEntry,
+    body: &[u8],
+    set: &[u8],
+    logs: &LogKeys,
+) -> Result<(), BundleError> {
+    let log_key = logs
+        .0
+        .get(&entry.log_id)
+        .ok_or_else(|| BundleError::UnknownLog(entry.log_id.clone()))?;
+    let payload = BundlePayload {
+        body: base64::engine::general_purpose::STANDARD.encode(body),
+        integrated_time: entry.integrated_time,
+        log_index: entry.log_index,
+        log_id: entry.log_id.clone(),
+    };
+    let canonical = serde_json_canonicalizer::to_vec(&payload)
+        .map_err(|e| BundleError::Malformed(e.to_string()))?;
+    if !log_key.verify(HashAlgorithm::Sha256, &canonical, set) {
+        return Err(BundleError::BadSet);
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -54,7 +54,17 @@ pub fn verify_timestamp(
     let der = base64::engine::general_purpose::STANDARD
         .decode(annotation.signed_rfc3161_timestamp.trim().as_bytes())
         .map_err(|e| format!("RFC 3161 timestamp is not base64: {e}"))?;
-    verify_der(&der, stamped, authorities).map_err(|e| format!("RFC 3161 timestamp: {e}"))
+    verify_timestamp_der(&der, stamped, authorities)
+}
+
+/// Verifies `der` (a TimeStampResp or a bare TimeStampToken, as a Sigstore bundle's
+/// `rfc3161Timestamps[].signedTimestamp` holds it) as a timestamp over `stamped`.
+pub fn verify_timestamp_der(
+    der: &[u8],
+    stamped: &[u8],
+    authorities: &[CertificateAuthority],
+) -> Result<VerifiedTimestamp, String> {
+    verify_der(der, stamped, authorities).map_err(|e| format!("RFC 3161 timestamp: {e}"))
 }
 
 /// `der` is a TimeStampResp (what a TSA answers and cosign stores) or a bare TimeStampToken.
