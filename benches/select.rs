@@ -129,6 +129,7 @@ fn decide(c: &mut Criterion) {
         keys: &keys,
         hash: HashAlgorithm::Sha256,
         tlog: None,
+        timestamp_authorities: None,
     };
     assert!(check_key(std::slice::from_ref(&layer), digest, &check).is_ok());
     group.bench_function("key_check", |b| {

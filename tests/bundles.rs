@@ -652,3 +652,88 @@ async fn keyless_bundles_judged_at_log_and_timestamp_time() {
     let v = verify_json(&files, &reg.tag_ref("unstamped", "v1"), &[]).await;
     denied(&v, "rfc3161timestamp is required");
 }
+
+/// `rfc3161timestamp` on a key authority: a timestamp from a trusted TSA over the signature
+/// is required, in both formats (the legacy annotation and the bundle's own field).
+#[tokio::test(flavor = "multi_thread")]
+async fn key_authorities_require_their_timestamps() {
+    use common::tsa::RFC3161_TIMESTAMP_ANNOTATION;
+
+    let reg = Registry::start().await;
+    let key = TestKey::generate(KeyKind::EcdsaP256);
+    let tsa = TestTsa::new("key tsa");
+    let rogue = TestTsa::new("key tsa");
+    let glob = format!("{}/**", reg.addr());
+    let tsa_root = tsa.trust_root_yaml("tsa");
+    let policy = |format: &str| {
+        cip(
+            &glob,
+            &format!(
+                "{}    rfc3161timestamp: {{trustRootRef: tsa}}\n",
+                key_authority(&key, format)
+            ),
+        )
+    };
+    let legacy = policy("legacy");
+    let v3 = policy("bundle");
+
+    // Legacy: the annotation stamps the raw signature bytes.
+    for (repo, stamp_by, cause) in [
+        ("stamped", Some(&tsa), None),
+        (
+            "rogue",
+            Some(&rogue),
+            Some("timestamp authority not trusted"),
+        ),
+        ("unstamped", None, Some("rfc3161timestamp is required")),
+    ] {
+        let digest = reg.push_image(repo, "v1", &format!("key-tsa-{repo}")).await;
+        let layer = cosign_sign_layer(&reg.repo_ref(repo), &digest, &key);
+        let raw = B64.decode(layer.signature_b64().unwrap()).unwrap();
+        let layer = match stamp_by {
+            Some(t) => layer.with_annotation(RFC3161_TIMESTAMP_ANNOTATION, &t.annotation(&raw)),
+            None => layer,
+        };
+        reg.push_signature_layers(repo, &signature_tag(&digest), &[layer], false)
+            .await;
+        let v = verify_json(
+            &[("tsa.yaml", &tsa_root), ("cip.yaml", &legacy)],
+            &reg.tag_ref(repo, "v1"),
+            &[],
+        )
+        .await;
+        match cause {
+            None => {
+                allowed(&v);
+                let evidence = &v.json["policies"][0]["authorities"][0]["evidence"];
+                assert!(evidence["timestamp"]["time"].is_i64(), "{evidence}");
+            }
+            Some(cause) => denied(&v, cause),
+        }
+    }
+
+    // Bundle: the timestamp is over the envelope's signature.
+    let digest = reg.push_image("v3", "v1", "key-tsa-v3").await;
+    let (env, sig) = envelope(&statement(&digest, SIGN, json!({})), &key);
+    let stamped = bundle(
+        env.clone(),
+        json!({
+            "publicKey": {"hint": "k"},
+            "timestampVerificationData": {"rfc3161Timestamps": [{"signedTimestamp": B64.encode(tsa.stamp_der(&sig))}]},
+        }),
+    );
+    attach(&reg, "v3", &digest, &[(stamped, SIGN)]).await;
+    let files = [("tsa.yaml", tsa_root.as_str()), ("cip.yaml", v3.as_str())];
+    allowed(&verify_json(&files, &reg.tag_ref("v3", "v1"), &[]).await);
+    let digest = reg.push_image("v3bare", "v1", "key-tsa-v3bare").await;
+    let (env, _) = envelope(&statement(&digest, SIGN, json!({})), &key);
+    attach(
+        &reg,
+        "v3bare",
+        &digest,
+        &[(bundle(env, json!({"publicKey": {"hint": "k"}})), SIGN)],
+    )
+    .await;
+    let v = verify_json(&files, &reg.tag_ref("v3bare", "v1"), &[]).await;
+    denied(&v, "rfc3161timestamp is required");
+}

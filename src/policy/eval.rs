@@ -294,11 +294,17 @@ pub fn evaluate_policy(
                 .unwrap_or_default();
             let now = jiff::Timestamp::now().as_second();
             let checked = match &a.check {
-                Check::Key { keys, hash, tlog } if !a.attestations.is_empty() => {
+                Check::Key {
+                    keys,
+                    hash,
+                    tlog,
+                    timestamp_authorities,
+                } if !a.attestations.is_empty() => {
                     let signer = Signer::Keys {
                         keys,
                         hash: *hash,
                         tlog: tlog.as_ref(),
+                        timestamp_authorities: timestamp_authorities.as_deref(),
                     };
                     check_attestations(layers, digest, &signer, &a.attestations)
                         .map(|m| serde_json::to_value(m).ok())
@@ -310,13 +316,17 @@ pub fn evaluate_policy(
                         .map(|m| serde_json::to_value(m).ok())
                         .map_err(|cause| ("attestation keyless validation failed", cause))
                 }
-                Check::Key { keys, hash, tlog }
-                    if a.signature_format == SignatureFormat::Bundle =>
-                {
+                Check::Key {
+                    keys,
+                    hash,
+                    tlog,
+                    timestamp_authorities,
+                } if a.signature_format == SignatureFormat::Bundle => {
                     let signer = Signer::Keys {
                         keys,
                         hash: *hash,
                         tlog: tlog.as_ref(),
+                        timestamp_authorities: timestamp_authorities.as_deref(),
                     };
                     check_bundle_signatures(layers, digest, &signer)
                         .map(|m| serde_json::to_value(m).ok())
@@ -328,11 +338,17 @@ pub fn evaluate_policy(
                         .map(|m| serde_json::to_value(m).ok())
                         .map_err(|cause| ("signature keyless validation failed", cause))
                 }
-                Check::Key { keys, hash, tlog } => {
+                Check::Key {
+                    keys,
+                    hash,
+                    tlog,
+                    timestamp_authorities,
+                } => {
                     let check = KeyCheck {
                         keys,
                         hash: *hash,
                         tlog: tlog.as_ref(),
+                        timestamp_authorities: timestamp_authorities.as_deref(),
                     };
                     check_key(layers, digest, &check)
                         .map(|m| serde_json::to_value(m).ok())

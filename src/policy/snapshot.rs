@@ -18,6 +18,7 @@ use crate::verify::attest::{predicate_type_uri, AttestationCheck, AttestationPol
 use crate::verify::keyless::KeylessCheck;
 use crate::verify::keys::{parse_pem_keys, HashAlgorithm, PublicKey};
 use crate::verify::rekor::{decode_log_key, LogKeys, PUBLIC_GOOD_REKOR_URL};
+use crate::verify::trust_root::CertificateAuthority;
 
 /// Namespace label that opts a namespace into enforcement.
 pub const INCLUDE_LABEL: &str = "policy.sigstore.dev/include";
@@ -102,6 +103,8 @@ pub enum Check {
         hash: HashAlgorithm,
         /// Set when the authority has `ctlog`: a Rekor bundle signed by one of these logs.
         tlog: Option<LogKeys>,
+        /// Set when the authority has `rfc3161timestamp`: a timestamp from one of these.
+        timestamp_authorities: Option<Vec<CertificateAuthority>>,
     },
     /// A keyless authority: certificate chain, SCT, identity, then the signature.
     Keyless(Box<KeylessCheck>),
@@ -622,9 +625,6 @@ fn unsupported(a: &Authority, _cip: &ClusterImagePolicy) -> Option<String> {
             "{what} is not supported by this version of pullgate"
         ))
     };
-    if a.rfc3161timestamp.is_some() && a.keyless.is_none() {
-        return not_built("rfc3161timestamp on a key authority");
-    }
     if let Some(key) = &a.key {
         if let Some(kms) = &key.kms {
             return not_built(&format!("a KMS key ({kms})"));
@@ -659,7 +659,12 @@ fn resolve_check(a: &Authority, resolver: &Resolver) -> Result<Check, String> {
         None => None,
         Some(ctlog) => Some(log_keys(ctlog, resolver)?),
     };
-    Ok(Check::Key { keys, hash, tlog })
+    Ok(Check::Key {
+        keys,
+        hash,
+        tlog,
+        timestamp_authorities: timestamp_authorities(a, resolver)?,
+    })
 }
 
 /// Whether a Secret entry holds a PEM public key block (and so must parse as keys).
@@ -730,25 +735,7 @@ fn keyless_check(
         }
     };
     fulcio.extend(ca_cert);
-    let timestamp_authorities = match &a.rfc3161timestamp {
-        None => None,
-        Some(ts) => {
-            let name = ts.trust_root_ref.as_str();
-            let tsas = if name.is_empty() {
-                trust_root::public_good()?.timestamp_authorities
-            } else {
-                trust_material(name, resolver)
-                    .map_err(|e| format!("rfc3161timestamp.trustRootRef: {e}"))?
-                    .timestamp_authorities
-            };
-            if tsas.is_empty() {
-                return Err(format!(
-                    "rfc3161timestamp.trustRootRef: TrustRoot {name:?} has no timestampAuthorities"
-                ));
-            }
-            Some(tsas)
-        }
-    };
+    let timestamp_authorities = timestamp_authorities(a, resolver)?;
     let compile = |re: &Option<String>, what: &str| -> Result<Option<regex::Regex>, String> {
         re.as_deref()
             .filter(|r| !r.is_empty())
@@ -794,6 +781,31 @@ fn keyless_check(
         require_tlog: a.ctlog.is_some(),
         timestamp_authorities,
     })
+}
+
+/// The timestamp authorities of `rfc3161timestamp`: its TrustRoot's, or the public-good ones
+/// built in when it names none.
+fn timestamp_authorities(
+    a: &Authority,
+    resolver: &Resolver,
+) -> Result<Option<Vec<CertificateAuthority>>, String> {
+    let Some(ts) = &a.rfc3161timestamp else {
+        return Ok(None);
+    };
+    let name = ts.trust_root_ref.as_str();
+    let tsas = if name.is_empty() {
+        crate::verify::trust_root::public_good()?.timestamp_authorities
+    } else {
+        trust_material(name, resolver)
+            .map_err(|e| format!("rfc3161timestamp.trustRootRef: {e}"))?
+            .timestamp_authorities
+    };
+    if tsas.is_empty() {
+        return Err(format!(
+            "rfc3161timestamp.trustRootRef: TrustRoot {name:?} has no timestampAuthorities"
+        ));
+    }
+    Ok(Some(tsas))
 }
 
 /// The public-good Fulcio, whose roots are built in.
@@ -950,12 +962,22 @@ fn hash_policy(hasher: &mut sha2::Sha256, cip: &ClusterImagePolicy, compiled: &C
                 }
             }
             match &a.check {
-                Check::Key { keys, tlog, .. } => {
+                Check::Key {
+                    keys,
+                    tlog,
+                    timestamp_authorities,
+                    ..
+                } => {
                     for k in keys {
                         hasher.update(k.spki_der());
                     }
                     for id in tlog.iter().flat_map(|t| t.ids()) {
                         hasher.update(id.as_bytes());
+                    }
+                    if let Some(list) = timestamp_authorities {
+                        let mut tsas = b"tsa".to_vec();
+                        crate::verify::trust_root::fingerprint_authorities(&mut tsas, list);
+                        hasher.update(&tsas);
                     }
                 }
                 Check::Keyless(k) => hasher.update(k.fingerprint_bytes()),

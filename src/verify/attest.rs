@@ -14,7 +14,8 @@ use super::cosign::{LayerFormat, SignatureLayer};
 use super::keyless::{Evidence, KeylessCheck, SignerCertificate, Stamp};
 use super::keys::{HashAlgorithm, PublicKey};
 use super::rekor::{verify_set, LogKeys, LoggedEntry};
-use super::tsa::VerifiedTimestamp;
+use super::trust_root::CertificateAuthority;
+use super::tsa::{authority_timestamp, VerifiedTimestamp};
 use super::x509::pem_certificates;
 use crate::policy::rego::RegoPolicy;
 
@@ -69,6 +70,8 @@ pub enum Signer<'a> {
         hash: HashAlgorithm,
         /// `Some` when the authority has a `ctlog`: a verified Rekor bundle is required.
         tlog: Option<&'a LogKeys>,
+        /// `Some` when the authority has `rfc3161timestamp`: a timestamp is required.
+        timestamp_authorities: Option<&'a [CertificateAuthority]>,
     },
     Keyless {
         check: &'a KeylessCheck,
@@ -209,7 +212,20 @@ fn verify_signature(
 ) -> Result<Verified, String> {
     let mut verified = Verified::default();
     match signer {
-        Signer::Keys { keys, hash, tlog } => {
+        Signer::Keys {
+            keys,
+            hash,
+            tlog,
+            timestamp_authorities,
+        } => {
+            // cosign stamps a legacy attestation's envelope, as for keyless ones.
+            verified.timestamp = authority_timestamp(
+                *timestamp_authorities,
+                layer
+                    .rfc3161_timestamp
+                    .as_deref()
+                    .map(|raw| (Stamp::Annotation(raw), layer.payload.as_slice())),
+            )?;
             let key = keys
                 .iter()
                 .find(|k| {
@@ -481,6 +497,7 @@ mod tests {
         keys: &[],
         hash: HashAlgorithm::Sha256,
         tlog: None,
+        timestamp_authorities: None,
     };
 
     fn checks() -> [AttestationCheck; 1] {

@@ -15,9 +15,10 @@ use serde_json::Value;
 use sha2::Digest as _;
 
 use super::attest::{pae, read_statement, LoggedSigner, Signer, Verified, MAX_ENVELOPE_SIGNATURES};
-use super::keyless::{Evidence, SignerCertificate, Stamp};
+use super::keyless::{Evidence, SignerCertificate};
 use super::keys::HashAlgorithm;
 use super::rekor::{verify_promise, LogKeys, LoggedEntry};
+use super::tsa::{authority_timestamp, Stamp};
 
 /// The bundle media type cosign v3 writes (also the referrer's `artifactType`).
 pub const BUNDLE_MEDIA_TYPE: &str = "application/vnd.dev.sigstore.bundle.v0.3+json";
@@ -342,7 +343,12 @@ pub(super) fn verified_statement(
     let signed = pae(&envelope.payload_type, &envelope.payload);
     let mut verified = Verified::default();
     match signer {
-        Signer::Keys { keys, hash, tlog } => {
+        Signer::Keys {
+            keys,
+            hash,
+            tlog,
+            timestamp_authorities,
+        } => {
             let (key, signature) = keys
                 .iter()
                 .find_map(|k| {
@@ -358,6 +364,13 @@ pub(super) fn verified_statement(
                     "ctlog is required but the bundle has no transparency log entry with an inclusion promise",
                 )?);
             }
+            verified.timestamp = authority_timestamp(
+                *timestamp_authorities,
+                bundle
+                    .timestamps
+                    .first()
+                    .map(|der| (Stamp::Der(der), signature.as_slice())),
+            )?;
         }
         Signer::Keyless { check, now } => {
             if bundle.certificates.is_empty() {

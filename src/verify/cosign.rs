@@ -7,6 +7,9 @@ use serde::{Deserialize, Serialize};
 use super::keyless::{verify_signer, KeylessCheck, KeylessMatch};
 use super::keys::{HashAlgorithm, PublicKey};
 use super::rekor::{verify_bundle, LogKeys, LoggedEntry};
+use super::trust_root::CertificateAuthority;
+use super::tsa::{authority_timestamp, Stamp, VerifiedTimestamp};
+use base64::Engine as _;
 
 /// Media type of a cosign signature layer.
 pub const SIMPLE_SIGNING_MEDIA_TYPE: &str = "application/vnd.dev.cosign.simplesigning.v1+json";
@@ -72,6 +75,8 @@ pub struct KeyMatch {
     pub layer_digest: String,
     pub key: String,
     pub tlog: Option<LoggedEntry>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timestamp: Option<VerifiedTimestamp>,
 }
 
 /// What a key authority demands of a signature.
@@ -80,6 +85,9 @@ pub struct KeyCheck<'a> {
     pub hash: HashAlgorithm,
     /// `Some` when the authority has a `ctlog`: a verified Rekor bundle is required.
     pub tlog: Option<&'a LogKeys>,
+    /// `Some` when the authority has `rfc3161timestamp`: a timestamp from one of these
+    /// authorities over the signature is required.
+    pub timestamp_authorities: Option<&'a [CertificateAuthority]>,
 }
 
 /// Finds a signature among `layers` that binds `digest` and verifies under the authority.
@@ -175,9 +183,20 @@ fn check_layer(layer: &SignatureLayer, digest: &str, check: &KeyCheck) -> Result
             )
         }
     };
+    let raw_signature = base64::engine::general_purpose::STANDARD
+        .decode(sig.trim())
+        .map_err(|e| format!("signature is not base64: {e}"))?;
+    let timestamp = authority_timestamp(
+        check.timestamp_authorities,
+        layer
+            .rfc3161_timestamp
+            .as_deref()
+            .map(|raw| (Stamp::Annotation(raw), raw_signature.as_slice())),
+    )?;
     Ok(KeyMatch {
         layer_digest: layer.layer_digest.clone(),
         key: key.fingerprint(),
         tlog,
+        timestamp,
     })
 }

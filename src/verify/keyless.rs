@@ -20,7 +20,8 @@ use super::cosign::SignatureLayer;
 use super::keys::{HashAlgorithm, PublicKey};
 use super::rekor::{verify_bundle, LogKeys, LoggedEntry};
 use super::trust_root::CertificateAuthority;
-use super::tsa::{verify_timestamp, verify_timestamp_der, VerifiedTimestamp};
+pub use super::tsa::Stamp;
+use super::tsa::{authority_timestamp, VerifiedTimestamp};
 use super::x509::{verify_chain, verify_embedded_sct, At, Cert, CtLogs, Purpose};
 
 /// More certificates than this in a layer's chain annotation is not a Fulcio chain: refused
@@ -84,14 +85,7 @@ impl KeylessCheck {
     /// fingerprint that keys verdict caches).
     pub fn fingerprint_bytes(&self) -> Vec<u8> {
         let mut out = Vec::new();
-        let cas = |out: &mut Vec<u8>, list: &[CertificateAuthority]| {
-            for ca in list {
-                out.extend_from_slice(format!("ca {} {}\n", ca.uri, ca.valid).as_bytes());
-                for c in &ca.certs {
-                    out.extend_from_slice(&c.der);
-                }
-            }
-        };
+        let cas = super::trust_root::fingerprint_authorities;
         cas(&mut out, &self.fulcio);
         out.extend_from_slice(b"ct");
         for log in self.ct_logs.iter().flat_map(|l| &l.0) {
@@ -136,15 +130,6 @@ pub struct Evidence<'a> {
     /// An RFC 3161 timestamp and the bytes it must stamp: the raw signature bytes, or for a
     /// legacy attestation its payload (the envelope).
     pub rfc3161_timestamp: Option<(Stamp<'a>, &'a [u8])>,
-}
-
-/// An RFC 3161 timestamp as it is carried.
-#[derive(Clone, Copy)]
-pub enum Stamp<'a> {
-    /// cosign's `dev.sigstore.cosign/rfc3161timestamp` layer annotation (JSON).
-    Annotation(&'a str),
-    /// DER, from a Sigstore bundle's `timestampVerificationData`.
-    Der(&'a [u8]),
 }
 
 /// A certificate that passed every check of a keyless authority.
@@ -223,22 +208,10 @@ impl SignerCertificate {
         if check.require_tlog && evidence.tlog.is_none() {
             return Err("ctlog is required but the signature has no Rekor bundle".into());
         }
-        let timestamp = match (&check.timestamp_authorities, evidence.rfc3161_timestamp) {
-            (Some(tsas), Some((Stamp::Annotation(raw), stamped))) => {
-                Some(verify_timestamp(raw, stamped, tsas)?)
-            }
-            (Some(tsas), Some((Stamp::Der(der), stamped))) => {
-                Some(verify_timestamp_der(der, stamped, tsas)?)
-            }
-            (Some(_), None) => {
-                return Err(
-                    "rfc3161timestamp is required but the signature has no RFC 3161 timestamp"
-                        .into(),
-                )
-            }
-            // No timestamp authority is trusted: an offered timestamp proves nothing.
-            (None, _) => None,
-        };
+        let timestamp = authority_timestamp(
+            check.timestamp_authorities.as_deref(),
+            evidence.rfc3161_timestamp,
+        )?;
         let times = signing_times(evidence.tlog.as_ref(), timestamp.as_ref(), now);
         let path = verify_chain(
             &self.leaf,

@@ -54,6 +54,16 @@ pub struct CertificateAuthority {
     pub valid: Validity,
 }
 
+/// Appends what identifies `list` (URIs, validity, certificates) to a fingerprint.
+pub fn fingerprint_authorities(out: &mut Vec<u8>, list: &[CertificateAuthority]) {
+    for ca in list {
+        out.extend_from_slice(format!("ca {} {}\n", ca.uri, ca.valid).as_bytes());
+        for c in &ca.certs {
+            out.extend_from_slice(&c.der);
+        }
+    }
+}
+
 /// Everything a keyless check may trust, from one source.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct TrustMaterial {

@@ -67,6 +67,36 @@ pub fn verify_timestamp_der(
     verify_der(der, stamped, authorities).map_err(|e| format!("RFC 3161 timestamp: {e}"))
 }
 
+/// An RFC 3161 timestamp as it is carried.
+#[derive(Clone, Copy)]
+pub enum Stamp<'a> {
+    /// cosign's `dev.sigstore.cosign/rfc3161timestamp` layer annotation (JSON).
+    Annotation(&'a str),
+    /// DER, from a Sigstore bundle's `timestampVerificationData`.
+    Der(&'a [u8]),
+}
+
+/// The timestamp an authority's `rfc3161timestamp` demands, verified over the bytes it must
+/// stamp: required when `authorities` is set; `None` when it is not (a timestamp offered to an
+/// authority that trusts no timestamp authority proves nothing).
+pub fn authority_timestamp(
+    authorities: Option<&[CertificateAuthority]>,
+    stamp: Option<(Stamp<'_>, &[u8])>,
+) -> Result<Option<VerifiedTimestamp>, String> {
+    match (authorities, stamp) {
+        (Some(tsas), Some((Stamp::Annotation(raw), stamped))) => {
+            verify_timestamp(raw, stamped, tsas).map(Some)
+        }
+        (Some(tsas), Some((Stamp::Der(der), stamped))) => {
+            verify_timestamp_der(der, stamped, tsas).map(Some)
+        }
+        (Some(_), None) => {
+            Err("rfc3161timestamp is required but the signature has no RFC 3161 timestamp".into())
+        }
+        (None, _) => Ok(None),
+    }
+}
+
 /// `der` is a TimeStampResp (what a TSA answers and cosign stores) or a bare TimeStampToken.
 fn verify_der(
     der: &[u8],
