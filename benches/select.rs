@@ -16,6 +16,9 @@ use pullgate::policy::load::Objects;
 use pullgate::policy::rego::RegoPolicy;
 use pullgate::policy::snapshot::Check;
 use pullgate::policy::snapshot::{Settings, Snapshot};
+use pullgate::verify::attest::{
+    check_bundle_signatures, pae, Signer, COSIGN_SIGN_PREDICATE_TYPE, IN_TOTO_PAYLOAD_TYPE,
+};
 use pullgate::verify::cosign::{check_key, check_keyless, KeyCheck, LayerFormat, SignatureLayer};
 use pullgate::verify::keys::{HashAlgorithm, PublicKey};
 
@@ -134,6 +137,50 @@ fn decide(c: &mut Criterion) {
     assert!(check_key(std::slice::from_ref(&layer), digest, &check).is_ok());
     group.bench_function("key_check", |b| {
         b.iter(|| check_key(black_box(std::slice::from_ref(&layer)), digest, &check))
+    });
+
+    // The same key signing cosign v3's Sigstore bundle: a DSSE envelope over an in-toto
+    // statement, read from the bundle JSON, signature over the pre-authentication encoding.
+    let statement = serde_json::to_vec(&serde_json::json!({
+        "_type": "https://in-toto.io/Statement/v1",
+        "subject": [{"digest": {"sha256": digest.trim_start_matches("sha256:")}}],
+        "predicateType": COSIGN_SIGN_PREDICATE_TYPE,
+        "predicate": {},
+    }))
+    .unwrap();
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let signed = pae(IN_TOTO_PAYLOAD_TYPE, &statement);
+    let bundle_sig: p256::ecdsa::Signature = signing.sign(&signed);
+    let bundle = serde_json::json!({
+        "mediaType": "application/vnd.dev.sigstore.bundle.v0.3+json",
+        "verificationMaterial": {"publicKey": {"hint": "bench"}},
+        "dsseEnvelope": {
+            "payload": b64.encode(&statement),
+            "payloadType": IN_TOTO_PAYLOAD_TYPE,
+            "signatures": [{"sig": b64.encode(bundle_sig.to_der()), "keyid": ""}],
+        },
+    });
+    let bundle_layer = SignatureLayer {
+        format: LayerFormat::SigstoreBundle,
+        payload: serde_json::to_vec(&bundle).unwrap(),
+        signature: None,
+        ..layer.clone()
+    };
+    let signer = Signer::Keys {
+        keys: &keys,
+        hash: HashAlgorithm::Sha256,
+        tlog: None,
+        timestamp_authorities: None,
+    };
+    check_bundle_signatures(std::slice::from_ref(&bundle_layer), digest, &signer).unwrap();
+    group.bench_function("bundle_key_check", |b| {
+        b.iter(|| {
+            check_bundle_signatures(
+                black_box(std::slice::from_ref(&bundle_layer)),
+                digest,
+                &signer,
+            )
+        })
     });
 
     // The same signature made keyless: a certificate for that key under a private root, the

@@ -266,6 +266,8 @@ async fn key_signed_bundles_through_the_referrers_tag() {
         .iter()
         .position(|p| p.ends_with(&format!("/manifests/{}", signed.replace(':', "-"))));
     assert!(api.is_some() && tag.is_some() && api < tag, "{paths:?}");
+    // HEAD the tag, the referrers API, the referrers tag, the bundle's manifest and blob.
+    assert_eq!(paths.len(), 5, "{paths:?}");
 
     // The same image under the legacy format has no `.sig` tag: nothing found.
     let legacy = cip(&glob, &key_authority(&key, "legacy"));
