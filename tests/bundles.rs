@@ -739,3 +739,52 @@ async fn key_authorities_require_their_timestamps() {
     let v = verify_json(&files, &reg.tag_ref("v3bare", "v1"), &[]).await;
     denied(&v, "rfc3161timestamp is required");
 }
+
+/// A keyless bundle's timestamp is evidence even without `rfc3161timestamp`: it is judged by
+/// the timestamp authorities of the TrustRoot the certificate chains to (a Rekor v2 entry gives
+/// no time of its own), and one from an authority that TrustRoot does not list denies.
+#[tokio::test(flavor = "multi_thread")]
+async fn keyless_bundle_timestamps_use_the_trust_roots_authorities() {
+    let reg = Registry::start().await;
+    let fulcio = TestFulcio::new("ts-fulcio");
+    let rekor = TestRekor::new();
+    let tsa = TestTsa::new("root tsa");
+    let rogue = TestTsa::new("root tsa");
+    let glob = format!("{}/**", reg.addr());
+    let trust_root = format!(
+        "{}    timestampAuthorities:\n    - subject: {{organization: pullgate-test, commonName: tsa}}\n      uri: https://tsa.test\n      certChain: {}\n",
+        fulcio.trust_root_yaml("private", &rekor.public_pem()),
+        B64.encode(tsa.chain_pem())
+    );
+    let policy = cip(
+        &glob,
+        &format!("    signatureFormat: bundle\n    keyless: {{trustRootRef: private, identities: [{{issuer: \"{ISSUER}\", subject: \"{WORKFLOW}\"}}]}}\n"),
+    );
+    let signer = TestKey::generate(KeyKind::EcdsaP256);
+    let cert = fulcio.issue(&signer, &Leaf::default());
+    let leaf = B64.encode(&pem_ders(&cert)[0]);
+    for (repo, by) in [("trusted", &tsa), ("rogue", &rogue)] {
+        let digest = reg
+            .push_image(repo, "v1", &format!("root-tsa-{repo}"))
+            .await;
+        let (env, sig) = envelope(&statement(&digest, SIGN, json!({})), &signer);
+        let blob = bundle(
+            env,
+            json!({
+                "certificate": {"rawBytes": leaf},
+                "timestampVerificationData": {"rfc3161Timestamps": [{"signedTimestamp": B64.encode(by.stamp_der(&sig))}]},
+            }),
+        );
+        attach(&reg, repo, &digest, &[(blob, SIGN)]).await;
+    }
+    let files = [
+        ("tr.yaml", trust_root.as_str()),
+        ("cip.yaml", policy.as_str()),
+    ];
+    let v = verify_json(&files, &reg.tag_ref("trusted", "v1"), &[]).await;
+    allowed(&v);
+    let evidence = &v.json["policies"][0]["authorities"][0]["evidence"];
+    assert!(evidence["timestamp"]["time"].is_i64(), "{evidence}");
+    let v = verify_json(&files, &reg.tag_ref("rogue", "v1"), &[]).await;
+    denied(&v, "timestamp authority not trusted");
+}

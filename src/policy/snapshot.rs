@@ -721,17 +721,17 @@ fn keyless_check(
             "keyless.url {url}: fetching the roots of a Fulcio other than {PUBLIC_GOOD_FULCIO_URL} is not supported by this version of pullgate; name its roots with trustRootRef or ca-cert"
         ));
     }
-    let (mut fulcio, ct_logs) = match trust_root {
+    let (mut fulcio, ct_logs, bundle_tsas) = match trust_root {
         Some(tm) if tm.fulcio.is_empty() => {
             return Err("keyless.trustRootRef: the TrustRoot has no certificateAuthorities".into())
         }
-        Some(tm) => (tm.fulcio, tm.ct_logs),
+        Some(tm) => (tm.fulcio, tm.ct_logs, tm.timestamp_authorities),
         // A CA given as ca-cert: its SCTs, if any, come from the public-good CT logs unless a
         // TrustRoot says otherwise (or insecureIgnoreSCT).
-        None if ca_cert.is_some() => (Vec::new(), trust_root::public_good()?.ct_logs),
+        None if ca_cert.is_some() => (Vec::new(), trust_root::public_good()?.ct_logs, Vec::new()),
         None => {
             let tm = trust_root::public_good()?;
-            (tm.fulcio, tm.ct_logs)
+            (tm.fulcio, tm.ct_logs, tm.timestamp_authorities)
         }
     };
     fulcio.extend(ca_cert);
@@ -780,6 +780,7 @@ fn keyless_check(
         tlog,
         require_tlog: a.ctlog.is_some(),
         timestamp_authorities,
+        bundle_timestamp_authorities: bundle_tsas,
     })
 }
 

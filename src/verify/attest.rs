@@ -290,6 +290,7 @@ fn verify_signature(
                     .rfc3161_timestamp
                     .as_deref()
                     .map(|raw| (Stamp::Annotation(raw), layer.payload.as_slice())),
+                from_bundle: false,
             };
             let found = certificate.verify(check, evidence, *now)?;
             verified.subject = Some(found.subject);

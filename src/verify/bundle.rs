@@ -393,6 +393,7 @@ pub(super) fn verified_statement(
                     .timestamps
                     .first()
                     .map(|der| (Stamp::Der(der), signature.as_slice())),
+                from_bundle: true,
             };
             let found = certificate.verify(check, evidence, *now)?;
             verified.subject = Some(found.subject);

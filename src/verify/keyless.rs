@@ -78,6 +78,10 @@ pub struct KeylessCheck {
     pub require_tlog: bool,
     /// The authority has `rfc3161timestamp`: a timestamp signed by one of these is required.
     pub timestamp_authorities: Option<Vec<CertificateAuthority>>,
+    /// The timestamp authorities of the trust material the certificate chains to. A Sigstore
+    /// bundle's timestamp is checked against them when `rfc3161timestamp` names none: a bundle
+    /// carries its evidence with it, and a Rekor v2 entry gives no time of its own.
+    pub bundle_timestamp_authorities: Vec<CertificateAuthority>,
 }
 
 impl KeylessCheck {
@@ -99,6 +103,8 @@ impl KeylessCheck {
         if let Some(tsas) = &self.timestamp_authorities {
             cas(&mut out, tsas);
         }
+        out.extend_from_slice(b"bundle tsa");
+        cas(&mut out, &self.bundle_timestamp_authorities);
         out
     }
 }
@@ -130,6 +136,9 @@ pub struct Evidence<'a> {
     /// An RFC 3161 timestamp and the bytes it must stamp: the raw signature bytes, or for a
     /// legacy attestation its payload (the envelope).
     pub rfc3161_timestamp: Option<(Stamp<'a>, &'a [u8])>,
+    /// The evidence came in a Sigstore bundle: its timestamp may be judged by the trust
+    /// material's own timestamp authorities (`KeylessCheck::bundle_timestamp_authorities`).
+    pub from_bundle: bool,
 }
 
 /// A certificate that passed every check of a keyless authority.
@@ -208,10 +217,16 @@ impl SignerCertificate {
         if check.require_tlog && evidence.tlog.is_none() {
             return Err("ctlog is required but the signature has no Rekor bundle".into());
         }
-        let timestamp = authority_timestamp(
-            check.timestamp_authorities.as_deref(),
-            evidence.rfc3161_timestamp,
-        )?;
+        let authorities = match &check.timestamp_authorities {
+            None if evidence.from_bundle && !check.bundle_timestamp_authorities.is_empty() => {
+                // Not required, but verified when present: present and false denies.
+                evidence
+                    .rfc3161_timestamp
+                    .map(|_| check.bundle_timestamp_authorities.as_slice())
+            }
+            required => required.as_deref(),
+        };
+        let timestamp = authority_timestamp(authorities, evidence.rfc3161_timestamp)?;
         let times = signing_times(evidence.tlog.as_ref(), timestamp.as_ref(), now);
         let path = verify_chain(
             &self.leaf,
@@ -332,6 +347,7 @@ pub fn verify_signer(
             .rfc3161_timestamp
             .as_deref()
             .map(|raw| (Stamp::Annotation(raw), raw_signature.as_slice())),
+        from_bundle: false,
     };
     let verified = signer.verify(check, evidence, now)?;
     Ok((
