@@ -14,17 +14,6 @@ const DSSE: &str = "application/vnd.dsse.envelope.v1+json";
 const IN_TOTO: &str = "application/vnd.in-toto+json";
 const VULN: &str = "https://cosign.sigstore.dev/attestation/vuln/v1";
 
-fn pae(payload_type: &str, payload: &[u8]) -> Vec<u8> {
-    let mut out = format!(
-        "DSSEv1 {} {payload_type} {} ",
-        payload_type.len(),
-        payload.len()
-    )
-    .into_bytes();
-    out.extend_from_slice(payload);
-    out
-}
-
 /// A statement about `digest` (the subject) with `predicate`.
 fn statement(digest: &str, predicate_type: &str, predicate: Value) -> Vec<u8> {
     serde_json::to_vec(&json!({
@@ -38,7 +27,7 @@ fn statement(digest: &str, predicate_type: &str, predicate: Value) -> Vec<u8> {
 
 /// A DSSE envelope over `payload`, signed by `key`.
 fn envelope(payload: &[u8], key: &TestKey) -> Vec<u8> {
-    let sig = key.sign_b64(&pae(IN_TOTO, payload));
+    let sig = key.sign_b64(&dsse_pae(IN_TOTO, payload));
     serde_json::to_vec(&json!({
         "payloadType": IN_TOTO,
         "payload": B64.encode(payload),

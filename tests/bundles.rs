@@ -24,17 +24,6 @@ const VULN: &str = "https://cosign.sigstore.dev/attestation/vuln/v1";
 const ISSUER: &str = "https://token.actions.githubusercontent.com";
 const WORKFLOW: &str = "https://github.com/acme/app/.github/workflows/release.yml@refs/heads/main";
 
-fn pae(payload_type: &str, payload: &[u8]) -> Vec<u8> {
-    let mut out = format!(
-        "DSSEv1 {} {payload_type} {} ",
-        payload_type.len(),
-        payload.len()
-    )
-    .into_bytes();
-    out.extend_from_slice(payload);
-    out
-}
-
 fn sha256_hex(data: &[u8]) -> String {
     hex::encode(sha2::Sha256::digest(data))
 }
@@ -69,7 +58,7 @@ fn pem_ders(pem: &str) -> Vec<Vec<u8>> {
 /// A DSSE envelope over `payload` signed by `key`, as a bundle's `dsseEnvelope`, and the raw
 /// signature.
 fn envelope(payload: &[u8], key: &TestKey) -> (Value, Vec<u8>) {
-    let sig = key.sign(&pae(IN_TOTO, payload));
+    let sig = key.sign(&dsse_pae(IN_TOTO, payload));
     let env = json!({
         "payload": B64.encode(payload),
         "payloadType": IN_TOTO,
@@ -206,31 +195,6 @@ fn key_authority(key: &TestKey, format: &str) -> String {
     )
 }
 
-fn allowed(v: &Verified) {
-    assert_eq!(
-        (v.code, v.verdict()),
-        (0, "allow"),
-        "{} {}",
-        v.json,
-        v.stderr
-    );
-}
-
-fn denied(v: &Verified, cause: &str) {
-    assert_eq!(
-        (v.code, v.verdict()),
-        (1, "deny"),
-        "{} {}",
-        v.json,
-        v.stderr
-    );
-    assert!(
-        v.reasons().contains(cause),
-        "wanted {cause:?} in {}",
-        v.reasons()
-    );
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn key_signed_bundles_through_the_referrers_tag() {
     let reg = Registry::start().await;
@@ -245,7 +209,7 @@ async fn key_signed_bundles_through_the_referrers_tag() {
     attach(&reg, "signed", &signed, &[(blob.clone(), SIGN)]).await;
     let mark = reg.request_count().await;
     let v = verify_json(&[("cip.yaml", &policy)], &reg.tag_ref("signed", "v1"), &[]).await;
-    allowed(&v);
+    assert_allowed(&v);
     let evidence = &v.json["policies"][0]["authorities"][0]["evidence"];
     assert_eq!(
         evidence["layer_digest"],
@@ -272,7 +236,7 @@ async fn key_signed_bundles_through_the_referrers_tag() {
     // The same image under the legacy format has no `.sig` tag: nothing found.
     let legacy = cip(&glob, &key_authority(&key, "legacy"));
     let v = verify_json(&[("cip.yaml", &legacy)], &reg.tag_ref("signed", "v1"), &[]).await;
-    denied(&v, "no signatures found");
+    assert_denied(&v, "no signatures found");
 
     // Unsigned: no referrers at all.
     reg.push_image("unsigned", "v1", "bundle-unsigned").await;
@@ -282,7 +246,7 @@ async fn key_signed_bundles_through_the_referrers_tag() {
         &[],
     )
     .await;
-    denied(&v, "signature key validation failed for authority v3");
+    assert_denied(&v, "signature key validation failed for authority v3");
     assert!(
         v.reasons().contains("no signatures found"),
         "{}",
@@ -294,7 +258,7 @@ async fn key_signed_bundles_through_the_referrers_tag() {
     let blob = key_bundle(&statement(&foreign, SIGN, json!({})), &other);
     attach(&reg, "foreign", &foreign, &[(blob, SIGN)]).await;
     let v = verify_json(&[("cip.yaml", &policy)], &reg.tag_ref("foreign", "v1"), &[]).await;
-    denied(
+    assert_denied(
         &v,
         "bundle signature does not verify with the authority's key",
     );
@@ -304,7 +268,7 @@ async fn key_signed_bundles_through_the_referrers_tag() {
     let blob = key_bundle(&statement(&signed, SIGN, json!({})), &key);
     attach(&reg, "copied", &copied, &[(blob, SIGN)]).await;
     let v = verify_json(&[("cip.yaml", &policy)], &reg.tag_ref("copied", "v1"), &[]).await;
-    denied(&v, &format!("its subject does not name {copied}"));
+    assert_denied(&v, &format!("its subject does not name {copied}"));
 
     // An attestation is not a signature: its predicate type is reported.
     let attested = reg.push_image("attested", "v1", "bundle-attested").await;
@@ -316,7 +280,7 @@ async fn key_signed_bundles_through_the_referrers_tag() {
         &[],
     )
     .await;
-    denied(&v, &format!("no matching signatures with type {SIGN}"));
+    assert_denied(&v, &format!("no matching signatures with type {SIGN}"));
     assert!(v.reasons().contains(VULN), "{}", v.reasons());
 
     // Hostile blobs: not JSON, a message signature, a tampered payload. Reasons, no crash.
@@ -344,7 +308,7 @@ async fn key_signed_bundles_through_the_referrers_tag() {
     )
     .await;
     let v = verify_json(&[("cip.yaml", &policy)], &reg.tag_ref("hostile", "v1"), &[]).await;
-    denied(&v, "not a Sigstore bundle");
+    assert_denied(&v, "not a Sigstore bundle");
     for cause in [
         "holds a message signature",
         "bundle signature does not verify with the authority's key",
@@ -359,7 +323,7 @@ async fn key_signed_bundles_through_the_referrers_tag() {
     // An unknown format is refused with the values that exist, never read as legacy.
     let typo = cip(&glob, &key_authority(&key, "bundles"));
     let v = verify_json(&[("cip.yaml", &typo)], &reg.tag_ref("signed", "v1"), &[]).await;
-    denied(
+    assert_denied(
         &v,
         "signatureFormat \\\"bundles\\\" is not known: use legacy or bundle",
     );
@@ -419,7 +383,7 @@ async fn bundle_attestations_with_rego_and_ctlog() {
         &[],
     )
     .await;
-    allowed(&v);
+    assert_allowed(&v);
     let evidence = &v.json["policies"][0]["authorities"][0]["evidence"];
     assert_eq!(evidence["tlog"]["log_index"], 42, "{evidence}");
 
@@ -440,7 +404,7 @@ async fn bundle_attestations_with_rego_and_ctlog() {
         &[],
     )
     .await;
-    allowed(&v);
+    assert_allowed(&v);
     let evidence = &v.json["policies"][0]["authorities"][0]["evidence"];
     assert_eq!(evidence[0]["predicate_type"], VULN, "{evidence}");
 
@@ -452,7 +416,7 @@ async fn bundle_attestations_with_rego_and_ctlog() {
         &[],
     )
     .await;
-    denied(&v, "failed evaluating rego policy for type scan");
+    assert_denied(&v, "failed evaluating rego policy for type scan");
 
     // A predicate type that is not attached.
     let provenance = "    attestations:\n    - {name: prov, predicateType: slsaprovenance1}\n";
@@ -465,7 +429,7 @@ async fn bundle_attestations_with_rego_and_ctlog() {
         &[],
     )
     .await;
-    denied(
+    assert_denied(
         &v,
         "no matching attestations with type https://slsa.dev/provenance/v1",
     );
@@ -497,7 +461,7 @@ async fn bundle_attestations_with_rego_and_ctlog() {
             &[],
         )
         .await;
-        denied(&v, cause);
+        assert_denied(&v, cause);
     }
 }
 
@@ -535,7 +499,7 @@ async fn keyless_bundles_judged_at_log_and_timestamp_time() {
         &[],
     )
     .await;
-    allowed(&v);
+    assert_allowed(&v);
     let evidence = &v.json["policies"][0]["authorities"][0]["evidence"];
     assert_eq!(evidence["subject"], WORKFLOW, "{evidence}");
     assert_eq!(evidence["issuer"], ISSUER, "{evidence}");
@@ -550,7 +514,7 @@ async fn keyless_bundles_judged_at_log_and_timestamp_time() {
         &[],
     )
     .await;
-    denied(&v, "signature keyless validation failed for authority v3");
+    assert_denied(&v, "signature keyless validation failed for authority v3");
     assert!(v.reasons().contains("now"), "{}", v.reasons());
 
     // A key-signed bundle under a keyless authority.
@@ -569,7 +533,7 @@ async fn keyless_bundles_judged_at_log_and_timestamp_time() {
         &[],
     )
     .await;
-    denied(&v, "bundle has no certificate");
+    assert_denied(&v, "bundle has no certificate");
 
     // Wrong identity.
     let d = reg.push_image("other", "v1", "bundle-keyless-other").await;
@@ -585,7 +549,7 @@ async fn keyless_bundles_judged_at_log_and_timestamp_time() {
         &[],
     )
     .await;
-    denied(&v, "certificate identity did not match");
+    assert_denied(&v, "certificate identity did not match");
 
     // rfc3161timestamp: the bundle's timestamp over the signature bytes, from a trusted TSA.
     let tsa_root = tsa.trust_root_yaml("tsa");
@@ -614,7 +578,7 @@ async fn keyless_bundles_judged_at_log_and_timestamp_time() {
         ("cip.yaml", stamped.as_str()),
     ];
     let v = verify_json(&files, &reg.tag_ref("stamped", "v1"), &[]).await;
-    allowed(&v);
+    assert_allowed(&v);
     assert!(
         v.json["policies"][0]["authorities"][0]["evidence"]["timestamp"]["time"].is_i64(),
         "{}",
@@ -636,7 +600,7 @@ async fn keyless_bundles_judged_at_log_and_timestamp_time() {
     );
     attach(&reg, "misstamped", &d2, &[(misstamped, SIGN)]).await;
     let v = verify_json(&files, &reg.tag_ref("misstamped", "v1"), &[]).await;
-    denied(&v, "message imprint differs");
+    assert_denied(&v, "message imprint differs");
     let d3 = reg
         .push_image("unstamped", "v1", "bundle-keyless-unstamped")
         .await;
@@ -652,7 +616,7 @@ async fn keyless_bundles_judged_at_log_and_timestamp_time() {
     )
     .await;
     let v = verify_json(&files, &reg.tag_ref("unstamped", "v1"), &[]).await;
-    denied(&v, "rfc3161timestamp is required");
+    assert_denied(&v, "rfc3161timestamp is required");
 }
 
 /// `rfc3161timestamp` on a key authority: a timestamp from a trusted TSA over the signature
@@ -706,11 +670,11 @@ async fn key_authorities_require_their_timestamps() {
         .await;
         match cause {
             None => {
-                allowed(&v);
+                assert_allowed(&v);
                 let evidence = &v.json["policies"][0]["authorities"][0]["evidence"];
                 assert!(evidence["timestamp"]["time"].is_i64(), "{evidence}");
             }
-            Some(cause) => denied(&v, cause),
+            Some(cause) => assert_denied(&v, cause),
         }
     }
 
@@ -726,7 +690,7 @@ async fn key_authorities_require_their_timestamps() {
     );
     attach(&reg, "v3", &digest, &[(stamped, SIGN)]).await;
     let files = [("tsa.yaml", tsa_root.as_str()), ("cip.yaml", v3.as_str())];
-    allowed(&verify_json(&files, &reg.tag_ref("v3", "v1"), &[]).await);
+    assert_allowed(&verify_json(&files, &reg.tag_ref("v3", "v1"), &[]).await);
     let digest = reg.push_image("v3bare", "v1", "key-tsa-v3bare").await;
     let (env, _) = envelope(&statement(&digest, SIGN, json!({})), &key);
     attach(
@@ -737,7 +701,7 @@ async fn key_authorities_require_their_timestamps() {
     )
     .await;
     let v = verify_json(&files, &reg.tag_ref("v3bare", "v1"), &[]).await;
-    denied(&v, "rfc3161timestamp is required");
+    assert_denied(&v, "rfc3161timestamp is required");
 }
 
 /// A keyless bundle's timestamp is evidence even without `rfc3161timestamp`: it is judged by
@@ -782,9 +746,9 @@ async fn keyless_bundle_timestamps_use_the_trust_roots_authorities() {
         ("cip.yaml", policy.as_str()),
     ];
     let v = verify_json(&files, &reg.tag_ref("trusted", "v1"), &[]).await;
-    allowed(&v);
+    assert_allowed(&v);
     let evidence = &v.json["policies"][0]["authorities"][0]["evidence"];
     assert!(evidence["timestamp"]["time"].is_i64(), "{evidence}");
     let v = verify_json(&files, &reg.tag_ref("rogue", "v1"), &[]).await;
-    denied(&v, "timestamp authority not trusted");
+    assert_denied(&v, "timestamp authority not trusted");
 }

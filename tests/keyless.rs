@@ -46,31 +46,6 @@ async fn verify(files: &[(&str, &str)], image: &str) -> Verified {
     verify_json(files, image, &[]).await
 }
 
-fn allowed(v: &Verified) {
-    assert_eq!(
-        (v.code, v.verdict()),
-        (0, "allow"),
-        "{} {}",
-        v.json,
-        v.stderr
-    );
-}
-
-fn denied(v: &Verified, cause: &str) {
-    assert_eq!(
-        (v.code, v.verdict()),
-        (1, "deny"),
-        "{} {}",
-        v.json,
-        v.stderr
-    );
-    assert!(
-        v.reasons().contains(cause),
-        "wanted {cause:?} in {}",
-        v.reasons()
-    );
-}
-
 const ISSUER: &str = "https://token.actions.githubusercontent.com";
 const WORKFLOW: &str = "https://github.com/acme/app/.github/workflows/release.yml@refs/heads/main";
 
@@ -97,7 +72,7 @@ async fn trust_root_identities_sct_and_rekor() {
     let cip = keyless_cip(&glob, &format!("trustRootRef: private, {identity}"), "");
     let image = reg.tag_ref("good", "v1");
     let v = verify(&[("tr.yaml", &trust_root), ("cip.yaml", &cip)], &image).await;
-    allowed(&v);
+    assert_allowed(&v);
     let evidence = &v.json["policies"][0]["authorities"][0]["evidence"];
     assert_eq!(evidence["issuer"], ISSUER, "{evidence}");
     assert_eq!(evidence["subject"], WORKFLOW, "{evidence}");
@@ -116,7 +91,7 @@ async fn trust_root_identities_sct_and_rekor() {
     // Regular expressions are unanchored, as in policy-controller.
     let re = "identities: [{issuerRegExp: \"githubusercontent\", subjectRegExp: \"acme/app/\"}]";
     let cip = keyless_cip(&glob, &format!("trustRootRef: private, {re}"), "");
-    allowed(&verify(&[("tr.yaml", &trust_root), ("cip.yaml", &cip)], &image).await);
+    assert_allowed(&verify(&[("tr.yaml", &trust_root), ("cip.yaml", &cip)], &image).await);
 
     // Wrong issuer, wrong subject: the certificate's identity is named in the reason.
     for wrong in [
@@ -129,7 +104,7 @@ async fn trust_root_identities_sct_and_rekor() {
     ] {
         let cip = keyless_cip(&glob, &format!("trustRootRef: private, {wrong}"), "");
         let v = verify(&[("tr.yaml", &trust_root), ("cip.yaml", &cip)], &image).await;
-        denied(&v, "certificate identity did not match");
+        assert_denied(&v, "certificate identity did not match");
         assert!(v.reasons().contains(WORKFLOW), "{}", v.reasons());
         assert!(v
             .reasons()
@@ -140,7 +115,7 @@ async fn trust_root_identities_sct_and_rekor() {
         "identities: [{{issuer: \"https://accounts.google.com\", subject: x}}, {{issuer: \"{ISSUER}\", subject: \"{WORKFLOW}\"}}]"
     );
     let cip = keyless_cip(&glob, &format!("trustRootRef: private, {either}"), "");
-    allowed(&verify(&[("tr.yaml", &trust_root), ("cip.yaml", &cip)], &image).await);
+    assert_allowed(&verify(&[("tr.yaml", &trust_root), ("cip.yaml", &cip)], &image).await);
 
     // An email identity (the SAN of an interactive `cosign sign`).
     let person = reg.push_image("person", "v1", "keyless-email").await;
@@ -163,7 +138,7 @@ async fn trust_root_identities_sct_and_rekor() {
         "trustRootRef: private, identities: [{issuer: \"https://accounts.google.com\", subject: dev@acme.example}]",
         "",
     );
-    allowed(
+    assert_allowed(
         &verify(
             &[("tr.yaml", &trust_root), ("cip.yaml", &cip)],
             &reg.tag_ref("person", "v1"),
@@ -188,7 +163,7 @@ async fn trust_root_identities_sct_and_rekor() {
     )
     .await;
     let cip = keyless_cip(&glob, &format!("trustRootRef: private, {identity}"), "");
-    allowed(
+    assert_allowed(
         &verify(
             &[("tr.yaml", &trust_root), ("cip.yaml", &cip)],
             &reg.tag_ref("old", "v1"),
@@ -204,7 +179,7 @@ async fn trust_root_identities_sct_and_rekor() {
         &reg.tag_ref("stale", "v1"),
     )
     .await;
-    denied(&v, "signing certificate was not valid at");
+    assert_denied(&v, "signing certificate was not valid at");
 
     // A logged time outside the certificate's validity.
     let late = reg.push_image("late", "v1", "keyless-late").await;
@@ -222,7 +197,7 @@ async fn trust_root_identities_sct_and_rekor() {
         &reg.tag_ref("late", "v1"),
     )
     .await;
-    denied(&v, "signing certificate was not valid at");
+    assert_denied(&v, "signing certificate was not valid at");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -261,7 +236,7 @@ async fn bad_set_bad_sct_untrusted_root_and_garbage() {
     )
     .await;
     let v = run(files(&cip), reg.tag_ref("forged", "v1")).await;
-    denied(&v, "not a trusted transparency log");
+    assert_denied(&v, "not a trusted transparency log");
 
     // A bundle with a tampered body: the SET no longer covers it.
     let tampered = reg.push_image("tampered", "v1", "keyless-tampered").await;
@@ -277,7 +252,7 @@ async fn bad_set_bad_sct_untrusted_root_and_garbage() {
     reg.push_signature_layers("tampered", &signature_tag(&tampered), &[layer], false)
         .await;
     let v = run(files(&cip), reg.tag_ref("tampered", "v1")).await;
-    denied(&v, "signed entry timestamp does not verify");
+    assert_denied(&v, "signed entry timestamp does not verify");
 
     // An SCT whose signature does not verify, and no SCT at all.
     let bad_sct = reg.push_image("badsct", "v1", "keyless-bad-sct").await;
@@ -295,7 +270,7 @@ async fn bad_set_bad_sct_untrusted_root_and_garbage() {
     )
     .await;
     let v = run(files(&cip), reg.tag_ref("badsct", "v1")).await;
-    denied(&v, "no valid SCT");
+    assert_denied(&v, "no valid SCT");
     let no_sct = reg.push_image("nosct", "v1", "keyless-no-sct").await;
     let leaf = Leaf {
         sct: false,
@@ -311,15 +286,15 @@ async fn bad_set_bad_sct_untrusted_root_and_garbage() {
     )
     .await;
     let v = run(files(&cip), reg.tag_ref("nosct", "v1")).await;
-    denied(&v, "certificate has no embedded SCT");
+    assert_denied(&v, "certificate has no embedded SCT");
     // insecureIgnoreSCT accepts both.
     let lax = keyless_cip(
         &glob,
         &format!("trustRootRef: private, insecureIgnoreSCT: true, {identity}"),
         "",
     );
-    allowed(&run(files(&lax), reg.tag_ref("nosct", "v1")).await);
-    allowed(&run(files(&lax), reg.tag_ref("badsct", "v1")).await);
+    assert_allowed(&run(files(&lax), reg.tag_ref("nosct", "v1")).await);
+    assert_allowed(&run(files(&lax), reg.tag_ref("badsct", "v1")).await);
 
     // Signed under another CA: no path to a trusted root.
     let rogue = TestFulcio::new("rogue-fulcio");
@@ -334,7 +309,7 @@ async fn bad_set_bad_sct_untrusted_root_and_garbage() {
     )
     .await;
     let v = run(files(&cip), reg.tag_ref("foreign", "v1")).await;
-    denied(&v, "does not lead to a trusted root");
+    assert_denied(&v, "does not lead to a trusted root");
 
     // Garbage where the certificate should be: a clear reason, no crash.
     let garbage = reg.push_image("garbage", "v1", "keyless-garbage").await;
@@ -346,14 +321,14 @@ async fn bad_set_bad_sct_untrusted_root_and_garbage() {
     reg.push_signature_layers("garbage", &signature_tag(&garbage), &[layer], false)
         .await;
     let v = run(files(&cip), reg.tag_ref("garbage", "v1")).await;
-    denied(&v, "signing certificate: not a DER certificate");
+    assert_denied(&v, "signing certificate: not a DER certificate");
 
     // A key-signed image (no certificate) under a keyless policy.
     let keyed = reg.push_image("keyed", "v1", "keyless-keyed").await;
     reg.sign("keyed", &keyed, &TestKey::generate(KeyKind::EcdsaP256))
         .await;
     let v = run(files(&cip), reg.tag_ref("keyed", "v1")).await;
-    denied(&v, "signature has no certificate");
+    assert_denied(&v, "signature has no certificate");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -374,7 +349,7 @@ async fn ca_cert_authority_is_really_used() {
         &format!("ca-cert: {{data: {ca}}}, insecureIgnoreSCT: true, {identity}"),
         "",
     );
-    allowed(&verify(&[("cip.yaml", &cip)], &image).await);
+    assert_allowed(&verify(&[("cip.yaml", &cip)], &image).await);
 
     // Another CA's root as ca-cert: denied (policy-controller accepts ca-cert and ignores it).
     let other = TestFulcio::new("other-ca");
@@ -385,12 +360,12 @@ async fn ca_cert_authority_is_really_used() {
         "",
     );
     let v = verify(&[("cip.yaml", &cip)], &image).await;
-    denied(&v, "does not lead to a trusted root");
+    assert_denied(&v, "does not lead to a trusted root");
 
     // The public-good roots (no ca-cert, no TrustRoot) do not trust a private CA either.
     let cip = keyless_cip(&glob, &format!("insecureIgnoreSCT: true, {identity}"), "");
     let v = verify(&[("cip.yaml", &cip)], &image).await;
-    denied(&v, "does not lead to a trusted root");
+    assert_denied(&v, "does not lead to a trusted root");
 
     // ca-cert from a Secret in the controller namespace.
     let secret = format!(
@@ -402,7 +377,7 @@ async fn ca_cert_authority_is_really_used() {
         &format!("ca-cert: {{secretRef: {{name: ca}}}}, insecureIgnoreSCT: true, {identity}"),
         "",
     );
-    allowed(&verify(&[("secret.yaml", &secret), ("cip.yaml", &cip)], &image).await);
+    assert_allowed(&verify(&[("secret.yaml", &secret), ("cip.yaml", &cip)], &image).await);
 }
 
 /// A keyless signature layer for `REPO@DIGEST` (certificate and chain attached, no bundle)
@@ -497,7 +472,7 @@ async fn rfc3161_timestamp_judges_an_expired_certificate() {
         "    rfc3161timestamp: {trustRootRef: tsa}\n",
     );
     let v = run(with(stamped_cip.clone()), images[0].clone()).await;
-    allowed(&v);
+    assert_allowed(&v);
     let evidence = &v.json["policies"][0]["authorities"][0]["evidence"];
     let stamped_at = evidence["timestamp"]["time"].as_i64().unwrap();
     assert!((issued..=issued + 63).contains(&stamped_at), "{evidence}");
@@ -505,20 +480,20 @@ async fn rfc3161_timestamp_judges_an_expired_certificate() {
     assert_eq!(evidence["subject"], WORKFLOW, "{evidence}");
 
     let v = run(with(stamped_cip.clone()), images[1].clone()).await;
-    denied(
+    assert_denied(
         &v,
         "rfc3161timestamp is required but the signature has no RFC 3161 timestamp",
     );
     let v = run(with(stamped_cip.clone()), images[2].clone()).await;
-    denied(&v, "message imprint differs");
+    assert_denied(&v, "message imprint differs");
     let v = run(with(stamped_cip), images[3].clone()).await;
-    denied(&v, "timestamp authority not trusted");
+    assert_denied(&v, "timestamp authority not trusted");
 
     // Without rfc3161timestamp no timestamp authority is trusted: the timestamp proves
     // nothing, the expired certificate is judged now and denied.
     let plain = keyless_cip(&glob, &format!("trustRootRef: private, {identity}"), "");
     let v = run(with(plain), images[0].clone()).await;
-    denied(&v, "signing certificate was not valid at");
+    assert_denied(&v, "signing certificate was not valid at");
     assert!(
         v.reasons().contains("now: no Rekor bundle or timestamp"),
         "{}",
@@ -532,7 +507,7 @@ async fn rfc3161_timestamp_judges_an_expired_certificate() {
         "    rfc3161timestamp: {trustRootRef: private}\n",
     );
     let v = run(with(empty), images[0].clone()).await;
-    denied(&v, "has no timestampAuthorities");
+    assert_denied(&v, "has no timestampAuthorities");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -555,7 +530,7 @@ async fn trust_windows_and_unsupported_trust_sources_deny() {
     let image = reg.tag_ref("app", "v1");
     let cip = keyless_cip(&glob, &format!("trustRootRef: private, {identity}"), "");
     let trust_root = fulcio.trust_root_yaml("private", &rekor.public_pem());
-    allowed(&verify(&[("tr.yaml", &trust_root), ("cip.yaml", &cip)], &image).await);
+    assert_allowed(&verify(&[("tr.yaml", &trust_root), ("cip.yaml", &cip)], &image).await);
 
     // The same CA, trusted only until yesterday (a retired root): denied.
     let retired = trust_root.replace(
@@ -564,7 +539,7 @@ async fn trust_windows_and_unsupported_trust_sources_deny() {
     );
     assert_ne!(retired, trust_root);
     let v = verify(&[("tr.yaml", &retired), ("cip.yaml", &cip)], &image).await;
-    denied(
+    assert_denied(
         &v,
         "is only trusted from 2020-01-01T00:00:00Z to 2021-01-01T00:00:00Z",
     );
@@ -572,7 +547,7 @@ async fn trust_windows_and_unsupported_trust_sources_deny() {
     // TUF trust roots are not fetched: a clear reason, never a pass.
     let tuf = "---\napiVersion: policy.sigstore.dev/v1alpha1\nkind: TrustRoot\nmetadata: {name: private}\nspec:\n  remote: {mirror: \"https://tuf.example\", root: cm9vdA==}\n";
     let v = verify(&[("tr.yaml", tuf), ("cip.yaml", &cip)], &image).await;
-    denied(
+    assert_denied(
         &v,
         "TrustRoot remote/repository (TUF) is not supported by this version of pullgate",
     );
@@ -584,7 +559,7 @@ async fn trust_windows_and_unsupported_trust_sources_deny() {
         "",
     );
     let v = verify(&[("cip.yaml", &by_url)], &image).await;
-    denied(&v, "is not supported by this version of pullgate");
+    assert_denied(&v, "is not supported by this version of pullgate");
     // The public-good url means the built-in public-good trust (Fulcio, CT and Rekor), which
     // does not trust this signature's test Rekor (nor its CA).
     let public = keyless_cip(
@@ -593,5 +568,5 @@ async fn trust_windows_and_unsupported_trust_sources_deny() {
         "",
     );
     let v = verify(&[("cip.yaml", &public)], &image).await;
-    denied(&v, "not a trusted transparency log");
+    assert_denied(&v, "not a trusted transparency log");
 }

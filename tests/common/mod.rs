@@ -93,6 +93,46 @@ impl Verified {
     }
 }
 
+/// Asserts that `pullgate verify` allowed the image (exit 0, verdict allow).
+pub fn assert_allowed(v: &Verified) {
+    assert_eq!(
+        (v.code, v.verdict()),
+        (0, "allow"),
+        "{} {}",
+        v.json,
+        v.stderr
+    );
+}
+
+/// Asserts that `pullgate verify` denied the image (exit 1) with `cause` among the reasons.
+pub fn assert_denied(v: &Verified, cause: &str) {
+    assert_eq!(
+        (v.code, v.verdict()),
+        (1, "deny"),
+        "{} {}",
+        v.json,
+        v.stderr
+    );
+    assert!(
+        v.reasons().contains(cause),
+        "wanted {cause:?} in {}",
+        v.reasons()
+    );
+}
+
+/// DSSE pre-authentication encoding (what an envelope's signatures cover), written from the
+/// DSSE specification apart from pullgate's own.
+pub fn dsse_pae(payload_type: &str, payload: &[u8]) -> Vec<u8> {
+    let mut out = format!(
+        "DSSEv1 {} {payload_type} {} ",
+        payload_type.len(),
+        payload.len()
+    )
+    .into_bytes();
+    out.extend_from_slice(payload);
+    out
+}
+
 /// Runs `pullgate verify --policy DIR --output json EXTRA… IMAGE` with `files` in DIR.
 pub async fn verify_json(files: &[(&str, &str)], image: &str, extra: &[&str]) -> Verified {
     let dir = write_policy_dir(files);
