@@ -653,3 +653,102 @@ async fn oversized_policy_file_is_refused() {
     assert_eq!(v.code, 2);
     assert!(v.stderr.contains("the limit is 4194304"), "{}", v.stderr);
 }
+
+/// `credHelpers` and `credsStore` in a docker `config.json`: `docker-credential-NAME` programs on
+/// `PATH` speaking the helper protocol (`get` with the server on stdin, `list`), as the docker
+/// CLI runs them.
+#[tokio::test(flavor = "multi_thread")]
+async fn credential_helpers_from_docker_config() {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    let reg = Registry::start_with_htpasswd(TEST_USER, TEST_PASSWORD).await;
+    let digest = reg.push_image("private", "v1", "seed-helper").await;
+    let key = TestKey::generate(KeyKind::EcdsaP256);
+    reg.sign("private", &digest, &key).await;
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy");
+    std::fs::create_dir(&policy).unwrap();
+    std::fs::write(
+        policy.join("cip.yaml"),
+        key_cip("p", "**", &[&key.public_pem()], ""),
+    )
+    .unwrap();
+    let bin = dir.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    let addr = reg.addr();
+    // A helper that knows this registry's password, one that knows a wrong one, and a store
+    // that lists the registry. Each records the server it was asked about.
+    let log = dir.path().join("asked");
+    for (name, password) in [("good", TEST_PASSWORD), ("bad", "wrong")] {
+        let script = format!(
+            "#!/bin/sh\ncase \"$1\" in\n  get) read server; echo \"{name} $server\" >> {log}; if [ \"$server\" = \"{addr}\" ]; then printf '{{\"ServerURL\":\"%s\",\"Username\":\"{TEST_USER}\",\"Secret\":\"{password}\"}}' \"$server\"; else echo 'credentials not found in native keychain'; exit 1; fi ;;\n  list) printf '{{\"{addr}\":\"{TEST_USER}\"}}' ;;\n  *) exit 1 ;;\nesac\n",
+            log = log.display()
+        );
+        let path = bin.join(format!("docker-credential-{name}"));
+        std::fs::write(&path, script).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let path_env = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
+    let run = |config: String| {
+        let config_path = dir.path().join("config.json");
+        std::fs::write(&config_path, config).unwrap();
+        let args = [
+            "verify".to_string(),
+            "--policy".into(),
+            policy.display().to_string(),
+            "--docker-config".into(),
+            config_path.display().to_string(),
+            "--output".into(),
+            "json".into(),
+            reg.tag_ref("private", "v1"),
+        ];
+        let path_env = path_env.clone();
+        async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let out = run_pullgate_async(&args, &[("PATH", &path_env)]).await;
+            let json: serde_json::Value = serde_json::from_str(&out.stdout).unwrap_or_default();
+            (out.code, json)
+        }
+    };
+
+    let (code, json) = run(format!("{{\"credHelpers\":{{\"{addr}\":\"good\"}}}}")).await;
+    assert_eq!(
+        (code, json["verdict"].as_str()),
+        (0, Some("allow")),
+        "{json}"
+    );
+    let asked = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(asked.trim(), format!("good {addr}"));
+
+    // credsStore: listed, then asked.
+    let (code, json) = run("{\"credsStore\":\"good\"}".to_string()).await;
+    assert_eq!(
+        (code, json["verdict"].as_str()),
+        (0, Some("allow")),
+        "{json}"
+    );
+
+    // credHelpers win over the store: the wrong password is what the registry sees.
+    let (code, json) = run(format!(
+        "{{\"credsStore\":\"good\",\"credHelpers\":{{\"{addr}\":\"bad\"}}}}"
+    ))
+    .await;
+    assert_eq!(code, 2, "{json}");
+    assert!(
+        json["reasons"]
+            .to_string()
+            .contains("credentials were rejected"),
+        "{json}"
+    );
+
+    // A helper that is not installed: a warning, then anonymous access and the registry's
+    // reason, not a crash.
+    let (code, json) = run(format!("{{\"credHelpers\":{{\"{addr}\":\"absent\"}}}}")).await;
+    assert_eq!(code, 2, "{json}");
+    assert!(
+        json["reasons"]
+            .to_string()
+            .contains("requires a username and password"),
+        "{json}"
+    );
+}

@@ -49,7 +49,27 @@ pub struct Credentials {
 struct DockerConfig {
     #[serde(default)]
     auths: HashMap<String, DockerAuth>,
+    /// A credential helper holding every registry's credentials (`docker-credential-NAME`).
+    #[serde(default, rename = "credsStore")]
+    creds_store: Option<String>,
+    /// Credential helpers by registry, ahead of `credsStore` and `auths`.
+    #[serde(default, rename = "credHelpers")]
+    cred_helpers: HashMap<String, String>,
 }
+
+/// What a credential helper answers to `get`.
+#[derive(Deserialize)]
+struct HelperCredential {
+    #[serde(rename = "Username")]
+    username: String,
+    #[serde(rename = "Secret")]
+    secret: String,
+}
+
+/// A credential helper may take this long to answer (it may ask a keychain or a cloud API).
+const HELPER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Registries read from one `credsStore` at most.
+const MAX_STORE_ENTRIES: usize = 64;
 
 #[derive(Deserialize)]
 struct DockerAuth {
@@ -76,7 +96,10 @@ impl Credentials {
         self.by_host.insert(normalize_host(host), credential);
     }
 
-    /// Reads the `auths` of a docker `config.json`. `credsStore`/`credHelpers` are not consulted.
+    /// Reads a docker `config.json` as the docker CLI does: `credHelpers` first, then
+    /// `credsStore`, then `auths`. Helpers (`docker-credential-NAME` on `PATH`) are asked once,
+    /// here; one that is missing or fails is skipped with a warning, so that registry is then
+    /// reached anonymously (a private one answers with a clear 401 reason).
     pub fn from_docker_config(path: &Path) -> Result<Credentials, CredentialError> {
         let read_err = |source| CredentialError::Read {
             path: path.to_path_buf(),
@@ -91,10 +114,30 @@ impl Credentials {
             return Err(invalid(format!("larger than {MAX_CONFIG_BYTES} bytes")));
         }
         let text = std::fs::read(path).map_err(read_err)?;
-        Credentials::from_docker_config_json(&text).map_err(invalid)
+        let config: DockerConfig =
+            serde_json::from_slice(&text).map_err(|e| invalid(e.to_string()))?;
+        let mut from_helpers = Credentials::default();
+        for (host, helper) in &config.cred_helpers {
+            if let Some(c) = helper_get(helper, host) {
+                from_helpers.insert(host, c);
+            }
+        }
+        if let Some(store) = config.creds_store.as_deref().filter(|s| !s.is_empty()) {
+            for host in helper_list(store) {
+                if from_helpers.by_host.contains_key(&normalize_host(&host)) {
+                    continue;
+                }
+                if let Some(c) = helper_get(store, &host) {
+                    from_helpers.insert(&host, c);
+                }
+            }
+        }
+        from_helpers.merge(Credentials::from_auths(config.auths).map_err(invalid)?);
+        Ok(from_helpers)
     }
 
-    /// Credentials from docker `config.json` text (`{"auths": {HOST: …}}`).
+    /// Credentials from docker `config.json` text (`{"auths": {HOST: …}}`). Credential helpers
+    /// named in it are never run: this text may come from a cluster (a pull Secret).
     pub fn from_docker_config_json(text: &[u8]) -> Result<Credentials, String> {
         let config: DockerConfig = serde_json::from_slice(text).map_err(|e| e.to_string())?;
         Credentials::from_auths(config.auths)
@@ -156,6 +199,103 @@ impl Credentials {
 
     pub fn for_host(&self, host: &str) -> Option<&Credential> {
         self.by_host.get(host).or(self.fallback.as_ref())
+    }
+}
+
+/// Runs `docker-credential-HELPER ARG` with `input` on stdin; its stdout when it succeeds.
+fn run_helper(helper: &str, arg: &str, input: &str) -> Result<Vec<u8>, String> {
+    use std::io::{Read as _, Write as _};
+    use std::process::{Command, Stdio};
+    if helper.is_empty()
+        || !helper
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+    {
+        return Err(format!("{helper:?} is not a credential helper name"));
+    }
+    let program = format!("docker-credential-{helper}");
+    let mut child = Command::new(&program)
+        .arg(arg)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("{program}: {e}"))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        // A helper that exits without reading its input is answered by its exit status.
+        let _ = stdin.write_all(input.as_bytes());
+    }
+    let mut stdout = child.stdout.take().ok_or("no stdout")?;
+    let reader = std::thread::spawn(move || {
+        let mut out = Vec::new();
+        let _ = (&mut stdout).take(MAX_CONFIG_BYTES).read_to_end(&mut out);
+        out
+    });
+    let deadline = std::time::Instant::now() + HELPER_TIMEOUT;
+    let status = loop {
+        match child.try_wait().map_err(|e| format!("{program}: {e}"))? {
+            Some(status) => break status,
+            None if std::time::Instant::now() >= deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("{program} {arg}: no answer in {HELPER_TIMEOUT:?}"));
+            }
+            None => std::thread::sleep(std::time::Duration::from_millis(10)),
+        }
+    };
+    let out = reader.join().unwrap_or_default();
+    if !status.success() {
+        let said = String::from_utf8_lossy(&out);
+        return Err(format!("{program} {arg}: {status}: {}", said.trim()));
+    }
+    Ok(out)
+}
+
+/// The credential `helper` holds for `server`, or `None` (with a warning when it failed).
+fn helper_get(helper: &str, server: &str) -> Option<Credential> {
+    let answer = run_helper(helper, "get", server).and_then(|out| {
+        serde_json::from_slice::<HelperCredential>(&out)
+            .map_err(|e| format!("docker-credential-{helper} get: {e}"))
+    });
+    match answer {
+        // `<token>` marks an identity token (an OAuth refresh token), which pullgate does
+        // not exchange.
+        Ok(c) if c.username == "<token>" => {
+            tracing::warn!(helper, server, "credential helper gave an identity token, which is not supported; {server} is reached anonymously");
+            None
+        }
+        Ok(c) => Some(Credential::Basic {
+            username: c.username,
+            password: c.secret,
+        }),
+        Err(e) => {
+            tracing::warn!(
+                helper,
+                server,
+                "credential helper failed, {server} is reached anonymously: {e}"
+            );
+            None
+        }
+    }
+}
+
+/// The registries `helper` holds credentials for (`list`), at most [`MAX_STORE_ENTRIES`].
+fn helper_list(helper: &str) -> Vec<String> {
+    let listed = run_helper(helper, "list", "").and_then(|out| {
+        serde_json::from_slice::<HashMap<String, String>>(&out)
+            .map_err(|e| format!("docker-credential-{helper} list: {e}"))
+    });
+    match listed {
+        Ok(map) => {
+            let mut hosts: Vec<String> = map.into_keys().collect();
+            hosts.sort();
+            hosts.truncate(MAX_STORE_ENTRIES);
+            hosts
+        }
+        Err(e) => {
+            tracing::warn!(helper, "credential store cannot list its registries: {e}");
+            Vec::new()
+        }
     }
 }
 
