@@ -91,7 +91,7 @@ fn decide(c: &mut Criterion) {
     let image = ImageRef::parse(HIT_TAG).unwrap();
     group.bench_function("static_pass/10000", |b| {
         b.iter(
-            || match decide_offline(&snapshot, black_box(&image), None) {
+            || match decide_offline(&snapshot, black_box(&image), None, None) {
                 Offline::Decided(d) => d,
                 Offline::NeedsSignatures { .. } => {
                     unreachable!("static policies need no signatures")

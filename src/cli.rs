@@ -9,9 +9,10 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::decide::decide;
+use crate::decide::{decide_in, Context};
 use crate::image_ref::ImageRef;
 use crate::policy::eval::{Decision, Verdict};
+use crate::policy::object::{AdmissionObject, ObjectSource};
 use crate::policy::snapshot::{Scope, Settings};
 use crate::policy::source::load_snapshot;
 use crate::registry::{Credential, Credentials, RegistryClient, RegistryConfig};
@@ -65,6 +66,12 @@ pub struct VerifyArgs {
     /// is evaluated as in an enforced namespace.
     #[arg(long, short = 'n')]
     pub namespace: Option<String>,
+    /// The workload (Pod, Deployment, … as YAML or JSON) the image would run in, as the
+    /// admission shim sees it: CIP-level policies with includeSpec/includeObjectMeta/
+    /// includeTypeMeta read its spec, metadata and apiVersion/kind. Its metadata.namespace is
+    /// the namespace unless --namespace is given.
+    #[arg(long, value_name = "FILE")]
+    pub object: Option<PathBuf>,
     #[arg(long, short = 'o', value_enum, default_value_t = Output::Text)]
     pub output: Output,
     #[command(flatten)]
@@ -434,7 +441,21 @@ async fn verify(args: VerifyArgs) -> ExitCode {
         Ok(r) => r,
         Err(e) => return error_exit(&e),
     };
-    let decision = decide(&snapshot, &registry, &image, args.namespace.as_deref()).await;
+    let object = match args.object.as_deref().map(read_object).transpose() {
+        Ok(o) => o,
+        Err(e) => return error_exit(&e),
+    };
+    let namespace = args.namespace.as_deref().or_else(|| {
+        object
+            .as_ref()
+            .and_then(|o| o.metadata.as_ref()?.get("namespace")?.as_str())
+    });
+    let context = Context {
+        namespace,
+        object: object.as_ref(),
+        ..Context::default()
+    };
+    let decision = decide_in(&snapshot, &registry, &image, &context).await;
     let printed = match args.output {
         Output::Json => serde_json::to_string_pretty(&decision)
             .map(|s| s + "\n")
@@ -450,6 +471,21 @@ async fn verify(args: VerifyArgs) -> ExitCode {
         Verdict::Deny => EXIT_DENY,
         Verdict::Error => EXIT_ERROR,
     })
+}
+
+/// The workload in `path` (YAML or JSON), for `verify --object`.
+fn read_object(path: &std::path::Path) -> Result<AdmissionObject, String> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| format!("--object {}: {e}", path.display()))?;
+    let value: serde_json::Value = serde_yaml::from_str(&text)
+        .map_err(|e| format!("--object {}: not YAML or JSON: {e}", path.display()))?;
+    if !value.is_object() {
+        return Err(format!(
+            "--object {}: not a Kubernetes object",
+            path.display()
+        ));
+    }
+    Ok(AdmissionObject::from_object(ObjectSource::Manifest, &value))
 }
 
 /// Human-readable decision: verdict line, reasons, then each policy and authority.

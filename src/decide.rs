@@ -1,13 +1,32 @@
 //! The one decision path shared by every front door: snapshot → covering policies → (only if
-//! needed) resolve the digest and fetch signatures once → pure evaluation → decision.
+//! needed) resolve the digest and fetch signatures once → pure evaluation → (only if a
+//! CIP-level policy that passed its authorities reads it) fetch the image config once →
+//! decision.
 
 use crate::image_ref::ImageRef;
 use crate::policy::eval::{
-    attached_needed, conclude, decide_offline, evaluate_policy, AttachedKind, Decision, Offline,
-    Signatures, Verdict,
+    attached_needed, check_authorities, conclude, decide_offline, judge_policy, AttachedKind,
+    Decision, Offline, PolicyInputs, Signatures, Verdict,
 };
+use crate::policy::object::AdmissionObject;
 use crate::policy::Snapshot;
 use crate::registry::{Credential, Credentials, RegistryClient};
+
+/// What a front door knows about a decision besides the image.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Context<'a> {
+    /// The namespace the image would run in; its labels decide enforcement.
+    pub namespace: Option<&'a str>,
+    /// The caller's registry credential (e.g. the one kubelet resolved for the pull), used for
+    /// the tag lookup, signature and config fetches.
+    pub auth: Option<&'a Credential>,
+    /// The credentials of the authorities' `signaturePullSecrets` (read from the workload's
+    /// namespace), used first for what those authorities fetch.
+    pub signature_auth: Option<&'a Credentials>,
+    /// The Kubernetes object the image is decided for, as far as the front door knows it
+    /// (CIP-level policies with `includeSpec`/`includeObjectMeta`/`includeTypeMeta` read it).
+    pub object: Option<&'a AdmissionObject>,
+}
 
 /// Decides whether `image` may run in `namespace` under `snapshot`.
 ///
@@ -18,23 +37,28 @@ pub async fn decide(
     image: &ImageRef,
     namespace: Option<&str>,
 ) -> Decision {
-    decide_with_auth(snapshot, registry, image, namespace, None, None).await
+    let context = Context {
+        namespace,
+        ..Context::default()
+    };
+    decide_in(snapshot, registry, image, &context).await
 }
 
-/// [`decide`] with the caller's registry credential (e.g. the one kubelet resolved for the
-/// pull), used for the tag lookup and signature fetches. `signature_auth`: the credentials of
-/// the authorities' `signaturePullSecrets` (read from the workload's namespace), used first for
-/// what those authorities fetch. Credentials only open registry access; they never make an
-/// image pass.
-pub async fn decide_with_auth(
+/// [`decide`] with everything the front door knows ([`Context`]). Credentials only open
+/// registry access; they never make an image pass.
+pub async fn decide_in(
     snapshot: &Snapshot,
     registry: &RegistryClient,
     image: &ImageRef,
-    namespace: Option<&str>,
-    auth: Option<&Credential>,
-    signature_auth: Option<&Credentials>,
+    context: &Context<'_>,
 ) -> Decision {
-    let (mut decision, undecided) = match decide_offline(snapshot, image, namespace) {
+    let Context {
+        namespace,
+        auth,
+        signature_auth,
+        object,
+    } = *context;
+    let (mut decision, undecided) = match decide_offline(snapshot, image, namespace, object) {
         Offline::Decided(decision) => return decision,
         Offline::NeedsSignatures { partial, undecided } => (partial, undecided),
     };
@@ -84,10 +108,31 @@ pub async fn decide_with_auth(
             }
         }
     }
-    for p in policies {
+    let checked: Vec<_> = policies
+        .into_iter()
+        .map(|p| (p, check_authorities(p, &pinned, &digest, &signatures)))
+        .collect();
+    // As policy-controller: the config is fetched only for a CIP whose authorities passed.
+    let wants_config = checked.iter().any(|(p, authorities)| {
+        p.policy.is_some() && p.includes.config && authorities.iter().any(|a| a.passed)
+    });
+    let config = match wants_config {
+        true => Some(
+            registry
+                .fetch_configs(&pinned, auth)
+                .await
+                .map_err(|e| format!("cannot fetch the image config: {e}")),
+        ),
+        false => None,
+    };
+    let inputs = PolicyInputs {
+        object,
+        config: config.as_ref(),
+    };
+    for (p, authorities) in checked {
         decision
             .policies
-            .push(evaluate_policy(p, &pinned, &digest, &signatures));
+            .push(judge_policy(p, authorities, &inputs));
     }
     let covering = decision.policies.len();
     conclude(&mut decision, covering, snapshot.config.no_match_policy);

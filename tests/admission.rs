@@ -992,3 +992,112 @@ async fn signature_pull_secrets_open_a_private_signature_repository() {
         "{message}"
     );
 }
+
+/// CIP-level `includeSpec`/`includeObjectMeta`/`includeTypeMeta`: the policy reads the object
+/// under review (`spec`, `metadata`, `typemeta`), for a signed image from a real registry.
+#[tokio::test(flavor = "multi_thread")]
+async fn cip_level_policy_reads_the_admission_object() {
+    let reg = Registry::start().await;
+    let digest = reg.push_image("app", "v1", "seed-object-policy").await;
+    let key = TestKey::generate(KeyKind::EcdsaP256);
+    reg.sign("app", &digest, &key).await;
+    // A Pod must run as `builder` and be labelled team=payments; a Deployment's template must
+    // name `builder` (the Deployment's own spec, as policy-controller passes it).
+    let policy = r#"package sigstore
+default isCompliant = false
+isCompliant {
+  input.typemeta == {"apiVersion": "v1", "kind": "Pod"}
+  input.metadata.labels.team == "payments"
+  input.spec.serviceAccountName == "builder"
+  count(input.authorityMatches.signer.signatures) > 0
+}
+isCompliant {
+  input.typemeta.kind == "Deployment"
+  input.typemeta.apiVersion == "apps/v1"
+  input.metadata.labels.team == "payments"
+  input.spec.template.spec.serviceAccountName == "builder"
+}
+"#;
+    let cip = format!(
+        "apiVersion: policy.sigstore.dev/v1beta1\nkind: ClusterImagePolicy\n\
+         metadata: {{name: payments-builder}}\nspec:\n  images: [{{glob: \"{}/**\"}}]\n\
+         \x20 authorities: [{{name: signer, key: {{data: {:?}}}}}]\n\
+         \x20 policy:\n    type: rego\n    includeSpec: true\n    includeObjectMeta: true\n\
+         \x20   includeTypeMeta: true\n    data: {}\n",
+        reg.addr(),
+        key.public_pem(),
+        serde_json::to_string(policy).unwrap()
+    );
+    let ns = "apiVersion: v1\nkind: Namespace\nmetadata: {name: demo, labels: {policy.sigstore.dev/include: \"true\"}}\n";
+    let policies = write_policy_dir(&[("cip.yaml", &cip), ("ns.yaml", ns)]);
+    let shim = Admission::start(policies.path(), &[]).await;
+    let image = reg.tag_ref("app", "v1");
+
+    let pod = |uid: &str, team: &str, account: &str| {
+        let mut pod = fixture("pod.json");
+        pod["request"]["uid"] = json!(uid);
+        pod["request"]["object"]["metadata"]["labels"] = json!({"team": team});
+        pod["request"]["object"]["spec"] = json!({
+            "serviceAccountName": account,
+            "containers": [{"name": "app", "image": image}]});
+        pod
+    };
+    assert_allowed(
+        &shim
+            .review("/validate/workloads", &pod("ok", "payments", "builder"))
+            .await,
+        &[],
+    );
+    // Same image and digest, another object: the verdict is not reused across objects.
+    let denial = |what: &str| {
+        format!(
+            "validation failed: failed policy: payments-builder: {what}\n{image} failed \
+             evaluating cip level policy: policy is not compliant for query \
+             'isCompliant = data.sigstore.isCompliant'"
+        )
+    };
+    assert_denied(
+        &shim
+            .review("/validate/workloads", &pod("sa", "payments", "default"))
+            .await,
+        &denial("spec.containers[0].image"),
+    );
+    assert_denied(
+        &shim
+            .review("/validate/workloads", &pod("label", "web", "builder"))
+            .await,
+        &denial("spec.containers[0].image"),
+    );
+    // The allowed pod again: the same object reuses its verdict.
+    assert_allowed(
+        &shim
+            .review(
+                "/validate/workloads",
+                &pod("ok-again", "payments", "builder"),
+            )
+            .await,
+        &[],
+    );
+    let hits: Vec<bool> = shim
+        .audit_records()
+        .iter()
+        .map(|r| r["cache_hit"].as_bool().unwrap())
+        .collect();
+    assert_eq!(hits, [false, false, false, true]);
+
+    // A Deployment: typemeta and metadata are the Deployment's, spec its own spec.
+    let mut deployment = fixture("deployment.json");
+    deployment["request"]["namespace"] = json!("demo");
+    deployment["request"]["object"]["metadata"]["labels"] = json!({"team": "payments"});
+    deployment["request"]["object"]["spec"]["template"]["spec"] = json!({
+        "serviceAccountName": "builder",
+        "containers": [{"name": "app", "image": image}]});
+    assert_allowed(&shim.review("/validate/workloads", &deployment).await, &[]);
+    deployment["request"]["uid"] = json!("deployment-default-sa");
+    deployment["request"]["object"]["spec"]["template"]["spec"]["serviceAccountName"] =
+        json!("default");
+    assert_denied(
+        &shim.review("/validate/workloads", &deployment).await,
+        &denial("spec.template.spec.containers[0].image"),
+    );
+}

@@ -1110,3 +1110,100 @@ async fn pull_credentials_from_kubelet_are_reused() {
         .expect("pull with kubelet's credentials");
     assert!(image_ref.starts_with("sha256:"), "{image_ref}");
 }
+
+/// CIP-level policies that read the object, at the node: `metadata` (name, namespace, uid,
+/// labels, annotations) and `typemeta` come from the pod sandbox config kubelet sends; the
+/// pod's `spec` is not in a CRI pull, so a policy that reads it is refused with the reason.
+#[tokio::test(flavor = "multi_thread")]
+async fn node_policies_read_the_pod_sandbox_metadata_and_refuse_spec() {
+    let reg = Registry::start().await;
+    let ctd = Containerd::start().await;
+    let key = TestKey::generate(KeyKind::EcdsaP256);
+    let digest = reg.push_image("t12/app", "v1", "cri-t12").await;
+    reg.sign("t12/app", &digest, &key).await;
+    let spec_digest = reg.push_image("t12spec/app", "v1", "cri-t12-spec").await;
+    reg.sign("t12spec/app", &spec_digest, &key).await;
+    let with_policy = |name: &str, glob: &str, flags: &str, rego: &str| {
+        format!(
+            "{}  policy:\n    type: rego\n{flags}    data: {}\n",
+            key_cip(name, glob, &key.public_pem()),
+            serde_json::to_string(rego).unwrap()
+        )
+    };
+    let team = with_policy(
+        "payments-only",
+        &format!("{}/t12/**", reg.addr()),
+        "    includeObjectMeta: true\n    includeTypeMeta: true\n",
+        "package sigstore\ndefault isCompliant = false\nisCompliant {\n  input.typemeta.kind == \"Pod\"\n  input.metadata.namespace == \"prod\"\n  input.metadata.labels.team == \"payments\"\n  not input.metadata.labels[\"io.kubernetes.pod.name\"]\n}\n",
+    );
+    let spec = with_policy(
+        "needs-spec",
+        &format!("{}/t12spec/**", reg.addr()),
+        "    includeSpec: true\n",
+        "package sigstore\nisCompliant { input.spec.serviceAccountName == \"builder\" }\n",
+    );
+    let policy = write_policy_dir(&[
+        ("namespaces.yaml", &namespaces_yaml()),
+        ("team.yaml", &team),
+        ("spec.yaml", &spec),
+    ]);
+    let pg = Pullgate::start(&ctd.socket(), policy.path(), &[]).await;
+    let pod = |image: &str, name: &str, team: &str| {
+        let mut req = pull_request(image, Some(PROD), name);
+        let sandbox = req.sandbox_config.as_mut().unwrap();
+        sandbox.labels.insert("team".into(), team.into());
+        // kubelet adds these to every sandbox; they are not the pod's labels.
+        sandbox
+            .labels
+            .insert("io.kubernetes.pod.name".into(), name.into());
+        req
+    };
+    let image = reg.tag_ref("t12/app", "v1");
+
+    expect_pulled(
+        pull_with(&pg.socket(), pod(&image, "pay-0", "payments")).await,
+        "labelled pod",
+        &pg,
+    );
+    // Same image and digest, a pod without the label: denied (verdicts are per object).
+    let msg = expect_denied(
+        pull_with(&pg.socket(), pod(&image, "web-0", "web")).await,
+        "unlabelled pod",
+        &pg,
+    );
+    assert!(
+        msg.contains("failed policy: payments-only")
+            && msg.contains("failed evaluating cip level policy: policy is not compliant"),
+        "{msg}"
+    );
+
+    let msg = expect_denied(
+        pull_with(
+            &pg.socket(),
+            pod(&reg.tag_ref("t12spec/app", "v1"), "pay-1", "payments"),
+        )
+        .await,
+        "policy reading the spec",
+        &pg,
+    );
+    assert!(
+        msg.contains(
+            "failed policy: needs-spec: image 127.0.0.1:"
+        ) && msg.contains(
+            "failed evaluating cip level policy: includeSpec: the node does not know the pod's spec"
+        ),
+        "{msg}"
+    );
+    // Outside enforced namespaces nothing is evaluated.
+    expect_pulled(
+        pull(
+            &pg.socket(),
+            &reg.tag_ref("t12spec/app", "v1"),
+            Some("dev"),
+            "dev-0",
+        )
+        .await,
+        "not enforced",
+        &pg,
+    );
+}

@@ -17,7 +17,12 @@ use pullgate::registry::{RegistryClient, RegistryConfig};
 use serde_json::{json, Value};
 
 fn verdict(source: &ClusterSource, image: &str, namespace: &str) -> &'static str {
-    match decide_offline(&source.current(), &image.parse().unwrap(), Some(namespace)) {
+    match decide_offline(
+        &source.current(),
+        &image.parse().unwrap(),
+        Some(namespace),
+        None,
+    ) {
         Offline::Decided(d) => d.verdict.as_str(),
         Offline::NeedsSignatures { .. } => "needs-signatures",
     }

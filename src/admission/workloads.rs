@@ -15,11 +15,13 @@ use super::field_error::FieldErrors;
 use super::review::{GroupVersionKind, Request, Response};
 use super::{pull_secrets, Shim};
 use crate::audit::{AuditLine, Source};
-use crate::decide::decide_with_auth;
+use crate::decide::{decide_in, Context};
 use crate::image_ref::ImageRef;
 use crate::policy::eval::{
-    decide_offline, failure_reason, signature_pull_secret_names, Decision, Offline, Verdict,
+    decide_offline, failure_reason, object_cache_key, signature_pull_secret_names, Decision,
+    Offline, Verdict,
 };
+use crate::policy::object::{AdmissionObject, ObjectSource};
 use crate::policy::snapshot::Mode;
 use crate::policy::Snapshot;
 use crate::registry::Credential;
@@ -162,15 +164,17 @@ fn unparsable(image: &str, namespace: Option<&str>, enforced: bool, reason: Stri
 }
 
 /// Decides one image as the node would: registry-free when possible, else resolve the tag,
-/// then the verdict cached by digest and policy fingerprint. Returns (decision, cache hit).
+/// then the verdict cached by digest and policy fingerprint (and by the object's parts that
+/// CIP-level policies read). Returns (decision, cache hit).
 async fn decide(
     shim: &Shim,
     snapshot: &Snapshot,
     image: &ImageRef,
     namespace: Option<&str>,
     auth: Option<&Credential>,
+    object: &AdmissionObject,
 ) -> (Decision, bool) {
-    if let Offline::Decided(d) = decide_offline(snapshot, image, namespace) {
+    if let Offline::Decided(d) = decide_offline(snapshot, image, namespace, Some(object)) {
         return (d, false);
     }
     // Tags move: resolve on every review, then reuse verdicts by digest.
@@ -196,18 +200,18 @@ async fn decide(
         image: pinned.to_string(),
         enforced: true,
         fingerprint: snapshot.fingerprint().to_string(),
+        object: object_cache_key(snapshot, image, Some(object)),
+    };
+    let context = Context {
+        namespace,
+        auth,
+        signature_auth: signature_auth.as_ref(),
+        object: Some(object),
     };
     let (mut decision, hit) = shim
         .cache
         .get_or_compute(key, || {
-            decide_with_auth(
-                snapshot,
-                &shim.registry,
-                &pinned,
-                namespace,
-                auth,
-                signature_auth.as_ref(),
-            )
+            decide_in(snapshot, &shim.registry, &pinned, &context)
         })
         .await;
     decision.namespace = namespace.map(str::to_string);
@@ -287,13 +291,25 @@ pub async fn review(shim: &Shim, snapshot: &Snapshot, req: &Request) -> Response
             _ => None,
         };
         let credentials = credentials.as_ref();
+        // What CIP-level policies may read of the object (`includeSpec`, …): policy-controller
+        // reads the object under review, so a workload's own spec, not its pod template's.
+        let mut admission_object = AdmissionObject::from_object(ObjectSource::Admission, object);
+        if admission_object.typemeta.is_none() {
+            let api_version = match req.kind.group.as_str() {
+                "" => req.kind.version.clone(),
+                group => format!("{group}/{}", req.kind.version),
+            };
+            admission_object.typemeta =
+                Some(serde_json::json!({"kind": req.kind.kind, "apiVersion": api_version}));
+        }
+        let admission_object = &admission_object;
         let decisions = futures_util::future::join_all(distinct.iter().map(|&image| async move {
             let started = Instant::now();
             let (decision, hit) = match ImageRef::parse(image) {
                 Err(e) => (unparsable(image, namespace, enforced, e.to_string()), false),
                 Ok(parsed) => {
                     let auth = credentials.and_then(|c| c.for_host(parsed.registry()));
-                    decide(shim, snapshot, &parsed, namespace, auth).await
+                    decide(shim, snapshot, &parsed, namespace, auth, admission_object).await
                 }
             };
             shim.audit.record(&AuditLine::new(

@@ -17,9 +17,10 @@ use tracing::Instrument as _;
 
 use super::{Proxy, K8S_NAMESPACE, PULL_IMAGE_PATH};
 use crate::audit::{AuditLine, Source};
-use crate::decide::decide_with_auth;
+use crate::decide::{decide_in, Context};
 use crate::image_ref::{ImageRef, DOCKER_HUB};
-use crate::policy::eval::{decide_offline, Decision, Offline, Verdict};
+use crate::policy::eval::{decide_offline, object_cache_key, Decision, Offline, Verdict};
+use crate::policy::object::AdmissionObject;
 use crate::registry::Credential;
 use crate::verify::cache::CacheKey;
 
@@ -88,13 +89,26 @@ pub async fn pull_image(proxy: &Proxy, req: Request<Bytes>) -> Result<Response<B
         .map(|m| m.namespace.as_str())
         .filter(|s| !s.is_empty());
     let pod = sandbox.map(|m| m.name.as_str()).filter(|s| !s.is_empty());
+    // What kubelet tells of the pod: CIP-level policies may read its metadata.
+    let object = msg.sandbox_config.as_ref().map(|c| {
+        let m = c.metadata.clone().unwrap_or_default();
+        AdmissionObject::from_pod_sandbox(&m.name, &m.namespace, &m.uid, &c.labels, &c.annotations)
+    });
     let auth = msg.auth.as_ref().and_then(credential);
     let span = tracing::info_span!("pull", image = %requested, namespace, pod);
 
     async move {
         let (decision, cache_hit, pinned) = match ImageRef::parse(&requested) {
             Err(e) => (unparsable(&requested, namespace, e.to_string()), false, None),
-            Ok(image) => decide_pull(proxy, &image, namespace, auth.as_ref()).await,
+            Ok(image) => {
+                let context = Context {
+                    namespace,
+                    auth: auth.as_ref(),
+                    signature_auth: None,
+                    object: object.as_ref(),
+                };
+                decide_pull(proxy, &image, &context).await
+            }
         };
         proxy.audit.record(&AuditLine::new(
             Source::CriPull,
@@ -159,15 +173,15 @@ pub async fn pull_image(proxy: &Proxy, req: Request<Bytes>) -> Result<Response<B
 async fn decide_pull(
     proxy: &Proxy,
     image: &ImageRef,
-    namespace: Option<&str>,
-    auth: Option<&Credential>,
+    context: &Context<'_>,
 ) -> (Decision, bool, Option<(ImageRef, ImageRef)>) {
     let snapshot = proxy.policies.current();
-    if let Offline::Decided(d) = decide_offline(&snapshot, image, namespace) {
+    let namespace = context.namespace;
+    if let Offline::Decided(d) = decide_offline(&snapshot, image, namespace, context.object) {
         return (d, false, None);
     }
     // Tags move: resolve on every pull, then cache by digest.
-    let digest = match proxy.registry.resolve(image, auth).await {
+    let digest = match proxy.registry.resolve(image, context.auth).await {
         Ok(d) => d,
         Err(e) => {
             let mut d = Decision::new(image, namespace, true);
@@ -181,11 +195,12 @@ async fn decide_pull(
         image: pinned.to_string(),
         enforced: true,
         fingerprint: snapshot.fingerprint().to_string(),
+        object: object_cache_key(&snapshot, image, context.object),
     };
     let (mut decision, hit) = proxy
         .cache
         .get_or_compute(key, || {
-            decide_with_auth(&snapshot, &proxy.registry, &pinned, namespace, auth, None)
+            decide_in(&snapshot, &proxy.registry, &pinned, context)
         })
         .await;
     // A cached decision may have been made for a pod of another enforced namespace.

@@ -4,7 +4,9 @@
 use std::collections::HashMap;
 
 use serde::Serialize;
+use serde_json::Map;
 
+use super::object::{add_object_parts, AdmissionObject, Includes};
 use super::snapshot::{
     Check, CompiledAuthority, CompiledPolicy, Mode, NoMatchPolicy, SignatureFormat, Snapshot,
 };
@@ -98,9 +100,22 @@ impl Decision {
 /// Signatures fetched for one digest, by signature repository name (`registry/repository`).
 pub type Signatures = HashMap<String, Vec<SignatureLayer>>;
 
+/// What a CIP-level policy reads besides the authorities' matches (see [`Includes`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PolicyInputs<'a> {
+    /// The Kubernetes object the image is decided for, when the front door knows it.
+    pub object: Option<&'a AdmissionObject>,
+    /// The image's config files by platform, or why they could not be fetched; `None` when
+    /// they were not fetched.
+    pub config: Option<&'a Result<serde_json::Map<String, serde_json::Value>, String>>,
+}
+
 /// The outcome of a policy when it can be decided without any registry access: it is
 /// invalid, has a passing static authority, or has only failing static authorities.
-pub fn static_outcome(p: &CompiledPolicy) -> Option<PolicyOutcome> {
+pub fn static_outcome(
+    p: &CompiledPolicy,
+    object: Option<&AdmissionObject>,
+) -> Option<PolicyOutcome> {
     let authorities = match &p.authorities {
         Err(problems) => {
             return Some(PolicyOutcome {
@@ -121,7 +136,9 @@ pub fn static_outcome(p: &CompiledPolicy) -> Option<PolicyOutcome> {
     // A CIP-level policy sees every authority's matches, so the signed ones must be checked
     // too before it is asked (as policy-controller does).
     let decided = static_pass && p.policy.is_none();
-    if !decided && !authorities.iter().all(is_static) {
+    // The image config comes from the registry: a policy that reads it waits for it.
+    let needs_config = static_pass && p.policy.is_some() && p.includes.config;
+    if needs_config || (!decided && !authorities.iter().all(is_static)) {
         return None;
     }
     let outcomes: Vec<AuthorityOutcome> = authorities
@@ -129,22 +146,36 @@ pub fn static_outcome(p: &CompiledPolicy) -> Option<PolicyOutcome> {
         .filter(|a| is_static(a))
         .map(static_authority)
         .collect();
-    let passed = outcomes.iter().any(|o| o.passed);
+    let inputs = PolicyInputs {
+        object,
+        config: None,
+    };
+    Some(judge_policy(p, outcomes, &inputs))
+}
+
+/// The outcome of `p` once its authorities were checked: passed when one authority passed
+/// and the CIP-level policy (if any) accepts the result document.
+pub fn judge_policy(
+    p: &CompiledPolicy,
+    authorities: Vec<AuthorityOutcome>,
+    inputs: &PolicyInputs,
+) -> PolicyOutcome {
+    let passed = authorities.iter().any(|a| a.passed);
     let mut problems = Vec::new();
     if passed {
         if let Some(policy) = &p.policy {
-            if let Err(e) = evaluate_cip_policy(policy, &outcomes) {
+            if let Err(e) = evaluate_cip_policy(policy, p.includes, &authorities, inputs) {
                 problems.push(format!("{CIP_POLICY_FAILED}{e}"));
             }
         }
     }
-    Some(PolicyOutcome {
+    PolicyOutcome {
         name: p.name.clone(),
         mode: p.mode,
         passed: passed && problems.is_empty(),
-        authorities: outcomes,
+        authorities,
         problems,
-    })
+    }
 }
 
 fn static_authority(a: &CompiledAuthority) -> AuthorityOutcome {
@@ -270,18 +301,29 @@ pub fn attached_needed(
     needed
 }
 
-/// Evaluates a policy against signatures fetched for `digest`.
+/// Evaluates a policy against signatures fetched for `digest` (and, for its CIP-level policy,
+/// `inputs`).
 pub fn evaluate_policy(
     p: &CompiledPolicy,
     image: &ImageRef,
     digest: &str,
     signatures: &Signatures,
+    inputs: &PolicyInputs,
 ) -> PolicyOutcome {
-    if let Some(outcome) = static_outcome(p) {
+    if let Some(outcome) = static_outcome(p, inputs.object) {
         return outcome;
     }
-    let authorities: Vec<AuthorityOutcome> = p
-        .authorities
+    judge_policy(p, check_authorities(p, image, digest, signatures), inputs)
+}
+
+/// Checks each authority of `p` against the signatures fetched for `digest`.
+pub fn check_authorities(
+    p: &CompiledPolicy,
+    image: &ImageRef,
+    digest: &str,
+    signatures: &Signatures,
+) -> Vec<AuthorityOutcome> {
+    p.authorities
         .iter()
         .flatten()
         .map(|a| {
@@ -378,30 +420,20 @@ pub fn evaluate_policy(
                 },
             }
         })
-        .collect();
-    let passed = authorities.iter().any(|a| a.passed);
-    let mut problems = Vec::new();
-    if passed {
-        if let Some(policy) = &p.policy {
-            if let Err(e) = evaluate_cip_policy(policy, &authorities) {
-                problems.push(format!("{CIP_POLICY_FAILED}{e}"));
-            }
-        }
-    }
-    PolicyOutcome {
-        name: p.name.clone(),
-        mode: p.mode,
-        passed: passed && problems.is_empty(),
-        authorities,
-        problems,
-    }
+        .collect()
 }
 
 /// The document policy-controller evaluates a CIP-level policy on: per passing authority, the
-/// signatures and attestations that satisfied it. (The admission object's `spec`, `metadata`
-/// and `typemeta` are not part of it: the node has no admission object.)
-pub fn policy_document(authorities: &[AuthorityOutcome]) -> serde_json::Value {
-    use serde_json::{json, Map, Value};
+/// signatures and attestations that satisfied it (`authorityMatches`), plus what the policy
+/// asks for with `includes`: the image's `config` files and the admission object's `spec`,
+/// `metadata` and `typemeta`. `Err`: something asked for is not known here (the policy then
+/// fails with that reason; it is never evaluated without it).
+pub fn policy_document(
+    authorities: &[AuthorityOutcome],
+    includes: Includes,
+    inputs: &PolicyInputs,
+) -> Result<serde_json::Value, String> {
+    use serde_json::{json, Value};
     let mut matches = Map::new();
     for a in authorities.iter().filter(|a| a.passed) {
         let evidence = a.evidence.clone().unwrap_or(Value::Null);
@@ -444,16 +476,53 @@ pub fn policy_document(authorities: &[AuthorityOutcome]) -> serde_json::Value {
         let entry = Value::Object(entry);
         matches.insert(a.name.clone(), entry);
     }
-    json!({"authorityMatches": matches})
+    let mut document = Map::new();
+    document.insert("authorityMatches".into(), Value::Object(matches));
+    if includes.config {
+        match inputs.config {
+            Some(Ok(configs)) => {
+                document.insert("config".into(), Value::Object(configs.clone()));
+            }
+            Some(Err(e)) => return Err(format!("fetchConfigFile: {e}")),
+            None => return Err("fetchConfigFile: the image config was not fetched".into()),
+        }
+    }
+    add_object_parts(&mut document, includes, inputs.object)?;
+    Ok(Value::Object(document))
 }
 
 fn evaluate_cip_policy(
     policy: &AttestationPolicy,
+    includes: Includes,
     authorities: &[AuthorityOutcome],
+    inputs: &PolicyInputs,
 ) -> Result<(), String> {
     match policy {
         AttestationPolicy::Unsupported(reason) => Err(reason.clone()),
-        AttestationPolicy::Rego(rego) => rego.evaluate(&policy_document(authorities)),
+        AttestationPolicy::Rego(rego) => {
+            rego.evaluate(&policy_document(authorities, includes, inputs)?)
+        }
+    }
+}
+
+/// What the CIP-level policies covering `image` read of the admission object, keyed for the
+/// verdict cache: a verdict that read parts of an object holds for that object only. Empty
+/// when none reads any part.
+pub fn object_cache_key(
+    snapshot: &Snapshot,
+    image: &ImageRef,
+    object: Option<&AdmissionObject>,
+) -> String {
+    let wanted = snapshot
+        .applicable(image)
+        .into_iter()
+        .map(|i| &snapshot.policies[i])
+        .filter(|p| p.policy.is_some())
+        .fold(Includes::default(), |acc, p| acc.union(p.includes));
+    match object {
+        _ if !wanted.object() => String::new(),
+        Some(o) => o.cache_key(wanted),
+        None => "no object".to_string(),
     }
 }
 
@@ -530,8 +599,14 @@ pub enum Offline {
     },
 }
 
-/// Decides without the registry when possible.
-pub fn decide_offline(snapshot: &Snapshot, image: &ImageRef, namespace: Option<&str>) -> Offline {
+/// Decides without the registry when possible. `object`: the Kubernetes object the image is
+/// decided for, when known (CIP-level policies may read parts of it).
+pub fn decide_offline(
+    snapshot: &Snapshot,
+    image: &ImageRef,
+    namespace: Option<&str>,
+    object: Option<&AdmissionObject>,
+) -> Offline {
     let enforced = snapshot.is_enforced(namespace);
     let mut decision = Decision::new(image, namespace, enforced);
     if !enforced {
@@ -544,7 +619,7 @@ pub fn decide_offline(snapshot: &Snapshot, image: &ImageRef, namespace: Option<&
     let covering = snapshot.applicable(image);
     let mut undecided = Vec::new();
     for &i in &covering {
-        match static_outcome(&snapshot.policies[i]) {
+        match static_outcome(&snapshot.policies[i], object) {
             Some(outcome) => decision.policies.push(outcome),
             None => undecided.push(i),
         }

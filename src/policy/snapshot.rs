@@ -10,6 +10,7 @@ use sha2::Digest as _;
 
 use super::glob::GlobIndex;
 use super::load::Objects;
+use super::object::Includes;
 use super::rego::RegoPolicy;
 use super::types::{Authority, ClusterImagePolicy, Labels, TrustRoot};
 use super::validate::{validate_cip, validate_trust_root, Problem};
@@ -164,6 +165,8 @@ pub struct CompiledPolicy {
     pub authorities: Result<Vec<CompiledAuthority>, Vec<Problem>>,
     /// `spec.policy`: evaluated over the authorities' matches once one authority passed.
     pub policy: Option<AttestationPolicy>,
+    /// What `spec.policy` reads besides the matches (image config, admission object parts).
+    pub includes: Includes,
 }
 
 /// A problem found while building a snapshot, for `pullgate validate` and reload reports.
@@ -328,6 +331,7 @@ impl Snapshot {
                 message: reason.to_string(),
             }]),
             policy: None,
+            includes: Includes::default(),
         };
         let settings = Settings {
             scope: Scope::OptOut,
@@ -476,6 +480,12 @@ fn compile(
         .policy
         .as_ref()
         .map(|p| cip_policy(p, &name, resolver));
+    let includes = cip
+        .spec
+        .policy
+        .as_ref()
+        .map(Includes::of)
+        .unwrap_or_default();
     CompiledPolicy {
         name,
         origin: origin.to_string(),
@@ -483,20 +493,18 @@ fn compile(
         globs,
         authorities,
         policy,
+        includes,
     }
 }
 
-/// A CIP-level `spec.policy`. What cannot be evaluated (cue, an image config to fetch, a
-/// policy that does not parse or cannot be found) becomes a reason that fails the CIP.
+/// A CIP-level `spec.policy`. What cannot be evaluated (cue, a policy that does not parse or
+/// cannot be found) becomes a reason that fails the CIP.
 fn cip_policy(p: &super::types::Policy, cip: &str, resolver: &Resolver) -> AttestationPolicy {
     let unsupported = |why: String| AttestationPolicy::Unsupported(why);
     match p.type_.as_str() {
         "cue" => unsupported(format!(
             "cue policies are not supported by this version of pullgate (ClusterImagePolicy {cip}, spec.policy); use type: rego"
         )),
-        "rego" if p.fetch_config_file == Some(true) => unsupported(
-            "spec.policy.fetchConfigFile is not supported by this version of pullgate".into(),
-        ),
         "rego" => match policy_source(p, resolver).and_then(|s| RegoPolicy::compile(&s)) {
             Ok(policy) => AttestationPolicy::Rego(std::sync::Arc::new(policy)),
             Err(e) => unsupported(format!("spec.policy: {e}")),

@@ -40,6 +40,10 @@ pub struct Limits {
     pub signature_blob_bytes: u64,
     pub signature_layers: usize,
     pub token_bytes: u64,
+    /// An image config blob (`fetchConfigFile`).
+    pub config_blob_bytes: u64,
+    /// Manifests of one image index whose configs are fetched.
+    pub index_manifests: usize,
 }
 
 impl Default for Limits {
@@ -49,6 +53,8 @@ impl Default for Limits {
             signature_blob_bytes: 1 << 20,
             signature_layers: 256,
             token_bytes: 1 << 20,
+            config_blob_bytes: 4 << 20,
+            index_manifests: 64,
         }
     }
 }
@@ -144,6 +150,20 @@ struct Descriptor {
     size: u64,
     #[serde(default)]
     annotations: HashMap<String, String>,
+}
+
+/// An image manifest or an index, as far as config fetching reads it.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ImageOrIndex {
+    #[serde(default)]
+    schema_version: u32,
+    #[serde(default)]
+    media_type: String,
+    #[serde(default)]
+    config: Option<Descriptor>,
+    #[serde(default)]
+    manifests: Option<Vec<Descriptor>>,
 }
 
 #[derive(Deserialize)]
@@ -472,6 +492,159 @@ impl RegistryClient {
             .map(Some)
     }
 
+    /// The OCI config file of `image` (which must name its digest) per platform, keyed as
+    /// policy-controller keys them: `os/arch[/variant][:osversion]` read from each config. An
+    /// image gives one entry; an index one per manifest it lists (an index inside an index is
+    /// refused). Every manifest is checked against the digest it was fetched by and every
+    /// config blob against its descriptor, within the size limits.
+    pub async fn fetch_configs(
+        &self,
+        image: &ImageRef,
+        auth: Option<&Credential>,
+    ) -> Result<serde_json::Map<String, serde_json::Value>> {
+        let target = self.target(image, auth);
+        let invalid = |what: &'static str, message: String| RegistryError::Invalid {
+            host: target.host.to_string(),
+            what,
+            message,
+        };
+        let Some(digest) = image.digest() else {
+            return Err(invalid(
+                "reference",
+                format!("{image} is not pinned to a digest"),
+            ));
+        };
+        let top = self.fetch_manifest(&target, digest).await?;
+        let images = match top.manifests {
+            None => vec![(digest.to_string(), top)],
+            Some(list) => {
+                if list.len() > self.config.limits.index_manifests {
+                    return Err(RegistryError::TooLarge {
+                        what: "image index manifest count",
+                        host: target.host.to_string(),
+                        limit: self.config.limits.index_manifests as u64,
+                    });
+                }
+                let fetches = list.iter().map(|d| async {
+                    let m = self.fetch_manifest(&target, &d.digest).await?;
+                    if m.manifests.is_some() {
+                        return Err(invalid(
+                            "image index",
+                            format!("{} lists another index, {}", digest, d.digest),
+                        ));
+                    }
+                    Ok((d.digest.clone(), m))
+                });
+                futures_util::future::try_join_all(fetches).await?
+            }
+        };
+        let target = &target;
+        let fetches = images.into_iter().map(|(manifest_digest, m)| async move {
+            let config = m.config.ok_or_else(|| {
+                invalid(
+                    "image manifest",
+                    format!(
+                        "{manifest_digest} has no config (media type {:?})",
+                        m.media_type
+                    ),
+                )
+            })?;
+            self.fetch_config_blob(target, &config).await
+        });
+        let mut configs = serde_json::Map::new();
+        for config in futures_util::future::try_join_all(fetches).await? {
+            configs.insert(platform_key(&config), config);
+        }
+        Ok(configs)
+    }
+
+    /// The manifest `digest` of the target's repository, checked against its digest.
+    async fn fetch_manifest(&self, target: &Target<'_>, digest: &str) -> Result<ImageOrIndex> {
+        let invalid = |message: String| RegistryError::Invalid {
+            host: target.host.to_string(),
+            what: "manifest",
+            message,
+        };
+        if !is_digest(digest) {
+            return Err(invalid(format!("unsupported manifest digest {digest:?}")));
+        }
+        let url = target.url(&format!("manifests/{digest}"));
+        let Some(body) = self.get_manifest(target, &url, "manifest").await? else {
+            return Err(RegistryError::NotFound {
+                reference: format!("{}/{}@{digest}", target.host, target.repository),
+            });
+        };
+        if format!("sha256:{}", hex::encode(sha2::Sha256::digest(&body))) != digest {
+            return Err(invalid(format!(
+                "content of {digest} does not match its digest"
+            )));
+        }
+        let manifest: ImageOrIndex =
+            serde_json::from_slice(&body).map_err(|e| invalid(format!("{digest}: {e}")))?;
+        if manifest.schema_version != 2 {
+            return Err(invalid(format!(
+                "{digest}: schemaVersion {} is not supported",
+                manifest.schema_version
+            )));
+        }
+        Ok(manifest)
+    }
+
+    /// An image config blob, checked against its descriptor, as JSON.
+    async fn fetch_config_blob(
+        &self,
+        target: &Target<'_>,
+        desc: &Descriptor,
+    ) -> Result<serde_json::Value> {
+        let limit = self.config.limits.config_blob_bytes;
+        let invalid = |message: String| RegistryError::Invalid {
+            host: target.host.to_string(),
+            what: "image config",
+            message,
+        };
+        if desc.size > limit {
+            return Err(RegistryError::TooLarge {
+                what: "image config",
+                host: target.host.to_string(),
+                limit,
+            });
+        }
+        if !is_digest(&desc.digest) {
+            return Err(invalid(format!(
+                "unsupported config digest {:?}",
+                desc.digest
+            )));
+        }
+        let url = target.url(&format!("blobs/{}", desc.digest));
+        let resp = self.send(target, Method::GET, &url, "*/*").await?;
+        match resp.status() {
+            StatusCode::OK => {}
+            StatusCode::NOT_FOUND => {
+                return Err(RegistryError::NotFound {
+                    reference: format!(
+                        "image config {}/{}@{}",
+                        target.host, target.repository, desc.digest
+                    ),
+                })
+            }
+            s => return Err(status_error(&url, s)),
+        }
+        let body = self
+            .read_limited(resp, limit, "image config", target.host)
+            .await?;
+        if format!("sha256:{}", hex::encode(sha2::Sha256::digest(&body))) != desc.digest {
+            return Err(invalid(format!(
+                "content of {} does not match its digest",
+                desc.digest
+            )));
+        }
+        match serde_json::from_slice(&body) {
+            Ok(v @ serde_json::Value::Object(_)) => Ok(v),
+            Ok(_) => Err(invalid(format!("{} is not a JSON object", desc.digest))),
+            Err(e) => Err(invalid(format!("{}: {e}", desc.digest))),
+        }
+    }
+
     async fn fetch_signature_layer(
         &self,
         target: &Target<'_>,
@@ -735,6 +908,29 @@ pub fn attached_tag(prefix: &str, digest: &str, suffix: &str) -> Option<String> 
         .then(|| format!("{prefix}{alg}-{hex}.{suffix}"))
 }
 
+/// policy-controller's key for a config file: `os/arch[/variant][:osversion]` (go-containerregistry's
+/// platform string; empty when the config names no OS).
+fn platform_key(config: &serde_json::Value) -> String {
+    let field = |k: &str| config.get(k).and_then(|v| v.as_str()).unwrap_or_default();
+    let os = field("os");
+    if os.is_empty() {
+        return String::new();
+    }
+    let mut key = os.to_string();
+    for part in [field("architecture"), field("variant")] {
+        if !part.is_empty() {
+            key.push('/');
+            key.push_str(part);
+        }
+    }
+    let os_version = field("os.version");
+    if !os_version.is_empty() {
+        key.push(':');
+        key.push_str(os_version);
+    }
+    key
+}
+
 fn is_digest(d: &str) -> bool {
     d.strip_prefix("sha256:")
         .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
@@ -792,5 +988,25 @@ mod tests {
         );
         assert_eq!(signature_tag("nope"), None);
         assert_eq!(signature_tag("sha256:zz"), None);
+    }
+
+    #[test]
+    fn platform_keys_as_policy_controller_writes_them() {
+        let key = |v: serde_json::Value| platform_key(&v);
+        assert_eq!(
+            key(serde_json::json!({"os": "linux", "architecture": "amd64"})),
+            "linux/amd64"
+        );
+        assert_eq!(
+            key(serde_json::json!({"os": "linux", "architecture": "arm", "variant": "v7"})),
+            "linux/arm/v7"
+        );
+        assert_eq!(
+            key(
+                serde_json::json!({"os": "windows", "architecture": "amd64", "os.version": "10.0.17763.1"})
+            ),
+            "windows/amd64:10.0.17763.1"
+        );
+        assert_eq!(key(serde_json::json!({"architecture": "amd64"})), "");
     }
 }

@@ -22,6 +22,9 @@ pub struct CacheKey {
     pub image: String,
     pub enforced: bool,
     pub fingerprint: String,
+    /// The parts of the admission object that CIP-level policies read
+    /// ([`crate::policy::eval::object_cache_key`]); empty when none does.
+    pub object: String,
 }
 
 struct Entry {
@@ -140,6 +143,7 @@ mod tests {
             image: image.into(),
             enforced: true,
             fingerprint: "f".into(),
+            object: String::new(),
         }
     }
 

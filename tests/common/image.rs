@@ -48,6 +48,12 @@ pub struct TestImage {
 impl TestImage {
     /// Builds the image: fixed mtime 0, uid/gid 0, mode 0755, gzip without name or time.
     pub fn build(seed: &str) -> TestImage {
+        TestImage::build_with_config(seed, |_| {})
+    }
+
+    /// [`TestImage::build`] with its config JSON (linux/amd64, `config.Cmd`, rootfs, history)
+    /// changed by `edit` first, e.g. to set `config.Env`, `config.Labels` or `architecture`.
+    pub fn build_with_config(seed: &str, edit: impl FnOnce(&mut serde_json::Value)) -> TestImage {
         let content = format!("pullgate test image, seed {seed}\n");
         let mut tar = tar::Builder::new(Vec::new());
         let mut header = tar::Header::new_ustar();
@@ -69,15 +75,16 @@ impl TestImage {
 
         let diff_id = sha256_digest(&tar);
         let layer_digest = sha256_digest(&layer);
-        let config = serde_json::to_vec(&json!({
+        let mut config = json!({
             "architecture": "amd64",
             "os": "linux",
             "created": "1970-01-01T00:00:00Z",
             "config": { "Cmd": ["/hello"] },
             "rootfs": { "type": "layers", "diff_ids": [diff_id] },
             "history": [{ "created": "1970-01-01T00:00:00Z", "created_by": format!("pullgate test seed {seed}") }],
-        }))
-        .expect("config json");
+        });
+        edit(&mut config);
+        let config = serde_json::to_vec(&config).expect("config json");
         let config_digest = sha256_digest(&config);
         let manifest = serde_json::to_vec(&json!({
             "schemaVersion": 2,
@@ -230,6 +237,17 @@ impl Registry {
             .push_manifest_bytes(repo, new_tag, &media_type, &bytes)
             .await;
         assert_eq!(pushed, digest, "re-pushed manifest changed digest");
+    }
+
+    /// Deletes the blob `digest` from `repo` (the registry then answers 404 for it there).
+    pub async fn delete_blob(&self, repo: &str, digest: &str) {
+        let resp = self.http("DELETE", &format!("/v2/{repo}/blobs/{digest}"), &[]);
+        assert_eq!(
+            resp.status,
+            202,
+            "DELETE blob {repo}@{digest}: {}",
+            String::from_utf8_lossy(&resp.body)
+        );
     }
 
     /// Deletes the manifest `digest` from `repo` (and so every tag pointing at it).
