@@ -4,6 +4,7 @@ pub mod eval;
 pub mod glob;
 pub mod load;
 pub mod rego;
+pub mod remote;
 pub mod snapshot;
 pub mod source;
 pub mod types;
