@@ -14,7 +14,7 @@ use crate::image_ref::ImageRef;
 use crate::policy::eval::{Decision, Verdict};
 use crate::policy::object::{AdmissionObject, ObjectSource};
 use crate::policy::snapshot::{Scope, Settings};
-use crate::policy::source::load_snapshot;
+use crate::policy::source::{load_snapshot, load_snapshot_fetching};
 use crate::registry::{Credential, Credentials, RegistryClient, RegistryConfig};
 
 /// Exit code of `verify` when the image is denied.
@@ -425,18 +425,20 @@ async fn verify(args: VerifyArgs) -> ExitCode {
         Ok(i) => i,
         Err(e) => return error_exit(&e.to_string()),
     };
-    let snapshot = match load_snapshot(&args.policies, args.scope.settings()) {
-        Ok(s) => s,
-        Err(problems) => {
-            for p in &problems {
-                eprintln!("pullgate: {p}");
+    let fetcher = crate::policy::remote::RemoteFetcher::default();
+    let snapshot =
+        match load_snapshot_fetching(&args.policies, args.scope.settings(), &fetcher).await {
+            Ok(s) => s,
+            Err(problems) => {
+                for p in &problems {
+                    eprintln!("pullgate: {p}");
+                }
+                return error_exit(&format!(
+                    "{} problem(s) in the policies; nothing was verified",
+                    problems.len()
+                ));
             }
-            return error_exit(&format!(
-                "{} problem(s) in the policies; nothing was verified",
-                problems.len()
-            ));
-        }
-    };
+        };
     let registry = match args.registry.client() {
         Ok(r) => r,
         Err(e) => return error_exit(&e),
@@ -781,7 +783,7 @@ async fn policy_source(
 
     let Some(client) = client else {
         let paths: Vec<PathBuf> = policy_dirs.iter().map(PathBuf::from).collect();
-        let (policies, problems) = PolicyDir::open(paths, settings);
+        let (policies, problems) = PolicyDir::open(paths, settings).await;
         for p in &problems {
             tracing::error!(problem = %p, "policy problem: images it concerns are denied until it is fixed");
         }

@@ -1,15 +1,18 @@
 //! Cluster mode: the policy snapshot kept current from the Kubernetes API server.
 //!
 //! kube-rs watchers (bookmarks on, relist on 410 Gone, backoff on errors) feed reflector
-//! stores for ClusterImagePolicies, TrustRoots, Namespaces, and the key Secrets and
-//! `config-policy-controller` ConfigMap of the controller namespace. On every change the stores
-//! are written out as one `v1 List` document, loaded through the same code as a policy
-//! directory, compiled into a [`Snapshot`] and swapped in whole. Pulls read only that snapshot:
-//! no API call happens during a pull.
+//! stores for ClusterImagePolicies, TrustRoots, Namespaces, and the key Secrets and ConfigMaps
+//! of the controller namespace. On every change the stores are written out as one `v1 List`
+//! document (of the ConfigMaps, only `config-policy-controller` and those a CIP's
+//! `configMapRef` names), loaded through the same code as a policy directory, `remote` policy
+//! sources are fetched (once; see [`crate::policy::remote`]), and the result is compiled into a
+//! [`Snapshot`] and swapped in whole. Pulls read only that snapshot: no API call happens during
+//! a pull.
 //!
-//! Each accepted document is also persisted (temp file, fsync, rename) and loaded at start, so a
-//! node enforces its last known policies while the API server is unreachable. A missing or
-//! corrupt snapshot file yields [`Snapshot::unusable`]: fail closed until the first sync.
+//! Each accepted document is also persisted (temp file, fsync, rename) with the remote policy
+//! texts it used, and loaded at start, so a node enforces its last known policies while the API
+//! server (or a policy's web server) is unreachable. A missing or corrupt snapshot file yields
+//! [`Snapshot::unusable`]: fail closed until the first sync.
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
@@ -33,6 +36,7 @@ use serde::Serialize;
 
 use crate::health::{Freshness, FreshnessCell};
 use crate::policy::load::Objects;
+use crate::policy::remote::{RemoteFetcher, RemoteKey, RemoteTexts};
 use crate::policy::snapshot::{Settings, Snapshot, CONFIG_MAP_NAME};
 use crate::policy::source::PolicySource;
 use crate::policy::types::GROUP;
@@ -115,6 +119,8 @@ pub struct ClusterSource {
     /// Set once every watch has listed: before that, a rebuild would see half the cluster.
     synced_once: AtomicBool,
     probe_interval: Duration,
+    /// Remote policy texts: fetched once, reused by every rebuild.
+    fetcher: Arc<RemoteFetcher>,
 }
 
 impl PolicySource for ClusterSource {
@@ -127,13 +133,23 @@ impl PolicySource for ClusterSource {
     }
 }
 
-/// The persisted form: a `v1 List` of the input objects, loadable like a policy file.
+/// The persisted form: a `v1 List` of the input objects, loadable like a policy file, plus the
+/// texts of the remote policy sources in use (checked against their digests when read back).
 #[derive(Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct ListDocument {
     api_version: String,
     kind: String,
     items: Vec<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    remote_policies: Vec<PersistedRemote>,
+}
+
+#[derive(Serialize, serde::Deserialize)]
+struct PersistedRemote {
+    url: String,
+    sha256sum: String,
+    text: String,
 }
 
 impl ClusterSource {
@@ -144,8 +160,18 @@ impl ClusterSource {
         settings: Settings,
         snapshot_file: Option<PathBuf>,
     ) -> (ClusterSource, Option<Error>) {
+        ClusterSource::open_with(settings, snapshot_file, Arc::new(RemoteFetcher::default()))
+    }
+
+    /// [`ClusterSource::open`] fetching `remote` policy sources through `fetcher` (seeded with
+    /// the texts persisted beside the snapshot).
+    pub fn open_with(
+        settings: Settings,
+        snapshot_file: Option<PathBuf>,
+        fetcher: Arc<RemoteFetcher>,
+    ) -> (ClusterSource, Option<Error>) {
         let loaded = match &snapshot_file {
-            Some(path) => load_persisted(path, &settings),
+            Some(path) => load_persisted_with(path, &settings, &fetcher),
             None => Err(Error::NotSynced),
         };
         let (snapshot, problem) = match loaded {
@@ -168,6 +194,7 @@ impl ClusterSource {
             broken: Mutex::new(BTreeMap::new()),
             synced_once: AtomicBool::new(false),
             probe_interval: PROBE_INTERVAL,
+            fetcher,
         };
         (source, problem)
     }
@@ -243,7 +270,9 @@ impl ClusterSource {
             w,
             watcher(
                 Api::<ConfigMap>::namespaced(client.clone(), &ns),
-                watcher::Config::default().fields(&format!("metadata.name={CONFIG_MAP_NAME}")),
+                // All of them: `configMapRef` policies may name any ConfigMap of the namespace.
+                // The document keeps only the ones in use.
+                watcher::Config::default(),
             ),
         );
         tasks.spawn(self.clone().drive(stream, "ConfigMap", changed.clone()));
@@ -264,15 +293,24 @@ impl ClusterSource {
         }
         self.synced_once.store(true, Ordering::Release);
         loop {
-            self.rebuild(&stores);
-            changed.notified().await;
+            self.rebuild(&stores).await;
+            // A remote policy that could not be fetched is tried again by a later rebuild.
+            match self.fetcher.retry_in() {
+                Some(wait) => {
+                    tokio::select! {
+                        _ = changed.notified() => {}
+                        _ = tokio::time::sleep(wait.max(Duration::from_secs(1))) => {}
+                    }
+                }
+                None => changed.notified().await,
+            }
             // Coalesce a burst (a relist, a kubectl apply of many objects) into one rebuild.
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
-    fn rebuild(&self, stores: &Stores) {
-        let document = stores.document();
+    async fn rebuild(&self, stores: &Stores) {
+        let mut document = stores.document();
         let text = match serde_json::to_string(&document) {
             Ok(t) => t,
             Err(e) => {
@@ -280,7 +318,17 @@ impl ClusterSource {
                 return;
             }
         };
-        let snapshot = match snapshot_from_text(&text, "API server", &self.settings) {
+        let built = match objects_from_text(&text, "API server") {
+            Ok((objects, _)) => {
+                let remote = self.fetcher.resolve(&objects).await;
+                Ok((
+                    Snapshot::build_with_remote(&objects, self.settings.clone(), &remote),
+                    remote,
+                ))
+            }
+            Err(problems) => Err(problems),
+        };
+        let (snapshot, remote) = match built {
             Ok(s) => s,
             Err(problems) => {
                 for p in &problems {
@@ -305,6 +353,21 @@ impl ClusterSource {
         self.mark_synced_if_healthy();
         let Some(path) = &self.snapshot_file else {
             return;
+        };
+        document.remote_policies = remote
+            .texts()
+            .map(|(key, text)| PersistedRemote {
+                url: key.url.clone(),
+                sha256sum: key.sha256sum.clone(),
+                text: text.to_string(),
+            })
+            .collect();
+        let text = match serde_json::to_string(&document) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::error!(error = %e, "policy snapshot not persisted: it could not be encoded");
+                return;
+            }
         };
         if let Err(e) = persist(path, text.as_bytes()) {
             tracing::error!(error = %e, "policy snapshot not persisted; a restart without the API server would fall back to the previous file");
@@ -423,11 +486,18 @@ impl Stores {
         for o in secrets {
             push(serde_json::to_value(o));
         }
+        // Only what a snapshot reads: the controller config and the ConfigMaps policies name.
+        let referenced = referenced_config_maps(&self.cips.state(), &self.controller_namespace);
         let mut config_maps: Vec<ConfigMap> = self
             .config_maps
             .state()
             .iter()
-            .filter(|c| c.metadata.name.as_deref() == Some(CONFIG_MAP_NAME))
+            .filter(|c| {
+                c.metadata
+                    .name
+                    .as_deref()
+                    .is_some_and(|n| n == CONFIG_MAP_NAME || referenced.contains(n))
+            })
             .map(|c| ConfigMap {
                 metadata: slim(&c.metadata),
                 ..ConfigMap::clone(c)
@@ -441,8 +511,43 @@ impl Stores {
             api_version: "v1".to_string(),
             kind: "List".to_string(),
             items,
+            remote_policies: Vec::new(),
         }
     }
+}
+
+/// Names of the controller-namespace ConfigMaps that CIP policies name with `configMapRef`
+/// (CIP-level `spec.policy` and attestation policies).
+fn referenced_config_maps(
+    cips: &[Arc<DynamicObject>],
+    controller_namespace: &str,
+) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    let mut add = |policy: &serde_json::Value| {
+        let Some(r) = policy.get("configMapRef") else {
+            return;
+        };
+        let ns = r
+            .get("namespace")
+            .and_then(|n| n.as_str())
+            .filter(|n| !n.is_empty())
+            .unwrap_or(controller_namespace);
+        if let Some(name) = r.get("name").and_then(|n| n.as_str()) {
+            if ns == controller_namespace {
+                names.insert(name.to_string());
+            }
+        }
+    };
+    for cip in cips {
+        let spec = &cip.data["spec"];
+        add(&spec["policy"]);
+        for authority in spec["authorities"].as_array().into_iter().flatten() {
+            for at in authority["attestations"].as_array().into_iter().flatten() {
+                add(&at["policy"]);
+            }
+        }
+    }
+    names
 }
 
 /// Only what a decision reads: name, namespace, labels. Resource versions and managed fields
@@ -602,11 +707,11 @@ async fn cip_resource_in_use(client: &Client) -> ApiResource {
     }
 }
 
-fn snapshot_from_text(
+/// The objects of a persisted (or about to be persisted) document, and its remote texts.
+fn objects_from_text(
     text: &str,
     origin: &str,
-    settings: &Settings,
-) -> Result<Snapshot, Vec<String>> {
+) -> Result<(Objects, Vec<PersistedRemote>), Vec<String>> {
     let document: ListDocument = serde_json::from_str(text).map_err(|e| vec![e.to_string()])?;
     if document.api_version != "v1" || document.kind != "List" {
         return Err(vec![format!(
@@ -618,11 +723,21 @@ fn snapshot_from_text(
     objects
         .load_str(text, origin)
         .map_err(|errors| errors.iter().map(ToString::to_string).collect::<Vec<_>>())?;
-    Ok(Snapshot::build(&objects, settings.clone()))
+    Ok((objects, document.remote_policies))
 }
 
 /// Loads the snapshot persisted at `path`.
 pub fn load_persisted(path: &Path, settings: &Settings) -> Result<Snapshot> {
+    load_persisted_with(path, settings, &RemoteFetcher::default())
+}
+
+/// Loads the snapshot persisted at `path`; the remote policy texts persisted with it that
+/// still match their digests seed `fetcher` (so they are not fetched again) and are used.
+pub fn load_persisted_with(
+    path: &Path,
+    settings: &Settings,
+    fetcher: &RemoteFetcher,
+) -> Result<Snapshot> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -635,12 +750,26 @@ pub fn load_persisted(path: &Path, settings: &Settings) -> Result<Snapshot> {
             })
         }
     };
-    snapshot_from_text(&text, &path.display().to_string(), settings).map_err(|problems| {
-        Error::Corrupt {
-            path: path.to_path_buf(),
-            message: problems.join("; "),
+    let (objects, persisted) =
+        objects_from_text(&text, &path.display().to_string()).map_err(|problems| {
+            Error::Corrupt {
+                path: path.to_path_buf(),
+                message: problems.join("; "),
+            }
+        })?;
+    for p in persisted {
+        let key = RemoteKey::new(&p.url, &p.sha256sum);
+        if let Err(e) = fetcher.seed(key, &p.text) {
+            // Not trusted, so not used: the policy naming it waits for a fresh fetch.
+            tracing::warn!(problem = %e, "persisted remote policy text ignored");
         }
-    })
+    }
+    let remote: RemoteTexts = fetcher.cached(&objects);
+    Ok(Snapshot::build_with_remote(
+        &objects,
+        settings.clone(),
+        &remote,
+    ))
 }
 
 /// Writes `bytes` to `path` atomically: a reader (or a crash) sees the old file or the new

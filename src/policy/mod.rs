@@ -5,6 +5,7 @@ pub mod glob;
 pub mod load;
 pub mod object;
 pub mod rego;
+pub mod remote;
 pub mod snapshot;
 pub mod source;
 pub mod types;

@@ -12,6 +12,7 @@ use super::glob::GlobIndex;
 use super::load::Objects;
 use super::object::Includes;
 use super::rego::RegoPolicy;
+use super::remote::{RemoteKey, RemoteTexts};
 use super::types::{Authority, ClusterImagePolicy, Labels, TrustRoot};
 use super::validate::{validate_cip, validate_trust_root, Problem};
 use crate::image_ref::ImageRef;
@@ -208,8 +209,20 @@ impl std::fmt::Debug for Snapshot {
 
 impl Snapshot {
     /// Compiles `objects`. Invalid CIPs are kept (as deny-everything-they-cover) and reported
-    /// in [`Snapshot::problems`].
+    /// in [`Snapshot::problems`]. `remote` policy sources are not fetched here: a policy naming
+    /// one fails closed as not fetched (see [`Snapshot::build_with_remote`]).
     pub fn build(objects: &Objects, settings: Settings) -> Snapshot {
+        Snapshot::build_with_remote(objects, settings, &RemoteTexts::default())
+    }
+
+    /// [`Snapshot::build`] with the texts of `remote` policy sources fetched beforehand (see
+    /// [`super::remote::RemoteFetcher::resolve`]). A source missing from `remote`, or whose
+    /// fetch failed, makes only the CIP or authority naming it fail closed with the reason.
+    pub fn build_with_remote(
+        objects: &Objects,
+        settings: Settings,
+        remote: &RemoteTexts,
+    ) -> Snapshot {
         let mut problems = Vec::new();
         let config = controller_config(objects, &settings, &mut problems);
         let secrets: HashMap<&str, &Secret> = objects
@@ -252,6 +265,7 @@ impl Snapshot {
                 })
                 .collect(),
             controller_namespace: &settings.controller_namespace,
+            remote,
         };
 
         let mut cips: Vec<_> = objects.cips.iter().collect();
@@ -399,6 +413,8 @@ struct Resolver<'a> {
     config_maps: HashMap<(&'a str, &'a str), &'a k8s_openapi::api::core::v1::ConfigMap>,
     trust_roots: HashMap<&'a str, &'a TrustRoot>,
     controller_namespace: &'a str,
+    /// Texts of `remote` policy sources, fetched before the build.
+    remote: &'a RemoteTexts,
 }
 
 fn controller_config(
@@ -598,8 +614,8 @@ fn compile_attestation(
     })
 }
 
-/// The text of a policy: `data`, or a key of a ConfigMap (`configMapRef`). `remote` policies
-/// are refused: fetching them at policy load is not built.
+/// The text of a policy: `data`, a key of a ConfigMap (`configMapRef`), or the fetched text
+/// of a `remote` source (fetched before the build; see [`super::remote`]).
 fn policy_source(p: &super::types::Policy, resolver: &Resolver) -> Result<String, String> {
     if let Some(data) = &p.data {
         return Ok(data.clone());
@@ -620,8 +636,11 @@ fn policy_source(p: &super::types::Policy, resolver: &Resolver) -> Result<String
             .cloned()
             .ok_or_else(|| format!("ConfigMap {ns}/{} has no key {:?}", r.name, r.key));
     }
-    if p.remote.is_some() {
-        return Err("remote policies are not supported by this version of pullgate; use data or configMapRef".into());
+    if let Some(r) = &p.remote {
+        return resolver
+            .remote
+            .get(&RemoteKey::new(&r.url, &r.sha256sum))
+            .map(|text| text.to_string());
     }
     Err("policy has no data, configMapRef or remote".into())
 }
@@ -959,8 +978,11 @@ fn log_keys(ctlog: &super::types::TLog, resolver: &Resolver) -> Result<LogKeys, 
 fn hash_policy(hasher: &mut sha2::Sha256, cip: &ClusterImagePolicy, compiled: &CompiledPolicy) {
     hasher.update(compiled.name.as_bytes());
     hasher.update(serde_json::to_vec(&cip.spec).unwrap_or_default());
-    if let Some(AttestationPolicy::Rego(p)) = &compiled.policy {
-        hasher.update(p.source().as_bytes());
+    match &compiled.policy {
+        Some(AttestationPolicy::Rego(p)) => hasher.update(p.source().as_bytes()),
+        // A remote source that could not be fetched, then is: the verdict changes.
+        Some(AttestationPolicy::Unsupported(reason)) => hasher.update(reason.as_bytes()),
+        None => {}
     }
     if let Ok(authorities) = &compiled.authorities {
         for a in authorities {

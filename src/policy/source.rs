@@ -9,14 +9,36 @@ use std::time::{Duration, SystemTime};
 use arc_swap::ArcSwap;
 
 use super::load::{policy_files, Objects};
+use super::remote::RemoteFetcher;
 use super::snapshot::{Settings, Snapshot};
 use crate::health::{Freshness, FreshnessCell};
 
 /// Loads `paths` into a snapshot; every load and validation problem is returned on failure.
+/// `remote` policy sources are not fetched: policies naming them fail closed as not fetched
+/// (enough for validation; see [`load_snapshot_fetching`]).
 pub fn load_snapshot(paths: &[PathBuf], settings: Settings) -> Result<Snapshot, Vec<String>> {
-    let objects = Objects::load_paths(paths)
-        .map_err(|errors| errors.iter().map(ToString::to_string).collect::<Vec<_>>())?;
-    let snapshot = Snapshot::build(&objects, settings);
+    let objects = load_objects(paths)?;
+    checked(Snapshot::build(&objects, settings))
+}
+
+/// [`load_snapshot`], with the `remote` policy sources the CIPs name fetched through `fetcher`
+/// (a failed fetch fails closed only the CIP or authority naming it, with the reason).
+pub async fn load_snapshot_fetching(
+    paths: &[PathBuf],
+    settings: Settings,
+    fetcher: &RemoteFetcher,
+) -> Result<Snapshot, Vec<String>> {
+    let objects = load_objects(paths)?;
+    let remote = fetcher.resolve(&objects).await;
+    checked(Snapshot::build_with_remote(&objects, settings, &remote))
+}
+
+fn load_objects(paths: &[PathBuf]) -> Result<Objects, Vec<String>> {
+    Objects::load_paths(paths)
+        .map_err(|errors| errors.iter().map(ToString::to_string).collect::<Vec<_>>())
+}
+
+fn checked(snapshot: Snapshot) -> Result<Snapshot, Vec<String>> {
     if snapshot.problems.is_empty() {
         Ok(snapshot)
     } else {
@@ -65,6 +87,8 @@ impl PolicySource for PolicyDir {
 pub struct PolicyDir {
     paths: Vec<PathBuf>,
     settings: Settings,
+    /// Remote policy texts, fetched once and reused by every reload.
+    fetcher: Arc<RemoteFetcher>,
     current: ArcSwap<Snapshot>,
     last_stamp: std::sync::Mutex<Stamp>,
     freshness: FreshnessCell,
@@ -74,12 +98,23 @@ impl PolicyDir {
     /// Loads the paths. Problems are returned for the caller to report, and never leave the
     /// node open: invalid ClusterImagePolicies are kept and deny every image they cover, and a
     /// set that cannot be read at all yields [`Snapshot::unusable`] (deny all but the exempt
-    /// namespaces) until a valid set appears.
-    pub fn open(paths: Vec<PathBuf>, settings: Settings) -> (PolicyDir, Vec<String>) {
+    /// namespaces) until a valid set appears. `remote` policy sources are fetched before the
+    /// first snapshot is built.
+    pub async fn open(paths: Vec<PathBuf>, settings: Settings) -> (PolicyDir, Vec<String>) {
+        PolicyDir::open_with(paths, settings, Arc::new(RemoteFetcher::default())).await
+    }
+
+    /// [`PolicyDir::open`] fetching `remote` policy sources through `fetcher`.
+    pub async fn open_with(
+        paths: Vec<PathBuf>,
+        settings: Settings,
+        fetcher: Arc<RemoteFetcher>,
+    ) -> (PolicyDir, Vec<String>) {
         let last_stamp = stamp(&paths);
         let (snapshot, problems, freshness) = match Objects::load_paths(&paths) {
             Ok(objects) => {
-                let snapshot = Snapshot::build(&objects, settings.clone());
+                let remote = fetcher.resolve(&objects).await;
+                let snapshot = Snapshot::build_with_remote(&objects, settings.clone(), &remote);
                 let problems = snapshot.problems.iter().map(ToString::to_string).collect();
                 (snapshot, problems, FreshnessCell::fresh())
             }
@@ -101,6 +136,7 @@ impl PolicyDir {
         let dir = PolicyDir {
             paths,
             settings,
+            fetcher,
             current: ArcSwap::from_pointee(snapshot),
             last_stamp: std::sync::Mutex::new(last_stamp),
             freshness,
@@ -113,20 +149,22 @@ impl PolicyDir {
         self.current.load_full()
     }
 
-    /// Re-reads the paths if any file changed. `Ok(true)`: a new snapshot is in force;
-    /// `Err`: the change is invalid and the previous snapshot stays.
-    pub fn reload_if_changed(&self) -> Result<bool, Vec<String>> {
+    /// Re-reads the paths if any file changed, or if a `remote` policy fetch failed and is due
+    /// for another try. `Ok(true)`: a new snapshot is in force; `Err`: the change is invalid and
+    /// the previous snapshot stays.
+    pub async fn reload_if_changed(&self) -> Result<bool, Vec<String>> {
         let now = stamp(&self.paths);
         {
             let mut last = self.last_stamp.lock().unwrap_or_else(|p| p.into_inner());
-            if *last == now {
+            if *last == now && !self.fetcher.retry_due() {
                 self.freshness.confirmed();
                 return Ok(false);
             }
             *last = now;
         }
-        let snapshot =
-            load_snapshot(&self.paths, self.settings.clone()).inspect_err(|problems| {
+        let snapshot = load_snapshot_fetching(&self.paths, self.settings.clone(), &self.fetcher)
+            .await
+            .inspect_err(|problems| {
                 self.freshness.stale_because(format!(
                     "the latest policy change is invalid and was not applied: {}",
                     problems.first().map(String::as_str).unwrap_or_default()
@@ -144,7 +182,7 @@ impl PolicyDir {
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             ticker.tick().await;
-            match self.reload_if_changed() {
+            match self.reload_if_changed().await {
                 Ok(true) => tracing::info!(
                     fingerprint = self.current().fingerprint(),
                     policies = self.current().policies.len(),
@@ -167,36 +205,36 @@ mod tests {
 
     const ALLOW: &str = "apiVersion: policy.sigstore.dev/v1beta1\nkind: ClusterImagePolicy\nmetadata: {name: p}\nspec:\n  images: [{glob: \"**\"}]\n  authorities: [{static: {action: pass}}]\n";
 
-    #[test]
-    fn reload_swaps_valid_changes_and_keeps_last_good() {
+    #[tokio::test]
+    async fn reload_swaps_valid_changes_and_keeps_last_good() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("p.yaml");
         std::fs::write(&file, ALLOW).unwrap();
         let (source, problems) =
-            PolicyDir::open(vec![dir.path().to_path_buf()], Settings::default());
+            PolicyDir::open(vec![dir.path().to_path_buf()], Settings::default()).await;
         assert!(problems.is_empty());
         let first = source.current().fingerprint().to_string();
-        assert_eq!(source.reload_if_changed(), Ok(false));
+        assert_eq!(source.reload_if_changed().await, Ok(false));
 
         std::fs::write(&file, ALLOW.replace("pass", "fail")).unwrap();
-        assert_eq!(source.reload_if_changed(), Ok(true));
+        assert_eq!(source.reload_if_changed().await, Ok(true));
         let second = source.current().fingerprint().to_string();
         assert_ne!(first, second);
 
         std::fs::write(&file, "spec: [broken\n").unwrap();
-        assert!(source.reload_if_changed().is_err());
+        assert!(source.reload_if_changed().await.is_err());
         assert_eq!(source.current().fingerprint(), second, "last good stays");
     }
 
-    #[test]
-    fn invalid_policy_at_start_denies_only_what_it_covers() {
+    #[tokio::test]
+    async fn invalid_policy_at_start_denies_only_what_it_covers() {
         let dir = tempfile::tempdir().unwrap();
         let bad = ALLOW
             .replace("glob: \"**\"", "glob: \"ghcr.io/**\"")
             .replace("pass", "maybe");
         std::fs::write(dir.path().join("p.yaml"), bad).unwrap();
         let (source, problems) =
-            PolicyDir::open(vec![dir.path().to_path_buf()], Settings::default());
+            PolicyDir::open(vec![dir.path().to_path_buf()], Settings::default()).await;
         assert_eq!(problems.len(), 1, "{problems:?}");
         let snap = source.current();
         assert_eq!(snap.applicable(&"ghcr.io/a/b:1".parse().unwrap()), [0]);
@@ -205,12 +243,12 @@ mod tests {
             .is_empty());
     }
 
-    #[test]
-    fn unloadable_start_denies_all_but_exempt_namespaces() {
+    #[tokio::test]
+    async fn unloadable_start_denies_all_but_exempt_namespaces() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("p.yaml"), "{{{").unwrap();
         let (source, problems) =
-            PolicyDir::open(vec![dir.path().to_path_buf()], Settings::default());
+            PolicyDir::open(vec![dir.path().to_path_buf()], Settings::default()).await;
         assert_eq!(problems.len(), 1);
         let snap = source.current();
         assert!(snap.is_enforced(Some("default")));

@@ -235,6 +235,16 @@ pub fn handle(
         .filter_map(|kv| kv.split_once('='))
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
+    // `fieldSelector=metadata.name=X` (the only field selector a client here may send).
+    let only_name: Option<String> = query
+        .get("fieldSelector")
+        .map(|f| f.replace("%3D", "=").replace("%3d", "="))
+        .and_then(|f| f.strip_prefix("metadata.name=").map(str::to_string));
+    let selected = move |o: &Value| {
+        only_name
+            .as_deref()
+            .is_none_or(|n| o["metadata"]["name"].as_str() == Some(n))
+    };
     let mut s = state.lock().unwrap();
     if s.down {
         return json_response(
@@ -273,7 +283,12 @@ pub fn handle(
         let Some(collection) = s.collections.get(path) else {
             unreachable!()
         };
-        let items: Vec<Value> = collection.items.values().cloned().collect();
+        let items: Vec<Value> = collection
+            .items
+            .values()
+            .filter(|o| selected(o))
+            .cloned()
+            .collect();
         let list = json!({
             "kind": format!("{}List", collection.kind),
             "apiVersion": collection.api_version,
@@ -311,7 +326,7 @@ pub fn handle(
                     let mut lines: Vec<Value> = s
                         .events
                         .iter()
-                        .filter(|(rv, p, _, _)| *rv > last && *p == path)
+                        .filter(|(rv, p, _, o)| *rv > last && *p == path && selected(o))
                         .map(|(_, _, t, o)| json!({"type": t, "object": o}))
                         .collect();
                     last = s.rv;

@@ -29,10 +29,12 @@
 //! ```
 #![allow(dead_code, unused_imports)]
 
+pub mod attest;
 mod containerd;
 mod cosign;
 pub mod fake_api;
 pub mod fulcio;
+pub mod https;
 mod image;
 mod keys;
 mod process;
