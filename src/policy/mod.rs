@@ -6,6 +6,7 @@ pub mod load;
 pub mod rego;
 pub mod snapshot;
 pub mod source;
+pub mod tuf_source;
 pub mod types;
 pub mod validate;
 

@@ -10,12 +10,32 @@ use arc_swap::ArcSwap;
 
 use super::load::{policy_files, Objects};
 use super::snapshot::{Settings, Snapshot};
+use super::tuf_source::RemoteTuf;
 use crate::health::{Freshness, FreshnessCell};
 
 /// Loads `paths` into a snapshot; every load and validation problem is returned on failure.
 pub fn load_snapshot(paths: &[PathBuf], settings: Settings) -> Result<Snapshot, Vec<String>> {
     let objects = Objects::load_paths(paths)
         .map_err(|errors| errors.iter().map(ToString::to_string).collect::<Vec<_>>())?;
+    let snapshot = Snapshot::build(&objects, settings);
+    if snapshot.problems.is_empty() {
+        Ok(snapshot)
+    } else {
+        Err(snapshot.problems.iter().map(ToString::to_string).collect())
+    }
+}
+
+/// [`load_snapshot`], with the `remote` (TUF) TrustRoots fetched and verified first through
+/// `tuf` (for one-shot commands; a daemon refreshes them in [`PolicyDir::watch`]).
+pub async fn load_snapshot_fetching(
+    paths: &[PathBuf],
+    settings: Settings,
+    tuf: &RemoteTuf,
+) -> Result<Snapshot, Vec<String>> {
+    let mut objects = Objects::load_paths(paths)
+        .map_err(|errors| errors.iter().map(ToString::to_string).collect::<Vec<_>>())?;
+    tuf.refresh(&objects).await;
+    tuf.fill(&mut objects);
     let snapshot = Snapshot::build(&objects, settings);
     if snapshot.problems.is_empty() {
         Ok(snapshot)
@@ -68,6 +88,9 @@ pub struct PolicyDir {
     current: ArcSwap<Snapshot>,
     last_stamp: std::sync::Mutex<Stamp>,
     freshness: FreshnessCell,
+    /// Remote TUF trust, and the TrustRoots of the set in force (what to refresh).
+    tuf: RemoteTuf,
+    trust_roots: std::sync::Mutex<Objects>,
 }
 
 impl PolicyDir {
@@ -77,8 +100,11 @@ impl PolicyDir {
     /// namespaces) until a valid set appears.
     pub fn open(paths: Vec<PathBuf>, settings: Settings) -> (PolicyDir, Vec<String>) {
         let last_stamp = stamp(&paths);
+        let tuf = RemoteTuf::new(super::tuf_source::DEFAULT_REFRESH);
+        let mut trust_roots = Objects::default();
         let (snapshot, problems, freshness) = match Objects::load_paths(&paths) {
             Ok(objects) => {
+                trust_roots.trust_roots = objects.trust_roots.clone();
                 let snapshot = Snapshot::build(&objects, settings.clone());
                 let problems = snapshot.problems.iter().map(ToString::to_string).collect();
                 (snapshot, problems, FreshnessCell::fresh())
@@ -104,8 +130,43 @@ impl PolicyDir {
             current: ArcSwap::from_pointee(snapshot),
             last_stamp: std::sync::Mutex::new(last_stamp),
             freshness,
+            tuf,
+            trust_roots: std::sync::Mutex::new(trust_roots),
         };
         (dir, problems)
+    }
+
+    /// Sets how long verified remote TUF trust is used before it is fetched again.
+    pub fn with_tuf_refresh(mut self, refresh: Duration) -> PolicyDir {
+        self.tuf = RemoteTuf::new(refresh);
+        self
+    }
+
+    /// Fetches the `remote` TrustRoots of the set in force that are due; when what they
+    /// yield changed, rebuilds the snapshot. Returns whether it did.
+    pub async fn refresh_tuf(&self) -> bool {
+        let roots = {
+            let held = self.trust_roots.lock().unwrap_or_else(|p| p.into_inner());
+            if !held
+                .trust_roots
+                .iter()
+                .any(|t| t.object.spec.remote.is_some())
+            {
+                return false;
+            }
+            Objects {
+                trust_roots: held.trust_roots.clone(),
+                ..Objects::default()
+            }
+        };
+        if !self.tuf.refresh(&roots).await {
+            return false;
+        }
+        self.last_stamp
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        matches!(self.reload_if_changed(), Ok(true))
     }
 
     /// The snapshot in force.
@@ -125,16 +186,31 @@ impl PolicyDir {
             }
             *last = now;
         }
-        let snapshot =
-            load_snapshot(&self.paths, self.settings.clone()).inspect_err(|problems| {
-                self.freshness.stale_because(format!(
-                    "the latest policy change is invalid and was not applied: {}",
-                    problems.first().map(String::as_str).unwrap_or_default()
-                ))
-            })?;
+        let snapshot = self.load().inspect_err(|problems| {
+            self.freshness.stale_because(format!(
+                "the latest policy change is invalid and was not applied: {}",
+                problems.first().map(String::as_str).unwrap_or_default()
+            ))
+        })?;
         self.current.store(Arc::new(snapshot));
         self.freshness.synced();
         Ok(true)
+    }
+
+    fn load(&self) -> Result<Snapshot, Vec<String>> {
+        let mut objects = Objects::load_paths(&self.paths)
+            .map_err(|errors| errors.iter().map(ToString::to_string).collect::<Vec<_>>())?;
+        self.trust_roots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .trust_roots = objects.trust_roots.clone();
+        self.tuf.fill(&mut objects);
+        let snapshot = Snapshot::build(&objects, self.settings.clone());
+        if snapshot.problems.is_empty() {
+            Ok(snapshot)
+        } else {
+            Err(snapshot.problems.iter().map(ToString::to_string).collect())
+        }
     }
 
     /// Polls for changes every `interval` until the task is dropped. Polling (rather than
@@ -156,6 +232,12 @@ impl PolicyDir {
                         tracing::error!(problem = %p, "invalid policy change ignored; the last good policy set stays in force");
                     }
                 }
+            }
+            if self.refresh_tuf().await {
+                tracing::info!(
+                    fingerprint = self.current().fingerprint(),
+                    "policy set rebuilt with refreshed remote TUF trust"
+                );
             }
         }
     }
