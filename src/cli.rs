@@ -263,6 +263,10 @@ pub struct DaemonArgs {
     /// How often the policy files are checked for changes, in milliseconds.
     #[arg(long, default_value_t = 1000)]
     pub reload_interval_ms: u64,
+    /// Seconds verified trust from a `remote` (TUF) TrustRoot is used before it is fetched
+    /// again (a TrustRoot change refetches at once; a failed fetch keeps the last verified).
+    #[arg(long, default_value_t = 4 * 3600, env = "PULLGATE_TUF_REFRESH_SECS")]
+    pub tuf_refresh_secs: u64,
     /// Seconds in-flight requests may take to finish after SIGTERM.
     #[arg(long, default_value_t = 30)]
     pub shutdown_grace: u64,
@@ -425,9 +429,12 @@ async fn verify(args: VerifyArgs) -> ExitCode {
         Ok(i) => i,
         Err(e) => return error_exit(&e.to_string()),
     };
+    // A one-shot check fetches what the policies name (remote policy texts, `remote` TUF
+    // TrustRoots) before it decides.
     let fetcher = crate::policy::remote::RemoteFetcher::default();
+    let tuf = crate::policy::tuf_source::RemoteTuf::new(crate::policy::tuf_source::DEFAULT_REFRESH);
     let snapshot =
-        match load_snapshot_fetching(&args.policies, args.scope.settings(), &fetcher).await {
+        match load_snapshot_fetching(&args.policies, args.scope.settings(), &fetcher, &tuf).await {
             Ok(s) => s,
             Err(problems) => {
                 for p in &problems {
@@ -591,6 +598,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
         &args.policy_dirs,
         args.scope.settings(),
         args.daemon.reload_interval(),
+        Duration::from_secs(args.daemon.tuf_refresh_secs.max(1)),
         Some(args.snapshot_file.clone()),
     )
     .await
@@ -690,6 +698,7 @@ async fn admission(args: AdmissionArgs) -> ExitCode {
         &args.policy_dirs,
         args.scope.settings(),
         args.daemon.reload_interval(),
+        Duration::from_secs(args.daemon.tuf_refresh_secs.max(1)),
         None,
     )
     .await
@@ -769,6 +778,7 @@ async fn policy_source(
     policy_dirs: &[String],
     settings: Settings,
     reload_interval: Duration,
+    tuf_refresh: Duration,
     snapshot_file: Option<PathBuf>,
 ) -> Result<
     (
@@ -784,6 +794,7 @@ async fn policy_source(
     let Some(client) = client else {
         let paths: Vec<PathBuf> = policy_dirs.iter().map(PathBuf::from).collect();
         let (policies, problems) = PolicyDir::open(paths, settings).await;
+        let policies = policies.with_tuf_refresh(tuf_refresh);
         for p in &problems {
             tracing::error!(problem = %p, "policy problem: images it concerns are denied until it is fixed");
         }

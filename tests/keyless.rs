@@ -544,12 +544,20 @@ async fn trust_windows_and_unsupported_trust_sources_deny() {
         "is only trusted from 2020-01-01T00:00:00Z to 2021-01-01T00:00:00Z",
     );
 
-    // TUF trust roots are not fetched: a clear reason, never a pass.
+    // A TUF TrustRoot whose root is not TUF metadata: a clear reason, never a pass (and no
+    // fetch: the root is checked before the mirror is asked).
     let tuf = "---\napiVersion: policy.sigstore.dev/v1alpha1\nkind: TrustRoot\nmetadata: {name: private}\nspec:\n  remote: {mirror: \"https://tuf.example\", root: cm9vdA==}\n";
     let v = verify(&[("tr.yaml", tuf), ("cip.yaml", &cip)], &image).await;
     assert_denied(
         &v,
-        "TrustRoot remote/repository (TUF) is not supported by this version of pullgate",
+        "spec.remote (TUF https://tuf.example): trusted root (spec root): malformed",
+    );
+    // A plain-HTTP mirror off the host is refused.
+    let http = tuf.replace("https://tuf.example", "http://tuf.example");
+    let v = verify(&[("tr.yaml", &http), ("cip.yaml", &cip)], &image).await;
+    assert_denied(
+        &v,
+        "must be an https:// URL (http:// only on a loopback address)",
     );
 
     // A private Fulcio named by url alone: its roots are unknown, so it is refused.
@@ -569,4 +577,120 @@ async fn trust_windows_and_unsupported_trust_sources_deny() {
     );
     let v = verify(&[("cip.yaml", &public)], &image).await;
     assert_denied(&v, "not a trusted transparency log");
+}
+
+/// A keyless authority trusting a TrustRoot whose Fulcio, CT log and Rekor come from a TUF
+/// repository: `repository` (mirrorFS, offline) and `remote` (served on loopback).
+#[tokio::test(flavor = "multi_thread")]
+async fn tuf_trust_roots_repository_and_remote() {
+    use common::tuf::{trusted_root_json, TufFaults, TufRepo, TufServer};
+    let reg = Registry::start().await;
+    let fulcio = TestFulcio::new("tuf-fulcio");
+    let rekor = TestRekor::new();
+    let glob = format!("{}/**", reg.addr());
+    let identity = format!("identities: [{{issuer: \"{ISSUER}\", subject: \"{WORKFLOW}\"}}]");
+    let digest = reg.push_image("app", "v1", "keyless-tuf").await;
+    sign_keyless(
+        &reg,
+        "app",
+        &digest,
+        &fulcio,
+        &Leaf::default(),
+        Some((&rekor, now())),
+    )
+    .await;
+    let image = reg.tag_ref("app", "v1");
+    let cip = keyless_cip(
+        &glob,
+        &format!("trustRootRef: tuf, {identity}"),
+        "    ctlog: {trustRootRef: tuf}\n",
+    );
+    let trusted_root = trusted_root_json(&fulcio, &rekor.public_der());
+
+    // repository: verified offline from mirrorFS; the signature chains to its Fulcio and its
+    // Rekor entry is signed by its log.
+    let repo = TufRepo::new(&trusted_root, &TufFaults::default());
+    let tr = repo.repository_trust_root("tuf");
+    let v = verify(&[("tr.yaml", &tr), ("cip.yaml", &cip)], &image).await;
+    assert_allowed(&v);
+    assert!(
+        v.json["policies"][0]["authorities"][0]["evidence"]["tlog"]["integrated_time"]
+            .as_i64()
+            .is_some(),
+        "{}",
+        v.json
+    );
+    // Same trust, wrong identity: denied for the identity.
+    let wrong = keyless_cip(
+        &glob,
+        "trustRootRef: tuf, identities: [{issuer: \"https://accounts.google.com\", subject: x}]",
+        "",
+    );
+    assert_denied(
+        &verify(&[("tr.yaml", &tr), ("cip.yaml", &wrong)], &image).await,
+        "certificate identity did not match",
+    );
+    // Without the TUF trust the signature's CA is unknown: the allow above came from it.
+    let other = TufRepo::new(
+        &trusted_root_json(&TestFulcio::new("other"), &rekor.public_der()),
+        &TufFaults::default(),
+    );
+    let v = verify(
+        &[
+            ("tr.yaml", &other.repository_trust_root("tuf")),
+            ("cip.yaml", &cip),
+        ],
+        &image,
+    )
+    .await;
+    assert_eq!(v.verdict(), "deny", "{}", v.json);
+
+    // A tampered target and an expired timestamp fail closed, naming the cause.
+    let tampered = TufRepo::new(
+        &trusted_root,
+        &TufFaults {
+            tampered_target: true,
+            ..Default::default()
+        },
+    );
+    let v = verify(
+        &[
+            ("tr.yaml", &tampered.repository_trust_root("tuf")),
+            ("cip.yaml", &cip),
+        ],
+        &image,
+    )
+    .await;
+    assert_denied(
+        &v,
+        "trusted_root.json: hash does not match the one recorded in 1.targets.json",
+    );
+    let expired = TufRepo::new(
+        &trusted_root,
+        &TufFaults {
+            expired_timestamp: true,
+            ..Default::default()
+        },
+    );
+    let v = verify(
+        &[
+            ("tr.yaml", &expired.repository_trust_root("tuf")),
+            ("cip.yaml", &cip),
+        ],
+        &image,
+    )
+    .await;
+    assert_denied(&v, "spec.repository (TUF): timestamp.json: expired at");
+
+    // remote: the same repository served over loopback HTTP, fetched once per verify.
+    let server = TufServer::start(&repo.repository()).await;
+    let tr = repo.remote_trust_root("tuf", &server.url());
+    assert_allowed(&verify(&[("tr.yaml", &tr), ("cip.yaml", &cip)], &image).await);
+    assert_eq!(server.count("/timestamp.json"), 1);
+    assert_eq!(server.count("/2.root.json"), 1);
+    assert_eq!(server.count("/1.targets.json"), 1);
+    server.stop();
+    // With the mirror gone and nothing verified before, the TrustRoot denies with the reason.
+    let v = verify(&[("tr.yaml", &tr), ("cip.yaml", &cip)], &image).await;
+    assert_denied(&v, "2.root.json: could not be fetched");
 }

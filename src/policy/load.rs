@@ -30,6 +30,8 @@ pub struct Objects {
     pub namespaces: Vec<Namespace>,
     pub secrets: Vec<Secret>,
     pub config_maps: Vec<ConfigMap>,
+    /// Verified trust of `remote` (TUF) TrustRoots, fetched before a build (never from files).
+    pub tuf_remote: super::tuf_source::RemoteTrust,
 }
 
 /// A file or document that could not be read; `origin` names file and document.

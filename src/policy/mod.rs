@@ -8,6 +8,7 @@ pub mod rego;
 pub mod remote;
 pub mod snapshot;
 pub mod source;
+pub mod tuf_source;
 pub mod types;
 pub mod validate;
 

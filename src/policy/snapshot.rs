@@ -21,6 +21,7 @@ use crate::verify::keyless::KeylessCheck;
 use crate::verify::keys::{parse_pem_keys, HashAlgorithm, PublicKey};
 use crate::verify::rekor::{decode_log_key, LogKeys, PUBLIC_GOOD_REKOR_URL};
 use crate::verify::trust_root::CertificateAuthority;
+use crate::verify::tuf::TufTrust;
 
 /// Namespace label that opts a namespace into enforcement.
 pub const INCLUDE_LABEL: &str = "policy.sigstore.dev/include";
@@ -249,9 +250,11 @@ impl Snapshot {
             }
             trust_roots.insert(name, &tr.object);
         }
+        let tuf = super::tuf_source::resolve(&trust_roots, &objects.tuf_remote);
         let resolver = Resolver {
             secrets,
             trust_roots,
+            tuf,
             config_maps: objects
                 .config_maps
                 .iter()
@@ -412,6 +415,8 @@ struct Resolver<'a> {
     /// By (namespace, name): policy sources (`configMapRef`).
     config_maps: HashMap<(&'a str, &'a str), &'a k8s_openapi::api::core::v1::ConfigMap>,
     trust_roots: HashMap<&'a str, &'a TrustRoot>,
+    /// What TUF TrustRoots (`repository`, `remote`) yielded, by TrustRoot name.
+    tuf: HashMap<&'a str, Result<TufTrust, String>>,
     controller_namespace: &'a str,
     /// Texts of `remote` policy sources, fetched before the build.
     remote: &'a RemoteTexts,
@@ -785,6 +790,9 @@ fn keyless_check(
         (Some(ctlog), _) => log_keys(ctlog, resolver)?,
         (None, Some(name)) => {
             let mut keys = LogKeys::default();
+            for (_, key) in tuf_tlogs(name, resolver)? {
+                keys.insert(key.clone());
+            }
             let root = resolver.trust_roots.get(name);
             for log in root
                 .iter()
@@ -839,7 +847,8 @@ fn timestamp_authorities(
 /// The public-good Fulcio, whose roots are built in.
 const PUBLIC_GOOD_FULCIO_URL: &str = "https://fulcio.sigstore.dev";
 
-/// The trust material of TrustRoot `name` (its `sigstoreKeys`; TUF roots fail closed).
+/// The trust material of TrustRoot `name`: its `sigstoreKeys`, or what its TUF repository
+/// yielded (an error there fails closed with its reason).
 fn trust_material(
     name: &str,
     resolver: &Resolver,
@@ -848,10 +857,11 @@ fn trust_material(
         .trust_roots
         .get(name)
         .ok_or_else(|| format!("TrustRoot {name:?} not found"))?;
-    if root.spec.remote.is_some() || root.spec.repository.is_some() {
-        return Err(format!(
-            "TrustRoot {name:?}: TrustRoot remote/repository (TUF) is not supported by this version of pullgate; use sigstoreKeys"
-        ));
+    if let Some(trust) = resolver.tuf.get(name) {
+        return trust
+            .as_ref()
+            .map(|t| t.material.clone())
+            .map_err(|e| format!("TrustRoot {name:?}: {e}"));
     }
     let keys = root
         .spec
@@ -860,6 +870,15 @@ fn trust_material(
         .ok_or_else(|| format!("TrustRoot {name:?} has no sigstoreKeys"))?;
     crate::verify::trust_root::from_sigstore_keys(keys)
         .map_err(|e| format!("TrustRoot {name:?}: spec.sigstoreKeys.{e}"))
+}
+
+/// The transparency logs a TUF TrustRoot `name` yielded (none for other TrustRoots).
+fn tuf_tlogs<'r>(name: &str, resolver: &'r Resolver) -> Result<&'r [(String, PublicKey)], String> {
+    match resolver.tuf.get(name) {
+        None => Ok(&[]),
+        Some(Ok(t)) => Ok(&t.tlogs),
+        Some(Err(e)) => Err(format!("TrustRoot {name:?}: {e}")),
+    }
 }
 
 /// The text of the Secret entries `wanted` accepts, joined.
@@ -961,6 +980,25 @@ fn log_keys(ctlog: &super::types::TLog, resolver: &Resolver) -> Result<LogKeys, 
                     decode_log_key(&tlog.public_key)
                         .map_err(|e| format!("TrustRoot tLog key: {e}"))?,
                 );
+            }
+        }
+    }
+    let tuf_names: Vec<&str> = match &ctlog.trust_root_ref {
+        Some(name) => vec![name.as_str()],
+        None => resolver.tuf.keys().copied().collect(),
+    };
+    for name in tuf_names {
+        // A TUF root that failed is an error only where the ctlog names it.
+        let logs = match tuf_tlogs(name, resolver) {
+            Ok(logs) => logs,
+            Err(e) if ctlog.trust_root_ref.is_some() => {
+                return Err(format!("ctlog.trustRootRef: {e}"))
+            }
+            Err(_) => continue,
+        };
+        for (base_url, key) in logs {
+            if ctlog.trust_root_ref.is_some() || base_url.trim_end_matches('/') == url {
+                keys.insert(key.clone());
             }
         }
     }

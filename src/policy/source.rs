@@ -11,6 +11,7 @@ use arc_swap::ArcSwap;
 use super::load::{policy_files, Objects};
 use super::remote::RemoteFetcher;
 use super::snapshot::{Settings, Snapshot};
+use super::tuf_source::RemoteTuf;
 use crate::health::{Freshness, FreshnessCell};
 
 /// Loads `paths` into a snapshot; every load and validation problem is returned on failure.
@@ -21,14 +22,18 @@ pub fn load_snapshot(paths: &[PathBuf], settings: Settings) -> Result<Snapshot, 
     checked(Snapshot::build(&objects, settings))
 }
 
-/// [`load_snapshot`], with the `remote` policy sources the CIPs name fetched through `fetcher`
-/// (a failed fetch fails closed only the CIP or authority naming it, with the reason).
+/// [`load_snapshot`] for one-shot commands, with what the objects name fetched first: `remote`
+/// policy sources through `fetcher`, `remote` (TUF) TrustRoots through `tuf`. A failed fetch
+/// fails closed only the CIP or authority that needs it, with the reason.
 pub async fn load_snapshot_fetching(
     paths: &[PathBuf],
     settings: Settings,
     fetcher: &RemoteFetcher,
+    tuf: &RemoteTuf,
 ) -> Result<Snapshot, Vec<String>> {
-    let objects = load_objects(paths)?;
+    let mut objects = load_objects(paths)?;
+    tuf.refresh(&objects).await;
+    tuf.fill(&mut objects);
     let remote = fetcher.resolve(&objects).await;
     checked(Snapshot::build_with_remote(&objects, settings, &remote))
 }
@@ -89,6 +94,9 @@ pub struct PolicyDir {
     settings: Settings,
     /// Remote policy texts, fetched once and reused by every reload.
     fetcher: Arc<RemoteFetcher>,
+    /// Remote TUF trust, and the TrustRoots of the set in force (what to refresh).
+    tuf: RemoteTuf,
+    trust_roots: std::sync::Mutex<Objects>,
     current: ArcSwap<Snapshot>,
     last_stamp: std::sync::Mutex<Stamp>,
     freshness: FreshnessCell,
@@ -111,8 +119,12 @@ impl PolicyDir {
         fetcher: Arc<RemoteFetcher>,
     ) -> (PolicyDir, Vec<String>) {
         let last_stamp = stamp(&paths);
+        let tuf = RemoteTuf::new(super::tuf_source::DEFAULT_REFRESH);
+        let mut trust_roots = Objects::default();
         let (snapshot, problems, freshness) = match Objects::load_paths(&paths) {
-            Ok(objects) => {
+            Ok(mut objects) => {
+                trust_roots.trust_roots = objects.trust_roots.clone();
+                tuf.fill(&mut objects);
                 let remote = fetcher.resolve(&objects).await;
                 let snapshot = Snapshot::build_with_remote(&objects, settings.clone(), &remote);
                 let problems = snapshot.problems.iter().map(ToString::to_string).collect();
@@ -137,6 +149,8 @@ impl PolicyDir {
             paths,
             settings,
             fetcher,
+            tuf,
+            trust_roots: std::sync::Mutex::new(trust_roots),
             current: ArcSwap::from_pointee(snapshot),
             last_stamp: std::sync::Mutex::new(last_stamp),
             freshness,
@@ -147,6 +161,39 @@ impl PolicyDir {
     /// The snapshot in force.
     pub fn current(&self) -> Arc<Snapshot> {
         self.current.load_full()
+    }
+
+    /// Sets how long verified remote TUF trust is used before it is fetched again.
+    pub fn with_tuf_refresh(mut self, refresh: Duration) -> PolicyDir {
+        self.tuf = RemoteTuf::new(refresh);
+        self
+    }
+
+    /// Fetches the `remote` TrustRoots of the set in force that are due; when what they
+    /// yield changed, rebuilds the snapshot. Returns whether it did.
+    pub async fn refresh_tuf(&self) -> bool {
+        let roots = {
+            let held = self.trust_roots.lock().unwrap_or_else(|p| p.into_inner());
+            if !held
+                .trust_roots
+                .iter()
+                .any(|t| t.object.spec.remote.is_some())
+            {
+                return false;
+            }
+            Objects {
+                trust_roots: held.trust_roots.clone(),
+                ..Objects::default()
+            }
+        };
+        if !self.tuf.refresh(&roots).await {
+            return false;
+        }
+        self.last_stamp
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        matches!(self.reload_if_changed().await, Ok(true))
     }
 
     /// Re-reads the paths if any file changed, or if a `remote` policy fetch failed and is due
@@ -162,17 +209,31 @@ impl PolicyDir {
             }
             *last = now;
         }
-        let snapshot = load_snapshot_fetching(&self.paths, self.settings.clone(), &self.fetcher)
-            .await
-            .inspect_err(|problems| {
-                self.freshness.stale_because(format!(
-                    "the latest policy change is invalid and was not applied: {}",
-                    problems.first().map(String::as_str).unwrap_or_default()
-                ))
-            })?;
+        let snapshot = self.load().await.inspect_err(|problems| {
+            self.freshness.stale_because(format!(
+                "the latest policy change is invalid and was not applied: {}",
+                problems.first().map(String::as_str).unwrap_or_default()
+            ))
+        })?;
         self.current.store(Arc::new(snapshot));
         self.freshness.synced();
         Ok(true)
+    }
+
+    /// The paths' objects, with the verified remote TUF trust and the remote policy texts.
+    async fn load(&self) -> Result<Snapshot, Vec<String>> {
+        let mut objects = load_objects(&self.paths)?;
+        self.trust_roots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .trust_roots = objects.trust_roots.clone();
+        self.tuf.fill(&mut objects);
+        let remote = self.fetcher.resolve(&objects).await;
+        checked(Snapshot::build_with_remote(
+            &objects,
+            self.settings.clone(),
+            &remote,
+        ))
     }
 
     /// Polls for changes every `interval` until the task is dropped. Polling (rather than
@@ -194,6 +255,12 @@ impl PolicyDir {
                         tracing::error!(problem = %p, "invalid policy change ignored; the last good policy set stays in force");
                     }
                 }
+            }
+            if self.refresh_tuf().await {
+                tracing::info!(
+                    fingerprint = self.current().fingerprint(),
+                    "policy set rebuilt with refreshed remote TUF trust"
+                );
             }
         }
     }

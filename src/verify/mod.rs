@@ -9,4 +9,5 @@ pub mod keys;
 pub mod rekor;
 pub mod trust_root;
 pub mod tsa;
+pub mod tuf;
 pub mod x509;

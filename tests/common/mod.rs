@@ -42,6 +42,7 @@ mod registry;
 mod rekor;
 mod skopeo;
 pub mod tsa;
+pub mod tuf;
 
 use std::fs;
 use std::path::Path;

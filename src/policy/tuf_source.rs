@@ -1,0 +1,314 @@
+//! TrustRoots backed by TUF: `repository` is verified from its `mirrorFS` while a snapshot is
+//! built (offline, pure); `remote` is fetched here, in the async layer, before a build, and
+//! handed to the build as already-verified trust ([`RemoteTrust`]).
+//!
+//! Remote trust is cached per TrustRoot (keyed by mirror, root and target names) and refreshed
+//! at most every `refresh` interval or when the TrustRoot object changes. A failed refresh
+//! keeps the last verified trust; with none, the build fails closed with the reason. Nothing
+//! is fetched unless a TrustRoot has `remote` (air-gapped clusters fetch nothing).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use sha2::Digest as _;
+
+use super::load::Objects;
+use super::types::{TrustRoot, TrustRootRemote};
+use crate::verify::tuf::{self, Fetch, TufTrust, Versions};
+
+/// Verified trust of `remote` TrustRoots by [`remote_key`], or why there is none.
+pub type RemoteTrust = HashMap<String, Result<Arc<TufTrust>, String>>;
+
+/// Default interval between refreshes of a remote TUF repository.
+pub const DEFAULT_REFRESH: Duration = Duration::from_secs(4 * 3600);
+/// Timeout of one HTTP request to a TUF mirror.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What identifies a remote repository and what is read from it.
+pub fn remote_key(r: &TrustRootRemote) -> String {
+    let root = hex::encode(sha2::Sha256::digest(r.root.trim().as_bytes()));
+    format!(
+        "{} root-sha256:{root} targets:{} trustedRootTarget:{}",
+        r.mirror.trim_end_matches('/'),
+        tuf::targets_dir(r.targets.as_deref()),
+        trusted_root_target(r.trusted_root_target.as_deref()),
+    )
+}
+
+fn trusted_root_target(t: Option<&str>) -> &str {
+    t.filter(|t| !t.is_empty())
+        .unwrap_or(tuf::DEFAULT_TRUSTED_ROOT_TARGET)
+}
+
+/// The TUF trust of every TUF TrustRoot, by name: `repository` verified now, `remote` looked
+/// up in `remote`.
+pub fn resolve<'a>(
+    trust_roots: &HashMap<&'a str, &'a TrustRoot>,
+    remote: &RemoteTrust,
+) -> HashMap<&'a str, Result<TufTrust, String>> {
+    let now = jiff::Timestamp::now().as_second();
+    let mut out = HashMap::new();
+    for (name, tr) in trust_roots {
+        if let Some(repo) = &tr.spec.repository {
+            let trust = tuf::from_repository(
+                &repo.root,
+                &repo.mirror_fs,
+                repo.targets.as_deref(),
+                repo.trusted_root_target.as_deref(),
+                now,
+            )
+            .map_err(|e| format!("spec.repository (TUF): {e}"));
+            out.insert(*name, trust);
+        } else if let Some(r) = &tr.spec.remote {
+            let trust = match remote.get(&remote_key(r)) {
+                Some(Ok(t)) => Ok(TufTrust::clone(t)),
+                Some(Err(e)) => Err(format!("spec.remote (TUF {}): {e}", r.mirror)),
+                None => Err(format!(
+                    "spec.remote (TUF {}): not fetched and verified yet",
+                    r.mirror
+                )),
+            };
+            out.insert(*name, trust);
+        }
+    }
+    out
+}
+
+struct Entry {
+    trust: Option<Arc<TufTrust>>,
+    error: Option<String>,
+    /// When the last attempt ended, and whether it succeeded.
+    attempted: Instant,
+    succeeded: bool,
+    /// Hash of the TrustRoot object last fetched for: any change refreshes.
+    object: String,
+}
+
+/// The cache of remote TUF trust, shared by the snapshot rebuilds of one policy source.
+pub struct RemoteTuf {
+    entries: Mutex<HashMap<String, Entry>>,
+    refresh: Duration,
+    http: Option<reqwest::Client>,
+}
+
+impl RemoteTuf {
+    /// `refresh`: how long verified trust is used before it is fetched again.
+    pub fn new(refresh: Duration) -> RemoteTuf {
+        let http = reqwest::Client::builder()
+            .timeout(REQUEST_TIMEOUT)
+            .redirect(reqwest::redirect::Policy::limited(3))
+            .build()
+            .map_err(|e| tracing::error!(error = %e, "cannot build the TUF HTTP client"))
+            .ok();
+        RemoteTuf {
+            entries: Mutex::new(HashMap::new()),
+            refresh,
+            http,
+        }
+    }
+
+    /// Copies what is cached for the `remote` TrustRoots of `objects` into it (memory only).
+    pub fn fill(&self, objects: &mut Objects) {
+        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        for tr in &objects.trust_roots {
+            let Some(r) = &tr.object.spec.remote else {
+                continue;
+            };
+            let key = remote_key(r);
+            if let Some(e) = entries.get(&key) {
+                let value = match (&e.trust, &e.error) {
+                    (Some(t), _) => Ok(t.clone()),
+                    (None, Some(err)) => Err(err.clone()),
+                    (None, None) => continue,
+                };
+                objects.tuf_remote.insert(key, value);
+            }
+        }
+    }
+
+    /// Fetches every `remote` TrustRoot of `objects` that is due. Returns whether any cached
+    /// trust (or error) changed, i.e. whether the snapshot should be rebuilt.
+    pub async fn refresh(&self, objects: &Objects) -> bool {
+        let mut changed = false;
+        for tr in &objects.trust_roots {
+            let Some(r) = &tr.object.spec.remote else {
+                continue;
+            };
+            let key = remote_key(r);
+            let object = serde_json::to_vec(&tr.object)
+                .map(|b| hex::encode(sha2::Sha256::digest(b)))
+                .unwrap_or_default();
+            let previous = {
+                let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+                match entries.get(&key) {
+                    Some(e) if !self.due(e, &object) => continue,
+                    Some(e) => e.trust.as_ref().map(|t| t.versions),
+                    None => None,
+                }
+            };
+            let result = self.fetch(r, previous).await;
+            let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+            let entry = entries.entry(key).or_insert_with(|| Entry {
+                trust: None,
+                error: None,
+                attempted: Instant::now(),
+                succeeded: false,
+                object: String::new(),
+            });
+            entry.attempted = Instant::now();
+            entry.object = object;
+            match result {
+                Ok(trust) => {
+                    tracing::info!(mirror = %r.mirror, root_version = trust.versions.root, targets_version = trust.versions.targets, "remote TUF repository verified");
+                    if entry.trust.as_deref() != Some(&trust) || entry.error.is_some() {
+                        changed = true;
+                    }
+                    entry.trust = Some(Arc::new(trust));
+                    entry.error = None;
+                    entry.succeeded = true;
+                }
+                Err(e) => {
+                    entry.succeeded = false;
+                    if entry.trust.is_some() {
+                        // Keep the last verified trust: a mirror outage must not change it.
+                        tracing::warn!(mirror = %r.mirror, error = %e, "remote TUF refresh failed; the last verified trust stays in force");
+                    } else {
+                        tracing::error!(mirror = %r.mirror, error = %e, "remote TUF repository could not be verified; its TrustRoot denies");
+                        if entry.error.as_deref() != Some(&e) {
+                            changed = true;
+                        }
+                        entry.error = Some(e);
+                    }
+                }
+            }
+        }
+        changed
+    }
+
+    fn due(&self, e: &Entry, object: &str) -> bool {
+        if e.object != object {
+            return true;
+        }
+        let age = e.attempted.elapsed();
+        if e.succeeded {
+            age >= self.refresh
+        } else {
+            // Retry failures sooner than the refresh, but never in a tight loop.
+            age >= self.refresh.min(Duration::from_secs(30))
+        }
+    }
+
+    async fn fetch(
+        &self,
+        r: &TrustRootRemote,
+        previous: Option<Versions>,
+    ) -> Result<TufTrust, String> {
+        let base = mirror_url(&r.mirror)?;
+        let http = self
+            .http
+            .clone()
+            .ok_or_else(|| "no HTTP client (see the start-up log)".to_string())?;
+        let root = tuf::decode_root(&r.root).map_err(|e| e.to_string())?;
+        let targets = tuf::targets_dir(r.targets.as_deref()).to_string();
+        let target = trusted_root_target(r.trusted_root_target.as_deref()).to_string();
+        let handle = tokio::runtime::Handle::current();
+        let now = jiff::Timestamp::now().as_second();
+        // The client workflow is sequential and synchronous; each request blocks on the
+        // runtime from a blocking thread.
+        tokio::task::spawn_blocking(move || {
+            let mut repo = HttpRepo { base, http, handle };
+            tuf::update(&mut repo, &root, &targets, &target, now, previous)
+                .map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| format!("TUF update task failed: {e}"))?
+    }
+}
+
+/// The mirror URL: `https://`, or `http://` on a loopback address only (TUF metadata is signed,
+/// but plain HTTP off the host would still let anyone on the path withhold updates unseen).
+fn mirror_url(mirror: &str) -> Result<reqwest::Url, String> {
+    let url = reqwest::Url::parse(mirror.trim())
+        .map_err(|e| format!("mirror {mirror:?} is not a URL: {e}"))?;
+    let host = url.host_str().unwrap_or_default();
+    let loopback = host == "localhost"
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    match url.scheme() {
+        "https" => Ok(url),
+        "http" if loopback => Ok(url),
+        _ => Err(format!(
+            "mirror {mirror:?} must be an https:// URL (http:// only on a loopback address)"
+        )),
+    }
+}
+
+struct HttpRepo {
+    base: reqwest::Url,
+    http: reqwest::Client,
+    handle: tokio::runtime::Handle,
+}
+
+impl Fetch for HttpRepo {
+    fn fetch(&mut self, path: &str, max: u64) -> tuf::Result<Option<Vec<u8>>> {
+        let err = |reason: String| tuf::Error::Fetch {
+            file: path.to_string(),
+            reason,
+        };
+        let url = format!("{}/{path}", self.base.as_str().trim_end_matches('/'));
+        self.handle.block_on(async {
+            let mut resp = self
+                .http
+                .get(&url)
+                .send()
+                .await
+                .map_err(|e| err(e.to_string()))?;
+            let status = resp.status();
+            // S3 and GCS answer 403 for a missing object; both end the root rotation.
+            if status == reqwest::StatusCode::NOT_FOUND || status == reqwest::StatusCode::FORBIDDEN
+            {
+                return Ok(None);
+            }
+            if !status.is_success() {
+                return Err(err(format!("HTTP {status}")));
+            }
+            if resp.content_length().is_some_and(|l| l > max) {
+                return Err(tuf::Error::TooLarge {
+                    file: path.to_string(),
+                    max,
+                });
+            }
+            let mut body = Vec::new();
+            while let Some(chunk) = resp.chunk().await.map_err(|e| err(e.to_string()))? {
+                body.extend_from_slice(&chunk);
+                if body.len() as u64 > max {
+                    return Err(tuf::Error::TooLarge {
+                        file: path.to_string(),
+                        max,
+                    });
+                }
+            }
+            Ok(Some(body))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mirror_must_be_https_or_loopback() {
+        assert!(mirror_url("https://tuf-repo-cdn.sigstore.dev").is_ok());
+        assert!(mirror_url("http://127.0.0.1:8080/repo").is_ok());
+        assert!(mirror_url("http://localhost:1").is_ok());
+        let e = mirror_url("http://tuf.example").unwrap_err();
+        assert!(e.contains("must be an https:// URL"), "{e}");
+        assert!(mirror_url("file:///etc").is_err());
+        assert!(mirror_url("not a url").is_err());
+    }
+}
