@@ -803,6 +803,7 @@ async fn policy_source(
         return Ok((policies, watcher));
     };
     let (source, problem) = ClusterSource::open(settings, snapshot_file);
+    let source = source.with_tuf_refresh(tuf_refresh);
     match problem {
         Some(e @ KubeError::NoSnapshot(_)) => {
             tracing::warn!(problem = %e, "no policy snapshot on disk")

@@ -632,3 +632,55 @@ async fn remote_policy_fetched_once_and_persisted() {
     let why = reasons(&source, NGINX, "demo");
     assert!(why.contains("has not been fetched"), "{why}");
 }
+
+/// A `remote` (TUF) TrustRoot in cluster mode: fetched and verified once the API server has
+/// synced, used by the keyless authority naming it, and not fetched again by later rebuilds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_trust_root_is_fetched_in_cluster_mode() {
+    use common::fulcio::TestFulcio;
+    use common::tuf::{trusted_root_json, TufFaults, TufRepo, TufServer};
+    use common::TestRekor;
+
+    let fulcio = TestFulcio::new("cluster-tuf-fulcio");
+    let rekor = TestRekor::new();
+    let repo = TufRepo::new(
+        &trusted_root_json(&fulcio, &rekor.public_der()),
+        &TufFaults::default(),
+    );
+    let server = TufServer::start(&repo.repository()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeApi::start(true).await;
+    fake.apply(NAMESPACES, namespace("demo", true));
+    let trust_root: Value =
+        serde_yaml::from_str(&repo.remote_trust_root("tuf", &server.url())).unwrap();
+    fake.apply(TRUST_ROOTS, trust_root);
+    fake.apply(
+        CIPS,
+        json!({
+            "apiVersion": "policy.sigstore.dev/v1beta1",
+            "kind": "ClusterImagePolicy",
+            "metadata": {"name": "keyless"},
+            "spec": {
+                "images": [{"glob": "index.docker.io/library/nginx*"}],
+                "authorities": [{"keyless": {"trustRootRef": "tuf", "identities": [{"issuer": "i", "subject": "s"}]}}],
+            },
+        }),
+    );
+    let client = client_from_kubeconfig(&fake.kubeconfig(dir.path()))
+        .await
+        .unwrap();
+    let (source, _) = ClusterSource::open(Settings::default(), None);
+    let source = Arc::new(source);
+    let task = tokio::spawn(source.clone().run(client));
+    // Verified trust makes the authority usable: the decision now needs the signatures
+    // (without it, the authority fails closed and the image is denied offline).
+    eventually(&source, NGINX, "demo", "needs-signatures").await;
+    assert_eq!(server.count("/timestamp.json"), 1);
+    // A later rebuild (another object changes) uses the verified trust without fetching.
+    fake.apply(NAMESPACES, namespace("other", true));
+    eventually(&source, NGINX, "other", "needs-signatures").await;
+    assert_eq!(server.count("/timestamp.json"), 1);
+    task.abort();
+    fake.stop();
+    server.stop();
+}

@@ -39,6 +39,7 @@ use crate::policy::load::Objects;
 use crate::policy::remote::{RemoteFetcher, RemoteKey, RemoteTexts};
 use crate::policy::snapshot::{Settings, Snapshot, CONFIG_MAP_NAME};
 use crate::policy::source::PolicySource;
+use crate::policy::tuf_source::RemoteTuf;
 use crate::policy::types::GROUP;
 
 /// Cluster-mode failures that stop a start or a persist; watch errors are retried, not returned.
@@ -121,7 +122,14 @@ pub struct ClusterSource {
     probe_interval: Duration,
     /// Remote policy texts: fetched once, reused by every rebuild.
     fetcher: Arc<RemoteFetcher>,
+    /// Remote (TUF) TrustRoots: verified trust, refreshed when due.
+    tuf: RemoteTuf,
+    /// Whether the objects in force name a `remote` TrustRoot (then refreshes are polled).
+    remote_trust: AtomicBool,
 }
+
+/// How often `remote` TrustRoots are checked for a due refresh or retry.
+const TUF_POLL: Duration = Duration::from_secs(30);
 
 impl PolicySource for ClusterSource {
     fn current(&self) -> Arc<Snapshot> {
@@ -195,6 +203,8 @@ impl ClusterSource {
             synced_once: AtomicBool::new(false),
             probe_interval: PROBE_INTERVAL,
             fetcher,
+            tuf: RemoteTuf::new(crate::policy::tuf_source::DEFAULT_REFRESH),
+            remote_trust: AtomicBool::new(false),
         };
         (source, problem)
     }
@@ -202,6 +212,12 @@ impl ClusterSource {
     /// The snapshot in force.
     pub fn current(&self) -> Arc<Snapshot> {
         self.current.load_full()
+    }
+
+    /// How long verified remote TUF trust is used before it is fetched again.
+    pub fn with_tuf_refresh(mut self, refresh: Duration) -> ClusterSource {
+        self.tuf = RemoteTuf::new(refresh);
+        self
     }
 
     /// How often the API server is probed (default [`PROBE_INTERVAL`]).
@@ -294,18 +310,39 @@ impl ClusterSource {
         self.synced_once.store(true, Ordering::Release);
         loop {
             self.rebuild(&stores).await;
-            // A remote policy that could not be fetched is tried again by a later rebuild.
-            match self.fetcher.retry_in() {
-                Some(wait) => {
-                    tokio::select! {
-                        _ = changed.notified() => {}
-                        _ = tokio::time::sleep(wait.max(Duration::from_secs(1))) => {}
-                    }
+            loop {
+                // A remote policy that could not be fetched is tried again by a later rebuild;
+                // remote TrustRoots are polled for a due refresh.
+                let retry = self.fetcher.retry_in();
+                let poll = self
+                    .remote_trust
+                    .load(Ordering::Acquire)
+                    .then_some(TUF_POLL);
+                let Some(wait) = retry.into_iter().chain(poll).min() else {
+                    changed.notified().await;
+                    break;
+                };
+                tokio::select! {
+                    _ = changed.notified() => break,
+                    _ = tokio::time::sleep(wait.max(Duration::from_secs(1))) => {}
                 }
-                None => changed.notified().await,
+                if retry.is_some() || self.refresh_tuf(&stores).await {
+                    break;
+                }
             }
             // Coalesce a burst (a relist, a kubectl apply of many objects) into one rebuild.
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Fetches the `remote` TrustRoots that are due; whether what they yield changed.
+    async fn refresh_tuf(&self, stores: &Stores) -> bool {
+        let Ok(text) = serde_json::to_string(&stores.document()) else {
+            return false;
+        };
+        match objects_from_text(&text, "API server") {
+            Ok((objects, _)) => self.tuf.refresh(&objects).await,
+            Err(_) => false,
         }
     }
 
@@ -319,7 +356,14 @@ impl ClusterSource {
             }
         };
         let built = match objects_from_text(&text, "API server") {
-            Ok((objects, _)) => {
+            Ok((mut objects, _)) => {
+                let remote_trust = objects
+                    .trust_roots
+                    .iter()
+                    .any(|t| t.object.spec.remote.is_some());
+                self.remote_trust.store(remote_trust, Ordering::Release);
+                self.tuf.refresh(&objects).await;
+                self.tuf.fill(&mut objects);
                 let remote = self.fetcher.resolve(&objects).await;
                 Ok((
                     Snapshot::build_with_remote(&objects, self.settings.clone(), &remote),
