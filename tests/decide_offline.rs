@@ -243,7 +243,8 @@ async fn features_not_built_fail_closed_with_a_reason() {
         ),
         "{reasons:?}"
     );
-    // A keyless authority trusting a TUF-distributed TrustRoot: the TUF client is not built.
+    // A keyless authority trusting a remote TUF TrustRoot that was never fetched (an offline
+    // build): it fails closed, saying so.
     let tuf = "---\napiVersion: policy.sigstore.dev/v1alpha1\nkind: TrustRoot\nmetadata: {name: tuf}\nspec: {remote: {mirror: \"https://tuf.example.com\", root: eyJ9}}\n";
     let keyless = "[{keyless: {trustRootRef: tuf, identities: [{issuer: i, subject: s}]}}]";
     let s = snapshot(
@@ -253,9 +254,8 @@ async fn features_not_built_fail_closed_with_a_reason() {
     let (v, reasons) = verdict(&s, "ghcr.io/a/b:1", None).await;
     assert_eq!(v, Verdict::Deny);
     assert!(
-        reasons[0].contains(
-            "TrustRoot remote/repository (TUF) is not supported by this version of pullgate"
-        ),
+        reasons[0]
+            .contains("spec.remote (TUF https://tuf.example.com): not fetched and verified yet"),
         "{reasons:?}"
     );
 }
