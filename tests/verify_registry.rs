@@ -40,13 +40,7 @@ async fn signed_image_is_allowed_and_unsigned_denied() {
     );
 
     let v = verify(&cip, &reg.tag_ref("app", "signed"), &[]).await;
-    assert_eq!(
-        (v.code, v.verdict()),
-        (0, "allow"),
-        "{} {}",
-        v.json,
-        v.stderr
-    );
+    assert_allowed(&v);
     assert_eq!(v.json["digest"], signed.as_str());
     let authority = &v.json["policies"][0]["authorities"][0];
     assert_eq!(authority["passed"], true);
@@ -257,13 +251,7 @@ async fn any_key_in_a_secret_may_verify() {
     );
     let cip = "---\napiVersion: policy.sigstore.dev/v1alpha1\nkind: ClusterImagePolicy\nmetadata: {name: p}\nspec:\n  images: [{glob: \"**\"}]\n  authorities: [{key: {secretRef: {name: team-keys}}}]\n";
     let v = verify(&format!("{secret}{cip}"), &reg.tag_ref("app", "v1"), &[]).await;
-    assert_eq!(
-        (v.code, v.verdict()),
-        (0, "allow"),
-        "{} {}",
-        v.json,
-        v.stderr
-    );
+    assert_allowed(&v);
     // The Secret without the new key: denied.
     let only_old = secret.replace(
         &format!(
@@ -297,13 +285,7 @@ async fn signatures_in_another_repository_with_source_oci() {
         &format!("    source:\n    - oci: {}/signatures\n", reg.addr()),
     );
     let v = verify(&with_source, &image, &[]).await;
-    assert_eq!(
-        (v.code, v.verdict()),
-        (0, "allow"),
-        "{} {}",
-        v.json,
-        v.stderr
-    );
+    assert_allowed(&v);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -324,13 +306,7 @@ async fn mirrored_image_and_signature_verify_in_the_mirror() {
         "",
     );
     let v = verify(&cip, &reg.tag_ref("mirror/app", "v1"), &[]).await;
-    assert_eq!(
-        (v.code, v.verdict()),
-        (0, "allow"),
-        "{} {}",
-        v.json,
-        v.stderr
-    );
+    assert_allowed(&v);
     assert_eq!(v.json["digest"], digest.as_str());
 }
 
@@ -360,13 +336,7 @@ async fn ctlog_requires_a_valid_rekor_bundle() {
     reg.sign_with_bundle("valid", &valid, &key, &rekor, 1_700_000_000)
         .await;
     let v = verify(&policies, &reg.tag_ref("valid", "v1"), &[]).await;
-    assert_eq!(
-        (v.code, v.verdict()),
-        (0, "allow"),
-        "{} {}",
-        v.json,
-        v.stderr
-    );
+    assert_allowed(&v);
     assert_eq!(
         v.json["policies"][0]["authorities"][0]["evidence"]["tlog"]["integrated_time"],
         1_700_000_000
@@ -510,13 +480,7 @@ async fn credentials_from_flags_and_docker_config() {
         &["--username", TEST_USER, "--password", TEST_PASSWORD],
     )
     .await;
-    assert_eq!(
-        (v.code, v.verdict()),
-        (0, "allow"),
-        "{} {}",
-        v.json,
-        v.stderr
-    );
+    assert_allowed(&v);
 
     use base64::Engine as _;
     let auth =
@@ -529,13 +493,7 @@ async fn credentials_from_flags_and_docker_config() {
     let path = dir.path().join("config.json");
     std::fs::write(&path, config).unwrap();
     let v = verify(&cip, &image, &["--docker-config", path.to_str().unwrap()]).await;
-    assert_eq!(
-        (v.code, v.verdict()),
-        (0, "allow"),
-        "{} {}",
-        v.json,
-        v.stderr
-    );
+    assert_allowed(&v);
 
     let v = verify(
         &cip,
@@ -613,13 +571,7 @@ async fn cosign_encrypted_key_files_sign_verifiable_signatures() {
     .await;
     let cip = key_cip("p", "**", &[&key.public_pem()], "");
     let v = verify(&cip, &reg.tag_ref("app", "v1"), &[]).await;
-    assert_eq!(
-        (v.code, v.verdict()),
-        (0, "allow"),
-        "{} {}",
-        v.json,
-        v.stderr
-    );
+    assert_allowed(&v);
 }
 
 #[tokio::test(flavor = "multi_thread")]
