@@ -159,7 +159,8 @@ impl Default for FetchConfig {
 pub struct RemoteFetcher {
     /// `Err`: the HTTP client could not be built (e.g. no usable roots); every fetch fails
     /// with this reason, which keeps the policies naming remote sources closed.
-    http: Result<reqwest::Client, String>,
+    /// Built on the first fetch: a policy set without `remote` sources never needs it.
+    http: std::sync::OnceLock<Result<reqwest::Client, String>>,
     config: FetchConfig,
     good: Mutex<HashMap<RemoteKey, Arc<str>>>,
     /// Failed fetches: the reason and when it happened.
@@ -185,7 +186,7 @@ impl std::fmt::Debug for RemoteFetcher {
 impl RemoteFetcher {
     pub fn new(config: FetchConfig) -> RemoteFetcher {
         RemoteFetcher {
-            http: build_client(&config),
+            http: std::sync::OnceLock::new(),
             config,
             good: Mutex::new(HashMap::new()),
             failed: Mutex::new(HashMap::new()),
@@ -280,7 +281,8 @@ impl RemoteFetcher {
 
     async fn fetch(&self, key: &RemoteKey) -> Result<String, String> {
         precheck(key)?;
-        let http = self.http.as_ref().map_err(|e| {
+        let http = self.http.get_or_init(|| build_client(&self.config));
+        let http = http.as_ref().map_err(|e| {
             format!(
                 "remote policy {}: no HTTPS client could be built: {e}",
                 key.url

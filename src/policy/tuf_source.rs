@@ -89,22 +89,17 @@ struct Entry {
 pub struct RemoteTuf {
     entries: Mutex<HashMap<String, Entry>>,
     refresh: Duration,
-    http: Option<reqwest::Client>,
+    /// Built on the first fetch: a policy set without `remote` TrustRoots never needs it.
+    http: std::sync::OnceLock<Option<reqwest::Client>>,
 }
 
 impl RemoteTuf {
     /// `refresh`: how long verified trust is used before it is fetched again.
     pub fn new(refresh: Duration) -> RemoteTuf {
-        let http = reqwest::Client::builder()
-            .timeout(REQUEST_TIMEOUT)
-            .redirect(reqwest::redirect::Policy::limited(3))
-            .build()
-            .map_err(|e| tracing::error!(error = %e, "cannot build the TUF HTTP client"))
-            .ok();
         RemoteTuf {
             entries: Mutex::new(HashMap::new()),
             refresh,
-            http,
+            http: std::sync::OnceLock::new(),
         }
     }
 
@@ -207,8 +202,16 @@ impl RemoteTuf {
         let base = mirror_url(&r.mirror)?;
         let http = self
             .http
+            .get_or_init(|| {
+                reqwest::Client::builder()
+                    .timeout(REQUEST_TIMEOUT)
+                    .redirect(reqwest::redirect::Policy::limited(3))
+                    .build()
+                    .map_err(|e| tracing::error!(error = %e, "cannot build the TUF HTTP client"))
+                    .ok()
+            })
             .clone()
-            .ok_or_else(|| "no HTTP client (see the start-up log)".to_string())?;
+            .ok_or_else(|| "no HTTP client (see the log)".to_string())?;
         let root = tuf::decode_root(&r.root).map_err(|e| e.to_string())?;
         let targets = tuf::targets_dir(r.targets.as_deref()).to_string();
         let target = trusted_root_target(r.trusted_root_target.as_deref()).to_string();
