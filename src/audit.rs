@@ -182,6 +182,15 @@ impl AuditLog {
         })
     }
 
+    /// A sink that writes nothing (one-shot commands print their decision instead).
+    pub fn silent() -> AuditLog {
+        AuditLog {
+            file: None,
+            stdout: false,
+            metrics: None,
+        }
+    }
+
     /// Also counts each recorded decision in `metrics`.
     pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> AuditLog {
         self.metrics = Some(metrics);

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::decide::{decide_in, Context};
+use crate::engine::{Engine, Request as EngineRequest};
 use crate::image_ref::ImageRef;
 use crate::policy::eval::{Decision, Verdict};
 use crate::policy::object::{AdmissionObject, ObjectSource};
@@ -372,6 +372,7 @@ impl ScopeArgs {
                 .cloned()
                 .collect::<BTreeSet<_>>(),
             controller_namespace: self.controller_namespace.clone(),
+            enforce_unknown_namespaces: false,
         }
     }
 }
@@ -425,10 +426,9 @@ fn error_exit(message: &str) -> ExitCode {
 }
 
 async fn verify(args: VerifyArgs) -> ExitCode {
-    let image = match ImageRef::parse(&args.image) {
-        Ok(i) => i,
-        Err(e) => return error_exit(&e.to_string()),
-    };
+    if let Err(e) = ImageRef::parse(&args.image) {
+        return error_exit(&e.to_string());
+    }
     // A one-shot check fetches what the policies name (remote policy texts, `remote` TUF
     // TrustRoots) before it decides.
     let fetcher = crate::policy::remote::RemoteFetcher::default();
@@ -459,12 +459,25 @@ async fn verify(args: VerifyArgs) -> ExitCode {
             .as_ref()
             .and_then(|o| o.metadata.as_ref()?.get("namespace")?.as_str())
     });
-    let context = Context {
-        namespace,
-        object: object.as_ref(),
-        ..Context::default()
+    let engine = Engine {
+        policies: std::sync::Arc::new(crate::policy::source::Fixed::new(snapshot)),
+        registry,
+        // One decision: the cache only serves the engine's single-flight path.
+        cache: crate::verify::cache::VerdictCache::new(
+            Duration::ZERO,
+            Duration::ZERO,
+            Duration::ZERO,
+            1,
+        ),
+        // `pullgate verify` prints its decision; it writes no audit file.
+        audit: crate::audit::AuditLog::silent(),
+        node: host_name(),
     };
-    let decision = decide_in(&snapshot, &registry, &image, &context).await;
+    let request = EngineRequest {
+        object: object.as_ref(),
+        ..EngineRequest::new(crate::audit::Source::Cli, namespace)
+    };
+    let decision = engine.decide(&args.image, &request).await.decision;
     let printed = match args.output {
         Output::Json => serde_json::to_string_pretty(&decision)
             .map(|s| s + "\n")
@@ -620,11 +633,14 @@ async fn serve(args: ServeArgs) -> ExitCode {
     };
     let proxy = Arc::new(Proxy {
         containerd,
-        policies: policies.clone(),
-        registry,
-        cache: args.daemon.verdict_cache(),
-        audit,
-        node: args.daemon.node(),
+        engine: crate::engine::Engine {
+            policies: policies.clone(),
+            registry,
+            cache: args.daemon.verdict_cache(),
+            audit,
+            node: args.daemon.node(),
+        },
+        pull_credentials: Default::default(),
     });
     tracing::info!(listen = %args.listen.display(), containerd = %args.containerd.display(), "pullgate serving");
     eprintln!(
@@ -714,15 +730,19 @@ async fn admission(args: AdmissionArgs) -> ExitCode {
         Ok(l) => l,
         Err(e) => return error_exit(&e.to_string()),
     };
+    let trust_namespace_selector = pull_secrets.is_some();
     let shim = Arc::new(Shim {
-        policies,
+        engine: crate::engine::Engine {
+            policies,
+            registry,
+            cache: args.daemon.verdict_cache(),
+            audit,
+            node: args.daemon.node(),
+        },
         metrics,
-        registry,
-        cache: args.daemon.verdict_cache(),
-        audit,
-        node: args.daemon.node(),
         enforce_by_default: args.enforce_by_default,
         pull_secrets,
+        trust_namespace_selector,
     });
     let interval = args.daemon.reload_interval();
     let cert_watcher = tokio::spawn(async move {
@@ -801,6 +821,12 @@ async fn policy_source(
         let policies = Arc::new(policies);
         let watcher = tokio::spawn(policies.clone().watch(reload_interval));
         return Ok((policies, watcher));
+    };
+    // The API server lists every namespace: one the snapshot does not know yet is one the
+    // snapshot lags behind on, and is enforced until it is known.
+    let settings = Settings {
+        enforce_unknown_namespaces: true,
+        ..settings
     };
     let (source, problem) = ClusterSource::open(settings, snapshot_file);
     let source = source.with_tuf_refresh(tuf_refresh);

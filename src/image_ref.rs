@@ -58,7 +58,7 @@ pub enum RefError {
     #[error("invalid image reference {input:?}: invalid character {ch:?}")]
     InvalidChar { input: String, ch: char },
     #[error(
-        "invalid image reference {input:?}: a 64-character hexadecimal string is an image ID, not a reference"
+        "invalid image reference {input:?}: an image ID (sha256:<64 hex>, or 64 hex characters) names content already on one node, not an image to verify; write host/repository@sha256:<manifest digest>"
     )]
     ImageId { input: String },
     #[error(
@@ -125,7 +125,10 @@ impl ImageRef {
         if let Some(ch) = s.chars().find(|&c| !is_reference_char(c)) {
             return Err(RefError::InvalidChar { input: input(), ch });
         }
-        if s.len() == 64 && is_lower_hex(s) {
+        // containerd resolves these as local image IDs, never as Docker Hub tags of a
+        // repository named `sha256`: whatever they are read as, nothing would be verified.
+        let id = s.strip_prefix("sha256:").unwrap_or(s);
+        if id.len() == 64 && is_lower_hex(id) {
             return Err(RefError::ImageId { input: input() });
         }
 
@@ -279,6 +282,25 @@ impl ImageRef {
     pub fn with_digest(&self, digest: &str) -> ImageRef {
         ImageRef {
             digest: Some(digest.to_string()),
+            ..self.clone()
+        }
+    }
+
+    /// The same name and digest without the tag: what containerd fetches for a reference that
+    /// carries both (it ignores the tag).
+    pub fn without_tag(&self) -> ImageRef {
+        ImageRef {
+            tag: None,
+            ..self.clone()
+        }
+    }
+
+    /// The repository alone, without tag or digest: a name to pin to a digest with
+    /// [`ImageRef::with_digest`] (it is not a reference on its own).
+    pub fn without_tag_or_digest(&self) -> ImageRef {
+        ImageRef {
+            tag: None,
+            digest: None,
             ..self.clone()
         }
     }
@@ -704,6 +726,10 @@ mod tests {
             RefError::InvalidChar { ch: 'ö', .. }
         ));
         assert!(matches!(error(&"ab".repeat(32)), RefError::ImageId { .. }));
+        let id = format!("sha256:{}", "ab".repeat(32));
+        assert!(matches!(error(&id), RefError::ImageId { .. }));
+        // A tag that merely starts like a digest algorithm is still a tag.
+        assert!("sha256:v1".parse::<ImageRef>().is_ok());
         assert!(matches!(error("nginx:"), RefError::InvalidTag { .. }));
         assert!(matches!(error("nginx:.x"), RefError::InvalidTag { .. }));
         assert!(matches!(error("nginx:1:2"), RefError::InvalidTag { .. }));

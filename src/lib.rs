@@ -9,7 +9,7 @@ pub mod admission;
 pub mod audit;
 pub mod cli;
 pub mod cri;
-pub mod decide;
+pub mod engine;
 pub mod health;
 pub mod image_ref;
 pub mod kube;

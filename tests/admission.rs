@@ -1101,3 +1101,36 @@ isCompliant {
         &denial("spec.template.spec.containers[0].image"),
     );
 }
+
+/// The reference table of tests/fixtures/references.yaml through the shim: coverage on the
+/// reference as it will be fetched, image IDs refused (tests/references.rs runs it through
+/// `pullgate verify`).
+#[tokio::test(flavor = "multi_thread")]
+async fn reference_table_through_the_shim() {
+    let reg = Registry::start().await;
+    let cases = common::references::reference_cases(&reg).await;
+    let mut sets: Vec<&str> = cases.iter().map(|c| c.policies.as_str()).collect();
+    sets.dedup();
+    for set in sets {
+        let policies = write_policy_dir(&[("policies.yaml", set)]);
+        let shim = Admission::start(policies.path(), &[]).await;
+        for case in cases.iter().filter(|c| c.policies == set) {
+            let mut pod = fixture("pod.json");
+            pod["request"]["namespace"] = json!("demo");
+            pod["request"]["object"]["metadata"]["namespace"] = json!("demo");
+            pod["request"]["object"]["spec"] =
+                json!({"containers": [{"name": "a", "image": case.image}]});
+            let r = shim.review("/validate/workloads", &pod).await;
+            let what = format!("{}: {} -> {r}", case.name, case.image);
+            let allowed = case.verdict == "allow";
+            assert_eq!(r["allowed"], allowed, "{what}");
+            if let Some(reason) = &case.reason {
+                let message = r["status"]["message"].as_str().unwrap_or_default();
+                assert!(
+                    message.contains(reason.as_str()),
+                    "{what}: wanted {reason:?}"
+                );
+            }
+        }
+    }
+}

@@ -2,7 +2,7 @@
 //! scope, invalid policies. The registry client here points nowhere reachable, so any
 //! attempted registry access would turn the verdict into `error` and fail these tests.
 
-use pullgate::decide::decide;
+use pullgate::engine::decide;
 use pullgate::image_ref::ImageRef;
 use pullgate::policy::eval::Verdict;
 use pullgate::policy::load::Objects;

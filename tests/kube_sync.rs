@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::fake_api::*;
-use pullgate::decide::decide;
+use pullgate::engine::decide;
 use pullgate::kube::{client_from_kubeconfig, ClusterSource, Error};
 use pullgate::policy::eval::{decide_offline, Offline, Verdict};
 use pullgate::policy::snapshot::Settings;

@@ -257,7 +257,7 @@ async fn remote_policies_pass_fail_and_fail_closed() {
 /// reload and, once it succeeds, the decision follows.
 #[tokio::test(flavor = "multi_thread")]
 async fn fetched_once_across_decisions_and_retried_after_failure() {
-    use pullgate::decide::decide;
+    use pullgate::engine::decide;
     use pullgate::image_ref::ImageRef;
     use pullgate::policy::eval::Verdict;
     use pullgate::policy::remote::{FetchConfig, RemoteFetcher};

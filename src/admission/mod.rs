@@ -27,11 +27,8 @@ pub use review::{BadReview, Response};
 pub use server::{bind, handle, serve, BindError, MAX_BODY_BYTES};
 pub use tls::{CertFiles, TlsError};
 
-use crate::audit::AuditLog;
+use crate::engine::Engine;
 use crate::metrics::Metrics;
-use crate::policy::source::PolicySource;
-use crate::registry::RegistryClient;
-use crate::verify::cache::VerdictCache;
 
 /// The webhooks served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,18 +57,18 @@ impl Webhook {
 /// Everything the webhooks share: the live policy set, the registry client, the verdict cache
 /// (keyed as the node keys it: by digest and policy fingerprint) and the audit log.
 pub struct Shim {
-    pub policies: Arc<dyn PolicySource>,
+    /// The decision engine (policies, registry, verdict cache, audit log).
+    pub engine: Engine,
     /// Served at `/metrics`; `/readyz` reports the policy snapshot's freshness.
     pub metrics: Arc<Metrics>,
-    pub registry: RegistryClient,
-    pub cache: VerdictCache,
-    pub audit: AuditLog,
-    /// Written in audit lines (`node`).
-    pub node: String,
     /// Label new namespaces for enforcement unless excluded.
     pub enforce_by_default: bool,
     /// Cluster mode: reads workloads' `imagePullSecrets` for registry access.
     pub pull_secrets: Option<pull_secrets::PullSecrets>,
+    /// Cluster mode: a workload review arrives only for namespaces the webhook's
+    /// `namespaceSelector` matched on their current labels, so the namespace is enforced
+    /// (unless exempt) even where the shim's own view of the labels lags.
+    pub trust_namespace_selector: bool,
 }
 
 impl Shim {
@@ -79,7 +76,7 @@ impl Shim {
     /// (HTTP 400); every decision, allow or deny, is `Ok`.
     pub async fn review(&self, webhook: Webhook, body: &[u8]) -> Result<Response, BadReview> {
         let request = review::parse(body)?;
-        let snapshot = self.policies.current();
+        let snapshot = self.engine.policies.current();
         Ok(match webhook {
             Webhook::Workloads => workloads::review(self, &snapshot, &request).await,
             Webhook::Policies => policies::review(&snapshot, &request),

@@ -148,3 +148,13 @@ mod tests {
         assert!(names(&json!({"spec": {"imagePullSecrets": "x"}}), &["spec"]).is_empty());
     }
 }
+
+impl crate::engine::PullSecretReader for PullSecrets {
+    fn credentials<'a>(
+        &'a self,
+        namespace: &'a str,
+        names: &'a [String],
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Credentials> + Send + 'a>> {
+        Box::pin(PullSecrets::credentials(self, namespace, names))
+    }
+}

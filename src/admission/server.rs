@@ -88,7 +88,7 @@ async fn read_body(req: http::Request<Incoming>) -> Result<Bytes, BadReview> {
 /// Routes one HTTP request. Every outcome is an HTTP answer; nothing here can stop the server.
 pub async fn handle(shim: &Shim, req: http::Request<Incoming>) -> Reply {
     let path = req.uri().path().to_string();
-    if let Some(answer) = admin_reply(req.method(), &path, &*shim.policies, &shim.metrics) {
+    if let Some(answer) = admin_reply(req.method(), &path, &*shim.engine.policies, &shim.metrics) {
         return answer;
     }
     let Some(webhook) = Webhook::from_path(&path) else {

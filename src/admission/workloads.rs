@@ -6,7 +6,6 @@
 //! containers use it, and audited once.
 
 use std::collections::HashMap;
-use std::time::Instant;
 
 use serde_json::Value;
 use tracing::Instrument as _;
@@ -14,18 +13,13 @@ use tracing::Instrument as _;
 use super::field_error::FieldErrors;
 use super::review::{GroupVersionKind, Request, Response};
 use super::{pull_secrets, Shim};
-use crate::audit::{AuditLine, Source};
-use crate::decide::{decide_in, Context};
+use crate::audit::Source;
+use crate::engine::Request as EngineRequest;
 use crate::image_ref::ImageRef;
-use crate::policy::eval::{
-    decide_offline, failure_reason, object_cache_key, signature_pull_secret_names, Decision,
-    Offline, Verdict,
-};
+use crate::policy::eval::{failure_reason, Decision, Verdict};
 use crate::policy::object::{AdmissionObject, ObjectSource};
 use crate::policy::snapshot::Mode;
 use crate::policy::Snapshot;
-use crate::registry::Credential;
-use crate::verify::cache::CacheKey;
 
 /// Container lists of a pod spec, in the order policy-controller checks them.
 const CONTAINER_LISTS: [&str; 3] = ["initContainers", "containers", "ephemeralContainers"];
@@ -145,79 +139,6 @@ pub fn problems(
     }
 }
 
-/// The decision (for the audit log) on an image reference that does not parse: could not
-/// decide where enforced; where not, no business of the shim's.
-fn unparsable(image: &str, namespace: Option<&str>, enforced: bool, reason: String) -> Decision {
-    Decision {
-        image: image.to_string(),
-        digest: None,
-        namespace: namespace.map(str::to_string),
-        enforced,
-        verdict: if enforced {
-            Verdict::Error
-        } else {
-            Verdict::Allow
-        },
-        reasons: vec![reason],
-        policies: Vec::new(),
-    }
-}
-
-/// Decides one image as the node would: registry-free when possible, else resolve the tag,
-/// then the verdict cached by digest and policy fingerprint (and by the object's parts that
-/// CIP-level policies read). Returns (decision, cache hit).
-async fn decide(
-    shim: &Shim,
-    snapshot: &Snapshot,
-    image: &ImageRef,
-    namespace: Option<&str>,
-    auth: Option<&Credential>,
-    object: &AdmissionObject,
-) -> (Decision, bool) {
-    if let Offline::Decided(d) = decide_offline(snapshot, image, namespace, Some(object)) {
-        return (d, false);
-    }
-    // Tags move: resolve on every review, then reuse verdicts by digest.
-    let digest = match shim.registry.resolve(image, auth).await {
-        Ok(d) => d,
-        Err(e) => {
-            let mut d = Decision::new(image, namespace, true);
-            d.verdict = Verdict::Error;
-            d.reasons = vec![format!("could not verify {image}: {e}")];
-            return (d, false);
-        }
-    };
-    let pinned = image.with_digest(&digest);
-    // signaturePullSecrets live in the workload's namespace: read them now (cluster mode).
-    let secret_names = signature_pull_secret_names(snapshot, image);
-    let signature_auth = match (&shim.pull_secrets, namespace) {
-        (Some(reader), Some(ns)) if !secret_names.is_empty() => {
-            Some(reader.credentials(ns, &secret_names).await)
-        }
-        _ => None,
-    };
-    let key = CacheKey {
-        image: pinned.to_string(),
-        enforced: true,
-        fingerprint: snapshot.fingerprint().to_string(),
-        object: object_cache_key(snapshot, image, Some(object)),
-    };
-    let context = Context {
-        namespace,
-        auth,
-        signature_auth: signature_auth.as_ref(),
-        object: Some(object),
-    };
-    let (mut decision, hit) = shim
-        .cache
-        .get_or_compute(key, || {
-            decide_in(snapshot, &shim.registry, &pinned, &context)
-        })
-        .await;
-    decision.namespace = namespace.map(str::to_string);
-    (decision, hit)
-}
-
 fn str_at<'a>(object: &'a Value, pointer: &str) -> Option<&'a str> {
     object
         .pointer(pointer)
@@ -277,7 +198,9 @@ pub async fn review(shim: &Shim, snapshot: &Snapshot, req: &Request) -> Response
                 distinct.push(&f.image);
             }
         }
-        let enforced = snapshot.is_enforced(namespace);
+        let enforced = snapshot.is_enforced(namespace)
+            || (shim.trust_namespace_selector
+                && namespace.is_some_and(|ns| !snapshot.is_exempt(ns)));
         let pod = pod.as_str();
         let credentials = match (&shim.pull_secrets, namespace) {
             (Some(reader), Some(ns)) if enforced => {
@@ -303,24 +226,23 @@ pub async fn review(shim: &Shim, snapshot: &Snapshot, req: &Request) -> Response
                 Some(serde_json::json!({"kind": req.kind.kind, "apiVersion": api_version}));
         }
         let admission_object = &admission_object;
+        let pull_secrets = shim
+            .pull_secrets
+            .as_ref()
+            .map(|r| r as &dyn crate::engine::PullSecretReader);
         let decisions = futures_util::future::join_all(distinct.iter().map(|&image| async move {
-            let started = Instant::now();
-            let (decision, hit) = match ImageRef::parse(image) {
-                Err(e) => (unparsable(image, namespace, enforced, e.to_string()), false),
-                Ok(parsed) => {
-                    let auth = credentials.and_then(|c| c.for_host(parsed.registry()));
-                    decide(shim, snapshot, &parsed, namespace, auth, admission_object).await
-                }
+            let auth = ImageRef::parse(image)
+                .ok()
+                .and_then(|parsed| credentials.and_then(|c| c.for_host(parsed.registry())));
+            let request = EngineRequest {
+                pod: Some(pod),
+                auth,
+                pull_secrets,
+                object: Some(admission_object),
+                namespace_selected: shim.trust_namespace_selector,
+                ..EngineRequest::new(Source::Admission, namespace)
             };
-            shim.audit.record(&AuditLine::new(
-                Source::Admission,
-                &shim.node,
-                Some(pod),
-                &decision,
-                hit,
-                started.elapsed(),
-            ));
-            (image, decision)
+            (image, shim.engine.decide(image, &request).await.decision)
         }))
         .await;
         let decisions: HashMap<&str, Decision> = decisions.into_iter().collect();
@@ -421,6 +343,7 @@ mod tests {
                         evidence: None,
                     }],
                     problems: Vec::new(),
+                    by_repository: false,
                 },
                 PolicyOutcome {
                     name: "soft".into(),
@@ -433,6 +356,7 @@ mod tests {
                         evidence: None,
                     }],
                     problems: Vec::new(),
+                    by_repository: false,
                 },
             ],
         };

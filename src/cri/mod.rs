@@ -3,6 +3,7 @@
 //! verified digest; every other RPC (and any method pullgate does not know) is forwarded byte
 //! for byte.
 
+pub mod create;
 pub mod pull;
 pub mod raw;
 
@@ -20,10 +21,9 @@ use tonic::server::NamedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 
-use crate::audit::AuditLog;
-use crate::policy::source::PolicySource;
-use crate::registry::RegistryClient;
-use crate::verify::cache::VerdictCache;
+use crate::engine::Engine;
+use crate::policy::eval::Decision;
+use crate::policy::object::AdmissionObject;
 use raw::RawCodec;
 
 /// gRPC service name pullgate serves.
@@ -51,14 +51,35 @@ pub enum ServeError {
     Server(String),
 }
 
+/// kubelet shows this as the pod's waiting reason when a pull error starts with it (and a
+/// create error with it as `CreateContainerError`).
+pub const DENY_PREFIX: &str = "SignatureValidationFailed: ";
+
 /// Everything a request needs, shared by all connections.
 pub struct Proxy {
     pub containerd: Channel,
-    pub policies: Arc<dyn PolicySource>,
-    pub registry: RegistryClient,
-    pub cache: VerdictCache,
-    pub audit: AuditLog,
-    pub node: String,
+    pub engine: Engine,
+    /// The credential kubelet last pulled each repository with, for create-time fetches.
+    pub pull_credentials: create::PullCredentials,
+}
+
+/// The one mapping of a refusal to gRPC: code `Unknown`, message `SignatureValidationFailed: `
+/// and the reasons.
+pub fn refusal(decision: &Decision, what: &str) -> Status {
+    tracing::warn!(verdict = decision.verdict.as_str(), reasons = ?decision.reasons, "{what}");
+    Status::unknown(format!("{DENY_PREFIX}{}", decision.reasons.join("; ")))
+}
+
+/// What kubelet tells of a pod in `sandbox_config`: CIP-level policies may read its metadata.
+pub fn sandbox_object(config: &k8s_cri::v1::PodSandboxConfig) -> AdmissionObject {
+    let m = config.metadata.clone().unwrap_or_default();
+    AdmissionObject::from_pod_sandbox(
+        &m.name,
+        &m.namespace,
+        &m.uid,
+        &config.labels,
+        &config.annotations,
+    )
 }
 
 /// A lazily connecting channel to containerd's socket: a containerd restart is survived by
@@ -182,6 +203,8 @@ impl tonic::server::UnaryService<Bytes> for Method {
         Box::pin(async move {
             if path == PULL_IMAGE_PATH {
                 pull::pull_image(&proxy, req).await
+            } else if path == create::CREATE_CONTAINER_PATH {
+                create::create_container(&proxy, req).await
             } else {
                 proxy.forward(&path, req).await
             }

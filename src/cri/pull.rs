@@ -1,8 +1,6 @@
 //! `PullImage`: decide, then forward the pull pinned to the verified digest and record the
 //! requested tag in containerd, or deny with kubelet's `SignatureValidationFailed` reason.
 
-use std::time::Instant;
-
 use base64::Engine as _;
 use bytes::Bytes;
 use containerd_client::services::v1::images_client::ImagesClient;
@@ -15,20 +13,14 @@ use prost::Message as _;
 use tonic::{Code, Request, Response, Status};
 use tracing::Instrument as _;
 
-use super::{Proxy, K8S_NAMESPACE, PULL_IMAGE_PATH};
-use crate::audit::{AuditLine, Source};
-use crate::decide::{decide_in, Context};
+use super::{refusal, sandbox_object, Proxy, K8S_NAMESPACE, PULL_IMAGE_PATH};
+use crate::audit::Source;
+use crate::engine::Request as EngineRequest;
 use crate::image_ref::{ImageRef, DOCKER_HUB};
-use crate::policy::eval::{decide_offline, object_cache_key, Decision, Offline, Verdict};
-use crate::policy::object::AdmissionObject;
 use crate::registry::Credential;
-use crate::verify::cache::CacheKey;
-
-/// kubelet shows this as the pod's waiting reason when a pull error starts with it.
-pub const DENY_PREFIX: &str = "SignatureValidationFailed: ";
 
 /// The credential kubelet resolved for this pull, reused for signature fetches.
-fn credential(auth: &AuthConfig) -> Option<Credential> {
+pub(super) fn credential(auth: &AuthConfig) -> Option<Credential> {
     if !auth.registry_token.is_empty() {
         return Some(Credential::Bearer(auth.registry_token.clone()));
     }
@@ -50,7 +42,7 @@ fn credential(auth: &AuthConfig) -> Option<Credential> {
 }
 
 /// The name containerd gives an image: Docker Hub is `docker.io` there.
-fn containerd_name(image: &ImageRef) -> String {
+pub(super) fn containerd_name(image: &ImageRef) -> String {
     let registry = match image.registry() {
         DOCKER_HUB => "docker.io",
         other => other,
@@ -58,21 +50,7 @@ fn containerd_name(image: &ImageRef) -> String {
     format!("{registry}/{}", image.repository())
 }
 
-/// A decision for a request that could not even be parsed.
-fn unparsable(image: &str, namespace: Option<&str>, reason: String) -> Decision {
-    Decision {
-        image: image.to_string(),
-        digest: None,
-        namespace: namespace.map(str::to_string),
-        enforced: true,
-        verdict: Verdict::Error,
-        reasons: vec![reason],
-        policies: Vec::new(),
-    }
-}
-
 pub async fn pull_image(proxy: &Proxy, req: Request<Bytes>) -> Result<Response<Bytes>, Status> {
-    let started = Instant::now();
     let (metadata, extensions, raw) = req.into_parts();
     let msg = PullImageRequest::decode(raw.clone())
         .map_err(|e| Status::invalid_argument(format!("malformed PullImageRequest: {e}")))?;
@@ -90,46 +68,32 @@ pub async fn pull_image(proxy: &Proxy, req: Request<Bytes>) -> Result<Response<B
         .filter(|s| !s.is_empty());
     let pod = sandbox.map(|m| m.name.as_str()).filter(|s| !s.is_empty());
     // What kubelet tells of the pod: CIP-level policies may read its metadata.
-    let object = msg.sandbox_config.as_ref().map(|c| {
-        let m = c.metadata.clone().unwrap_or_default();
-        AdmissionObject::from_pod_sandbox(&m.name, &m.namespace, &m.uid, &c.labels, &c.annotations)
-    });
+    let object = msg.sandbox_config.as_ref().map(sandbox_object);
     let auth = msg.auth.as_ref().and_then(credential);
     let span = tracing::info_span!("pull", image = %requested, namespace, pod);
 
     async move {
-        let (decision, cache_hit, pinned) = match ImageRef::parse(&requested) {
-            Err(e) => (unparsable(&requested, namespace, e.to_string()), false, None),
-            Ok(image) => {
-                let context = Context {
-                    namespace,
-                    auth: auth.as_ref(),
-                    signature_auth: None,
-                    object: object.as_ref(),
-                };
-                decide_pull(proxy, &image, &context).await
-            }
-        };
-        proxy.audit.record(&AuditLine::new(
-            Source::CriPull,
-            &proxy.node,
+        let request = EngineRequest {
             pod,
-            &decision,
-            cache_hit,
-            started.elapsed(),
-        ));
-        if !decision.verdict.admits() {
-            tracing::warn!(verdict = decision.verdict.as_str(), reasons = ?decision.reasons, "pull denied");
-            return Err(Status::unknown(format!(
-                "{DENY_PREFIX}{}",
-                decision.reasons.join("; ")
-            )));
+            auth: auth.as_ref(),
+            object: object.as_ref(),
+            ..EngineRequest::new(Source::CriPull, namespace)
+        };
+        let outcome = proxy.engine.decide(&requested, &request).await;
+        if !outcome.decision.verdict.admits() {
+            return Err(refusal(&outcome.decision, "pull denied"));
         }
-        let Some((image, pinned)) = pinned else {
+        if let Some(image) = &outcome.image {
+            proxy.pull_credentials.remember(image, auth.as_ref());
+        }
+        let (Some(image), Some(pinned)) = (outcome.image, outcome.pinned) else {
             // Decided without a digest (not enforced, static pass, no-match allow): nothing
             // was verified, so nothing needs pinning.
             return proxy
-                .forward(PULL_IMAGE_PATH, Request::from_parts(metadata, extensions, raw))
+                .forward(
+                    PULL_IMAGE_PATH,
+                    Request::from_parts(metadata, extensions, raw),
+                )
                 .await;
         };
         let pinned_name = format!(
@@ -166,46 +130,6 @@ pub async fn pull_image(proxy: &Proxy, req: Request<Bytes>) -> Result<Response<B
     }
     .instrument(span)
     .await
-}
-
-/// The decision, whether it came from the cache, and (image, image pinned to the verified
-/// digest) when signatures were verified.
-async fn decide_pull(
-    proxy: &Proxy,
-    image: &ImageRef,
-    context: &Context<'_>,
-) -> (Decision, bool, Option<(ImageRef, ImageRef)>) {
-    let snapshot = proxy.policies.current();
-    let namespace = context.namespace;
-    if let Offline::Decided(d) = decide_offline(&snapshot, image, namespace, context.object) {
-        return (d, false, None);
-    }
-    // Tags move: resolve on every pull, then cache by digest.
-    let digest = match proxy.registry.resolve(image, context.auth).await {
-        Ok(d) => d,
-        Err(e) => {
-            let mut d = Decision::new(image, namespace, true);
-            d.verdict = Verdict::Error;
-            d.reasons = vec![format!("could not verify {image}: {e}")];
-            return (d, false, None);
-        }
-    };
-    let pinned = image.with_digest(&digest);
-    let key = CacheKey {
-        image: pinned.to_string(),
-        enforced: true,
-        fingerprint: snapshot.fingerprint().to_string(),
-        object: object_cache_key(&snapshot, image, context.object),
-    };
-    let (mut decision, hit) = proxy
-        .cache
-        .get_or_compute(key, || {
-            decide_in(&snapshot, &proxy.registry, &pinned, context)
-        })
-        .await;
-    // A cached decision may have been made for a pod of another enforced namespace.
-    decision.namespace = namespace.map(str::to_string);
-    (decision, hit, Some((image.clone(), pinned)))
 }
 
 /// Records `image`'s tag in containerd's `k8s.io` namespace, pointing at the record the pinned

@@ -67,6 +67,11 @@ pub struct PolicyOutcome {
     /// Problems that make the policy invalid (it then fails).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub problems: Vec<String>,
+    /// The policy applies through the image's repository only (a tag-scoped glob, a digest
+    /// reference whose tag is unknown): its failure denies, its pass admits nothing by itself
+    /// (see [`crate::policy::snapshot::Coverage::by_repository`]).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub by_repository: bool,
 }
 
 /// A complete decision for one image in one namespace.
@@ -124,6 +129,7 @@ pub fn static_outcome(
                 passed: false,
                 authorities: Vec::new(),
                 problems: problems.iter().map(ToString::to_string).collect(),
+                by_repository: false,
             })
         }
         Ok(a) => a,
@@ -175,6 +181,7 @@ pub fn judge_policy(
         passed: passed && problems.is_empty(),
         authorities,
         problems,
+        by_repository: false,
     }
 }
 
@@ -271,8 +278,8 @@ pub fn attached_for(a: &CompiledAuthority, image: &ImageRef, digest: &str) -> Op
 /// The `signaturePullSecrets` named by the authorities of the policies covering `image`.
 pub fn signature_pull_secret_names(snapshot: &Snapshot, image: &ImageRef) -> Vec<String> {
     let mut names: Vec<String> = snapshot
-        .applicable(image)
-        .into_iter()
+        .coverage(image)
+        .all()
         .flat_map(|i| snapshot.policies[i].authorities.iter().flatten())
         .flat_map(|a| a.signature_pull_secrets.iter().cloned())
         .collect();
@@ -514,8 +521,8 @@ pub fn object_cache_key(
     object: Option<&AdmissionObject>,
 ) -> String {
     let wanted = snapshot
-        .applicable(image)
-        .into_iter()
+        .coverage(image)
+        .all()
         .map(|i| &snapshot.policies[i])
         .filter(|p| p.policy.is_some())
         .fold(Includes::default(), |acc, p| acc.union(p.includes));
@@ -548,24 +555,15 @@ pub fn failure_reason(outcome: &PolicyOutcome, path: &str, image: &str) -> Strin
     )
 }
 
-/// Sets the verdict and reasons of `decision` from its policy outcomes.
-pub fn conclude(decision: &mut Decision, covering: usize, no_match: NoMatchPolicy) {
+/// Sets the verdict and reasons of `decision` from its policy outcomes: every failed
+/// enforce-mode policy denies; with no covering policy (outcomes marked
+/// [`PolicyOutcome::by_repository`] do not cover), `no_match` decides what is left.
+pub fn conclude(decision: &mut Decision, no_match: NoMatchPolicy) {
     let image = match &decision.digest {
         Some(d) if !decision.image.contains('@') => format!("{}@{d}", decision.image),
         _ => decision.image.clone(),
     };
-    if covering == 0 {
-        let reason = format!("no matching policies: image {image}");
-        decision.verdict = match no_match {
-            NoMatchPolicy::Deny => Verdict::Deny,
-            NoMatchPolicy::Warn => Verdict::Warn,
-            NoMatchPolicy::Allow => Verdict::Allow,
-        };
-        if no_match != NoMatchPolicy::Allow {
-            decision.reasons.push(reason);
-        }
-        return;
-    }
+    let covering = decision.policies.iter().any(|p| !p.by_repository);
     let failed = |mode: Mode| -> Vec<String> {
         decision
             .policies
@@ -576,6 +574,21 @@ pub fn conclude(decision: &mut Decision, covering: usize, no_match: NoMatchPolic
     };
     let denials = failed(Mode::Enforce);
     let warnings = failed(Mode::Warn);
+    if !covering && denials.is_empty() {
+        decision.verdict = match no_match {
+            NoMatchPolicy::Deny => Verdict::Deny,
+            NoMatchPolicy::Warn => Verdict::Warn,
+            NoMatchPolicy::Allow if warnings.is_empty() => Verdict::Allow,
+            NoMatchPolicy::Allow => Verdict::Warn,
+        };
+        if no_match != NoMatchPolicy::Allow {
+            decision
+                .reasons
+                .push(format!("no matching policies: image {image}"));
+        }
+        decision.reasons.extend(warnings);
+        return;
+    }
     decision.verdict = if !denials.is_empty() {
         Verdict::Deny
     } else if !warnings.is_empty() {
@@ -591,23 +604,42 @@ pub fn conclude(decision: &mut Decision, covering: usize, no_match: NoMatchPolic
 pub enum Offline {
     /// Decided from policy alone.
     Decided(Decision),
-    /// `undecided` policies (indices into the snapshot) need the image's signatures;
-    /// `partial` holds the outcomes of the others.
+    /// `undecided` policies (indices into the snapshot, and whether each applies by
+    /// repository only) need the image's signatures; `partial` holds the outcomes of the
+    /// others.
     NeedsSignatures {
         partial: Decision,
-        undecided: Vec<usize>,
+        undecided: Vec<(usize, bool)>,
     },
 }
 
 /// Decides without the registry when possible. `object`: the Kubernetes object the image is
-/// decided for, when known (CIP-level policies may read parts of it).
+/// decided for, when known (CIP-level policies may read parts of it). Coverage is computed on
+/// `image` as given: callers pass the reference as it will be fetched (see
+/// [`Snapshot::coverage`]).
 pub fn decide_offline(
     snapshot: &Snapshot,
     image: &ImageRef,
     namespace: Option<&str>,
     object: Option<&AdmissionObject>,
 ) -> Offline {
-    let enforced = snapshot.is_enforced(namespace);
+    decide_offline_enforced(
+        snapshot,
+        image,
+        namespace,
+        snapshot.is_enforced(namespace),
+        object,
+    )
+}
+
+/// [`decide_offline`] with enforcement decided by the caller.
+pub fn decide_offline_enforced(
+    snapshot: &Snapshot,
+    image: &ImageRef,
+    namespace: Option<&str>,
+    enforced: bool,
+    object: Option<&AdmissionObject>,
+) -> Offline {
     let mut decision = Decision::new(image, namespace, enforced);
     if !enforced {
         decision.reasons.push(format!(
@@ -616,11 +648,14 @@ pub fn decide_offline(
         ));
         return Offline::Decided(decision);
     }
-    let covering = snapshot.applicable(image);
+    let coverage = snapshot.coverage(image);
     let mut undecided = Vec::new();
-    for &i in &covering {
+    for i in coverage.all() {
         match static_outcome(&snapshot.policies[i], object) {
-            Some(outcome) => decision.policies.push(outcome),
+            Some(mut outcome) => {
+                outcome.by_repository = coverage.by_repository.contains(&i);
+                decision.policies.push(outcome);
+            }
             None => undecided.push(i),
         }
     }
@@ -630,15 +665,14 @@ pub fn decide_offline(
         .iter()
         .any(|p| !p.passed && p.mode == Mode::Enforce);
     if undecided.is_empty() || static_denial {
-        conclude(
-            &mut decision,
-            covering.len(),
-            snapshot.config.no_match_policy,
-        );
+        conclude(&mut decision, snapshot.config.no_match_policy);
         return Offline::Decided(decision);
     }
     Offline::NeedsSignatures {
         partial: decision,
-        undecided,
+        undecided: undecided
+            .into_iter()
+            .map(|i| (i, coverage.by_repository.contains(&i)))
+            .collect(),
     }
 }

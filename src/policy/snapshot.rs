@@ -49,6 +49,11 @@ pub struct Settings {
     pub exempt_namespaces: BTreeSet<String>,
     /// Where key Secrets and the config ConfigMap live (default: `cosign-system`).
     pub controller_namespace: String,
+    /// Enforce namespaces the snapshot does not know (include-label scope). Set where the
+    /// snapshot's namespaces are the API server's list: a pod's namespace exists, so one the
+    /// snapshot does not know only means the snapshot lags, and a lagging view must not
+    /// open a hole. A policy directory lists only the namespaces its files declare.
+    pub enforce_unknown_namespaces: bool,
 }
 
 impl Default for Settings {
@@ -57,6 +62,7 @@ impl Default for Settings {
             scope: Scope::IncludeLabel,
             exempt_namespaces: BTreeSet::from(["kube-system".to_string()]),
             controller_namespace: "cosign-system".to_string(),
+            enforce_unknown_namespaces: false,
         }
     }
 }
@@ -191,6 +197,12 @@ pub struct Snapshot {
     index: GlobIndex,
     /// Policies whose globs do not compile: they cover every image (fail closed).
     cover_all: Vec<usize>,
+    /// The repository part of every tag-scoped glob (`ghcr.io/o/app` of `ghcr.io/o/app:v*`),
+    /// for references whose tag is unknown (see [`Coverage::by_repository`]).
+    tag_scoped: GlobIndex,
+    /// Whether any glob names a digest (`…@sha256:*`): then a tag must be resolved before
+    /// coverage is known, even when the policies covering its tag need no registry.
+    digest_globs: bool,
     namespaces: HashMap<String, Labels>,
     pub config: ControllerConfig,
     pub settings: Settings,
@@ -293,6 +305,7 @@ impl Snapshot {
 
         let mut cover_all = Vec::new();
         let mut entries = Vec::new();
+        let mut repository_entries = Vec::new();
         for (i, p) in policies.iter().enumerate() {
             if p.globs
                 .iter()
@@ -301,8 +314,19 @@ impl Snapshot {
                 cover_all.push(i);
             } else {
                 entries.extend(p.globs.iter().map(|g| (g.as_str(), i)));
+                repository_entries.extend(
+                    p.globs
+                        .iter()
+                        .filter_map(|g| tag_scoped_repository(g))
+                        .map(|r| (r, i)),
+                );
             }
         }
+        let digest_globs = policies
+            .iter()
+            .any(|p| p.globs.iter().any(|g| g.contains('@')));
+        // Prefixes of valid globs are valid globs.
+        let tag_scoped = GlobIndex::new(repository_entries).unwrap_or_default();
         // Every glob was validated above, so building the index cannot fail; should it ever,
         // covering everything keeps the snapshot closed rather than open.
         let index = match GlobIndex::new(entries) {
@@ -326,6 +350,8 @@ impl Snapshot {
             policies,
             index,
             cover_all,
+            tag_scoped,
+            digest_globs,
             namespaces,
             config,
             settings,
@@ -359,6 +385,8 @@ impl Snapshot {
             policies: vec![policy],
             index: GlobIndex::default(),
             cover_all: vec![0],
+            tag_scoped: GlobIndex::default(),
+            digest_globs: false,
             namespaces: HashMap::new(),
             config: ControllerConfig::default(),
             settings,
@@ -377,22 +405,36 @@ impl Snapshot {
     /// CLI without `--namespace`) is enforced.
     pub fn is_enforced(&self, namespace: Option<&str>) -> bool {
         let Some(ns) = namespace else { return true };
-        if self.settings.exempt_namespaces.contains(ns) {
+        if self.is_exempt(ns) {
             return false;
         }
-        let label = |key: &str| {
-            self.namespaces
-                .get(ns)
-                .and_then(|l| l.get(key))
-                .is_some_and(|v| v == "true")
+        let Some(labels) = self.namespaces.get(ns) else {
+            return match self.settings.scope {
+                Scope::IncludeLabel => self.settings.enforce_unknown_namespaces,
+                Scope::OptOut => true,
+            };
         };
+        let label = |key: &str| labels.get(key).is_some_and(|v| v == "true");
         match self.settings.scope {
             Scope::IncludeLabel => label(INCLUDE_LABEL),
             Scope::OptOut => !label(EXCLUDE_LABEL),
         }
     }
 
+    /// Whether `namespace` is never enforced, whatever its labels.
+    pub fn is_exempt(&self, namespace: &str) -> bool {
+        self.settings.exempt_namespaces.contains(namespace)
+    }
+
+    /// Whether some glob names a digest, so that a tag must be resolved before the policies
+    /// covering it are known.
+    pub fn has_digest_globs(&self) -> bool {
+        self.digest_globs
+    }
+
     /// Indices of the policies covering `image`: a glob matches its tag form or digest form.
+    /// Callers pass the reference as it will be fetched: pinned to its digest, and with a tag
+    /// only when that tag is known to name that digest (see [`Snapshot::coverage`]).
     pub fn applicable(&self, image: &ImageRef) -> Vec<usize> {
         let tag_form = image.tag_form();
         let digest_form = image.digest_form();
@@ -408,6 +450,58 @@ impl Snapshot {
         }
         found
     }
+
+    /// The policies that apply to `image`: those covering it ([`Snapshot::applicable`]) and,
+    /// for a digest reference without a tag, those that cover some tag of its repository.
+    pub fn coverage(&self, image: &ImageRef) -> Coverage {
+        let covering = self.applicable(image);
+        let by_repository = match (image.tag(), image.digest()) {
+            (None, Some(_)) => self
+                .tag_scoped
+                .matching(&[image.name().as_str()])
+                .into_iter()
+                .filter(|i| !covering.contains(i))
+                .collect(),
+            _ => Vec::new(),
+        };
+        Coverage {
+            covering,
+            by_repository,
+        }
+    }
+}
+
+/// Which policies apply to an image.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Coverage {
+    /// Policies with a glob matching the image's tag form or digest form.
+    pub covering: Vec<usize>,
+    /// Policies with a tag-scoped glob (`ghcr.io/o/app:release-*`) on the image's repository,
+    /// for a digest reference whose tag is unknown. Which tag names the digest cannot be known,
+    /// so such a policy is applied as a requirement (its failure denies) but never admits on
+    /// its own: it does not count as covering for `no-match-policy`.
+    pub by_repository: Vec<usize>,
+}
+
+impl Coverage {
+    /// Every applying policy, covering ones first.
+    pub fn all(&self) -> impl Iterator<Item = usize> + '_ {
+        self.covering.iter().chain(&self.by_repository).copied()
+    }
+}
+
+/// The repository part of a tag-scoped glob: the text before the `:` that follows its last
+/// `/` (`ghcr.io/o/app` of `ghcr.io/o/app:release-*`). `None` for globs that name a digest,
+/// have no tag part, or whose repository part would mean something else on its own (`*`, `*/*`
+/// are Docker Hub shorthands).
+fn tag_scoped_repository(glob: &str) -> Option<&str> {
+    if glob.contains('@') {
+        return None;
+    }
+    let last = glob.rfind('/')?;
+    let colon = last + glob.get(last..)?.find(':')?;
+    let repository = glob.get(..colon)?;
+    (!matches!(repository, "*" | "*/*") && !repository.is_empty()).then_some(repository)
 }
 
 struct Resolver<'a> {

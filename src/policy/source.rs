@@ -69,6 +69,31 @@ fn stamp(paths: &[PathBuf]) -> Stamp {
     out
 }
 
+/// A snapshot that never changes, for one-shot commands.
+pub struct Fixed {
+    snapshot: Arc<Snapshot>,
+    freshness: FreshnessCell,
+}
+
+impl Fixed {
+    pub fn new(snapshot: Snapshot) -> Fixed {
+        Fixed {
+            snapshot: Arc::new(snapshot),
+            freshness: FreshnessCell::fresh(),
+        }
+    }
+}
+
+impl PolicySource for Fixed {
+    fn current(&self) -> Arc<Snapshot> {
+        self.snapshot.clone()
+    }
+
+    fn freshness(&self) -> Freshness {
+        self.freshness.get()
+    }
+}
+
 /// Where the front doors read the policy snapshot from: a policy directory or the API server.
 pub trait PolicySource: Send + Sync {
     /// The snapshot in force; a lock-free read.

@@ -38,6 +38,7 @@ pub mod https;
 mod image;
 mod keys;
 mod process;
+pub mod references;
 mod registry;
 mod rekor;
 mod skopeo;
