@@ -592,59 +592,32 @@ async fn serve(args: ServeArgs) -> ExitCode {
     if !args.containerd.exists() {
         return error_exit(&ServeError::NoContainerd(args.containerd.clone()).to_string());
     }
-    let registry = match args.registry.client() {
-        Ok(r) => r,
-        Err(e) => return error_exit(&e),
-    };
     let audit = match args.daemon.audit_log(Some(&args.audit_log)) {
         Ok(a) => a,
         Err(e) => return error_exit(&e.to_string()),
-    };
-    let metrics = Arc::new(crate::metrics::Metrics::new());
-    let audit = audit.with_metrics(metrics.clone());
-    let client = match args.cluster.client().await {
-        Ok(c) => c,
-        Err(e) => return error_exit(&e),
-    };
-    let (policies, watcher) = match policy_source(
-        client,
-        &args.policy_dirs,
-        args.scope.settings(),
-        args.daemon.reload_interval(),
-        Duration::from_secs(args.daemon.tuf_refresh_secs.max(1)),
-        Some(args.snapshot_file.clone()),
-    )
-    .await
-    {
-        Ok(s) => s,
-        Err(e) => return error_exit(&e),
-    };
-    let admin = match start_admin(args.health_listen, policies.clone(), metrics.clone()).await {
-        Ok(a) => a,
-        Err(e) => return error_exit(&e),
     };
     let containerd = match containerd_channel(&args.containerd) {
         Ok(c) => c,
         Err(e) => return error_exit(&e.to_string()),
     };
+    // kubelet needs this socket for every container operation: it is bound and served before
+    // anything that can wait on the network (credential helpers, remote policies, TUF, the
+    // API server). Until the policies are loaded, pulls and creates outside the exempt
+    // namespaces are refused with the reason; everything else is forwarded.
     let listener = match bind(&args.listen).await {
         Ok(l) => l,
         Err(e) => return error_exit(&e.to_string()),
     };
+    let settings = args.scope.settings();
     let proxy = Arc::new(Proxy {
         containerd,
-        engine: crate::engine::Engine {
-            policies: policies.clone(),
-            registry,
-            cache: args.daemon.verdict_cache(),
-            audit,
-            node: args.daemon.node(),
-        },
+        engine: tokio::sync::OnceCell::new(),
+        exempt_namespaces: settings.exempt_namespaces.clone(),
         pull_credentials: Default::default(),
     });
     tracing::info!(listen = %args.listen.display(), containerd = %args.containerd.display(), "pullgate serving");
     eprintln!(
-        "pullgate: serving runtime.v1.ImageService on {} for {}",
+        "pullgate: serving runtime.v1.ImageService and runtime.v1.RuntimeService on {} for {}",
         args.listen.display(),
         args.containerd.display()
     );
@@ -659,8 +632,55 @@ async fn serve(args: ServeArgs) -> ExitCode {
     };
     let shutdown = stopped(stop.clone());
     let grace = Duration::from_secs(args.daemon.shutdown_grace);
-    let server = proxy.serve(listener, shutdown);
+    let server = proxy.clone().serve(listener, shutdown);
     tokio::pin!(server);
+
+    let startup = async {
+        let registry = args.registry.client()?;
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        let audit = audit.with_metrics(metrics.clone());
+        let client = args.cluster.client().await?;
+        let (policies, watcher) = policy_source(
+            client,
+            &args.policy_dirs,
+            settings,
+            args.daemon.reload_interval(),
+            Duration::from_secs(args.daemon.tuf_refresh_secs.max(1)),
+            Some(args.snapshot_file.clone()),
+        )
+        .await?;
+        let admin = start_admin(args.health_listen, policies.clone(), metrics.clone()).await?;
+        let engine = crate::engine::Engine {
+            policies,
+            registry,
+            cache: args.daemon.verdict_cache(),
+            audit,
+            node: args.daemon.node(),
+        };
+        if proxy.engine.set(engine).is_err() {
+            return Err("the decision engine was started twice".to_string());
+        }
+        tracing::info!("policies loaded: pulls and creates are decided");
+        Ok::<_, String>((watcher, admin))
+    };
+    let started = tokio::select! {
+        r = &mut server => {
+            // Stopped (SIGTERM) or failed before the policies were loaded.
+            let _ = std::fs::remove_file(&args.listen);
+            return match r {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => error_exit(&e.to_string()),
+            };
+        }
+        started = startup => started,
+    };
+    let (watcher, admin) = match started {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = std::fs::remove_file(&args.listen);
+            return error_exit(&e);
+        }
+    };
     let result = tokio::select! {
         r = &mut server => r,
         _ = async { stopped(stop).await; tokio::time::sleep(grace).await } => {

@@ -173,12 +173,28 @@ async fn namespace_labels_decide_enforcement() {
     assert_eq!(reasons, ["namespace dev is not enforced"]);
     assert_eq!(
         verdict(&s, image, Some("unknown-ns")).await.0,
-        Verdict::Allow
+        Verdict::Allow,
+        "a policy directory declares its namespaces: an undeclared one has no include label"
     );
     assert_eq!(
         verdict(&s, image, Some("kube-system")).await.0,
         Verdict::Allow,
         "kube-system is exempt by default, whatever its labels"
+    );
+
+    // Cluster mode: the snapshot holds the API server's namespaces, so one it does not know
+    // only means it lags: enforced until known, never a hole.
+    let cluster = Settings {
+        enforce_unknown_namespaces: true,
+        ..Settings::default()
+    };
+    let s = snapshot(&yaml, cluster);
+    let (v, reasons) = verdict(&s, image, Some("created-a-moment-ago")).await;
+    assert_eq!(v, Verdict::Deny, "{reasons:?}");
+    assert_eq!(verdict(&s, image, Some("dev")).await.0, Verdict::Allow);
+    assert_eq!(
+        verdict(&s, image, Some("kube-system")).await.0,
+        Verdict::Allow
     );
 
     let opt_out = Settings {

@@ -301,6 +301,20 @@ async fn serve_in_cluster_mode() {
     }
     assert!(last.starts_with(DENIED), "label flip not seen: {last}");
 
+    // A namespace the snapshot does not know yet is enforced (cluster mode: the node's view
+    // lags, a pod's namespace exists); once it is known unlabelled, it is not.
+    let unknown = pull("other").await;
+    assert!(unknown.starts_with(DENIED), "{unknown}\n{}", pg.log());
+    fake.apply(NAMESPACES, namespace("other", false));
+    for _ in 0..100 {
+        last = pull("other").await;
+        if !last.starts_with(DENIED) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!last.starts_with(DENIED), "namespace not seen: {last}");
+
     // Restart with the API server down: the disk snapshot, not fail-closed-everything.
     fake.stop();
     pg.restart().await;
@@ -492,7 +506,15 @@ async fn config_map_ref_policy_follows_the_config_map() {
     // The config ConfigMap still counts: an unmatched image is allowed (no-match-policy).
     assert_eq!(verdict(&source, QUAY, "demo"), "allow");
 
-    let persisted = std::fs::read_to_string(&file).unwrap();
+    // The snapshot is swapped in before it is written to disk: wait for the file.
+    let mut persisted = String::new();
+    for _ in 0..100 {
+        persisted = std::fs::read_to_string(&file).unwrap_or_default();
+        if persisted.contains("team-policy") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert!(persisted.contains("team-policy"), "{persisted}");
     assert!(
         persisted.contains("config-policy-controller"),

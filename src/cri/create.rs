@@ -34,8 +34,9 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument as _;
 
 use super::pull::containerd_name;
-use super::{refusal, sandbox_object, Proxy, K8S_NAMESPACE};
+use super::{refusal, sandbox_object, Gate, Proxy, K8S_NAMESPACE};
 use crate::audit::Source;
+use crate::engine::Engine;
 use crate::engine::{Outcome, Request as EngineRequest};
 use crate::image_ref::{is_digest, ImageRef};
 use crate::policy::eval::{Decision, Verdict};
@@ -119,10 +120,12 @@ pub async fn create_container(
         .filter(|s| !s.is_empty());
     // Exempt namespaces are forwarded without a decision (static control-plane pods must
     // never depend on pullgate's verdicts).
-    if let Some(ns) = namespace {
-        if proxy.engine.policies.current().is_exempt(ns) {
-            return proxy.forward(CREATE_CONTAINER_PATH, req).await;
-        }
+    let engine = match proxy.gate(namespace)? {
+        Gate::Decide(engine) => engine,
+        Gate::Forward => return proxy.forward(CREATE_CONTAINER_PATH, req).await,
+    };
+    if namespace.is_some_and(|ns| engine.policies.current().is_exempt(ns)) {
+        return proxy.forward(CREATE_CONTAINER_PATH, req).await;
     }
     let pod = metadata.map(|m| m.name.as_str()).filter(|s| !s.is_empty());
     let spec = msg
@@ -139,6 +142,7 @@ pub async fn create_container(
             Ok(Some(held)) => {
                 decide(
                     proxy,
+                    engine,
                     started,
                     &held,
                     &spec,
@@ -149,7 +153,7 @@ pub async fn create_container(
                 .await
             }
             Ok(None) => refuse_without_lookup(
-                proxy,
+                engine,
                 started,
                 &spec,
                 namespace,
@@ -157,7 +161,7 @@ pub async fn create_container(
                 format!("image {} is not on this node", shown(&spec)),
             ),
             Err(e) => refuse_without_lookup(
-                proxy,
+                engine,
                 started,
                 &spec,
                 namespace,
@@ -190,14 +194,14 @@ fn shown(spec: &ImageSpec) -> &str {
 /// A refusal decided before any policy could be asked (the content is not found): audited as
 /// every decision is, through the engine's audit log.
 fn refuse_without_lookup(
-    proxy: &Proxy,
+    engine: &Engine,
     started: Instant,
     spec: &ImageSpec,
     namespace: Option<&str>,
     pod: Option<&str>,
     reason: String,
 ) -> Outcome {
-    let snapshot = proxy.engine.policies.current();
+    let snapshot = engine.policies.current();
     let enforced = snapshot.is_enforced(namespace);
     let decision = Decision {
         image: shown(spec).to_string(),
@@ -222,12 +226,14 @@ fn refuse_without_lookup(
         pod,
         ..EngineRequest::new(Source::CriCreate, namespace)
     };
-    proxy.engine.record(&request, &outcome, started);
+    engine.record(&request, &outcome, started);
     outcome
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn decide(
     proxy: &Proxy,
+    engine: &Engine,
     started: Instant,
     held: &OnNode,
     spec: &ImageSpec,
@@ -245,7 +251,7 @@ async fn decide(
                 object,
                 ..EngineRequest::new(Source::CriCreate, namespace)
             };
-            proxy.engine.decide_on_node(&name, &digests, &request).await
+            engine.decide_on_node(&name, &digests, &request).await
         }
     };
     match ImageRef::parse(&spec.user_specified_image) {
@@ -287,7 +293,7 @@ async fn decide(
             match last {
                 Some(outcome) => outcome,
                 None => refuse_without_lookup(
-                    proxy,
+                    engine,
                     started,
                     spec,
                     namespace,

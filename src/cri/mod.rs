@@ -58,7 +58,13 @@ pub const DENY_PREFIX: &str = "SignatureValidationFailed: ";
 /// Everything a request needs, shared by all connections.
 pub struct Proxy {
     pub containerd: Channel,
-    pub engine: Engine,
+    /// Set once the policies and the registry client are ready. The socket is served before
+    /// (kubelet needs it for every container operation, and building those may wait on the
+    /// network): meanwhile everything is forwarded except pulls and creates outside the exempt
+    /// namespaces, which are refused with the reason.
+    pub engine: tokio::sync::OnceCell<Engine>,
+    /// Never enforced, whatever the policies say; known before the policies are.
+    pub exempt_namespaces: std::collections::BTreeSet<String>,
     /// The credential kubelet last pulled each repository with, for create-time fetches.
     pub pull_credentials: create::PullCredentials,
 }
@@ -124,7 +130,27 @@ pub async fn bind(path: &Path) -> Result<tokio::net::UnixListener, ServeError> {
     Ok(listener)
 }
 
+/// What a gated RPC does while the engine is not ready yet.
+pub enum Gate<'a> {
+    Decide(&'a Engine),
+    /// Exempt namespace: forwarded without a decision.
+    Forward,
+}
+
 impl Proxy {
+    /// The engine, or what to do without it for a request in `namespace`.
+    pub fn gate(&self, namespace: Option<&str>) -> Result<Gate<'_>, Status> {
+        if let Some(engine) = self.engine.get() {
+            return Ok(Gate::Decide(engine));
+        }
+        if namespace.is_some_and(|ns| self.exempt_namespaces.contains(ns)) {
+            return Ok(Gate::Forward);
+        }
+        Err(Status::unavailable(format!(
+            "{DENY_PREFIX}pullgate is starting: its policies are not loaded yet"
+        )))
+    }
+
     /// Forwards one unary RPC to containerd unchanged.
     pub async fn forward(
         &self,

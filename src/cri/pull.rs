@@ -13,7 +13,7 @@ use prost::Message as _;
 use tonic::{Code, Request, Response, Status};
 use tracing::Instrument as _;
 
-use super::{refusal, sandbox_object, Proxy, K8S_NAMESPACE, PULL_IMAGE_PATH};
+use super::{refusal, sandbox_object, Gate, Proxy, K8S_NAMESPACE, PULL_IMAGE_PATH};
 use crate::audit::Source;
 use crate::engine::Request as EngineRequest;
 use crate::image_ref::{ImageRef, DOCKER_HUB};
@@ -79,7 +79,18 @@ pub async fn pull_image(proxy: &Proxy, req: Request<Bytes>) -> Result<Response<B
             object: object.as_ref(),
             ..EngineRequest::new(Source::CriPull, namespace)
         };
-        let outcome = proxy.engine.decide(&requested, &request).await;
+        let engine = match proxy.gate(namespace)? {
+            Gate::Decide(engine) => engine,
+            Gate::Forward => {
+                return proxy
+                    .forward(
+                        PULL_IMAGE_PATH,
+                        Request::from_parts(metadata, extensions, raw),
+                    )
+                    .await
+            }
+        };
+        let outcome = engine.decide(&requested, &request).await;
         if !outcome.decision.verdict.admits() {
             return Err(refusal(&outcome.decision, "pull denied"));
         }
