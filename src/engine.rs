@@ -168,10 +168,7 @@ pub async fn decide(
     namespace: Option<&str>,
 ) -> Decision {
     let request = Request::new(Source::Cli, namespace);
-    if !request.enforced(snapshot) {
-        return not_enforced(&image.to_string(), namespace);
-    }
-    decide_reference(snapshot, registry, None, image, &request)
+    judge(snapshot, registry, None, &image.to_string(), &request)
         .await
         .decision
 }
