@@ -1,0 +1,206 @@
+//! Pods for real, straight against containerd 1.6 + runc 1.1 (no pullgate): the test bed that
+//! create-time tests build on. A busybox image (Debian `busybox-static`) pushed to a real
+//! registry is both the CRI plugin's sandbox (pause) image and the app image.
+
+mod common;
+
+use std::fs;
+use std::time::Duration;
+
+use common::*;
+use k8s_cri::v1::{ContainerFilter, ContainerState, PodSandboxState};
+use tonic::Code;
+
+const RUNNING_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What a process runs, from `/proc/PID/cmdline` (NULs as spaces).
+fn cmdline(pid: u32) -> Option<String> {
+    let raw = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    Some(
+        String::from_utf8_lossy(&raw)
+            .trim_end_matches('\0')
+            .replace('\0', " "),
+    )
+}
+
+/// Waits (≤ 5 s) until `pid` no longer runs `/bin/sleep infinity` (gone, a zombie, or reused).
+async fn wait_not_sleeping(pid: u32) -> bool {
+    for _ in 0..100 {
+        if cmdline(pid).as_deref() != Some(SLEEP) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+const SLEEP: &str = "/bin/sleep infinity";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn busybox_pod_runs_on_containerd_and_is_removed() {
+    let reg = Registry::start().await;
+    let pause = reg.push_busybox("pause", "v1").await;
+    let app = reg.push_busybox("app", "v1").await;
+    let app_ref = reg.tag_ref("app", "v1");
+    let ctd = Containerd::start_with(
+        ContainerdOptions::default().sandbox_image(reg.tag_ref("pause", "v1")),
+    )
+    .await;
+    let sock = ctd.socket();
+    let log = || format!("--- containerd.log\n{}", ctd.log());
+
+    // kubelet pulls the app image, then sends its image ID to CreateContainer.
+    let image_id = pull(&sock, &app_ref, Some("prod"), "web-0")
+        .await
+        .unwrap_or_else(|e| panic!("PullImage {app_ref}: {e}\n{}", log()));
+    assert_eq!(image_id, app.image_id());
+
+    let pod = PodSandbox::run(&sock, "web-0", "prod", "uid-web-0")
+        .await
+        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", log()));
+    // containerd pulled the sandbox image itself, from the test registry.
+    assert!(
+        ctd.image_names()
+            .await
+            .contains(&reg.tag_ref("pause", "v1")),
+        "{:?}",
+        ctd.image_names().await
+    );
+    assert_eq!(pause.image_id(), app.image_id(), "one image, two names");
+    let sandbox = pod_sandbox_status(&sock, &pod.id).await.expect("status");
+    assert_eq!(sandbox.state, PodSandboxState::SandboxReady as i32);
+    assert_eq!(
+        sandbox.metadata.as_ref().map(|m| m.namespace.as_str()),
+        Some("prod")
+    );
+
+    let id = pod
+        .create_container("app", &image_id, &app_ref)
+        .await
+        .unwrap_or_else(|e| panic!("CreateContainer: {e}\n{}", log()));
+    let created = container_status(&sock, &id).await.expect("status");
+    assert_eq!(created.state, ContainerState::ContainerCreated as i32);
+    start_container(&sock, &id)
+        .await
+        .unwrap_or_else(|e| panic!("StartContainer: {e}\n{}", log()));
+    let running = wait_container_state(
+        &sock,
+        &id,
+        ContainerState::ContainerRunning,
+        RUNNING_TIMEOUT,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", log()));
+    assert_eq!(running.image_id, app.image_id(), "{running:?}");
+    assert!(running.image_ref.contains(&app.digest), "{running:?}");
+
+    // The container's process is really `sleep infinity` from the image's entrypoint, and so
+    // is the sandbox's.
+    for task in [&pod.id, &id] {
+        let pid = ctd
+            .task_pid(task)
+            .unwrap_or_else(|| panic!("no init.pid for task {task}"));
+        assert_eq!(cmdline(pid).as_deref(), Some(SLEEP), "pid {pid}");
+    }
+    let in_pod = list_containers(
+        &sock,
+        Some(ContainerFilter {
+            pod_sandbox_id: pod.id.clone(),
+            ..Default::default()
+        }),
+    )
+    .await
+    .expect("ListContainers");
+    assert_eq!(
+        in_pod
+            .iter()
+            .map(|c| (c.id.as_str(), c.state))
+            .collect::<Vec<_>>(),
+        vec![(id.as_str(), ContainerState::ContainerRunning as i32)]
+    );
+
+    let app_pid = ctd.task_pid(&id).expect("app pid");
+    stop_container(&sock, &id, 0).await.expect("StopContainer");
+    let exited = container_status(&sock, &id).await.expect("status");
+    assert_eq!(exited.state, ContainerState::ContainerExited as i32);
+    assert!(
+        wait_not_sleeping(app_pid).await,
+        "sleep {app_pid} still runs"
+    );
+    remove_container(&sock, &id).await.expect("RemoveContainer");
+    assert_eq!(
+        container_status(&sock, &id)
+            .await
+            .map_err(|e| e.code())
+            .err(),
+        Some(Code::NotFound)
+    );
+
+    let pod_id = pod.id.clone();
+    pod.remove().await.expect("stop and remove the pod");
+    assert!(list_pod_sandboxes(&sock, None)
+        .await
+        .expect("ListPodSandbox")
+        .is_empty());
+    assert_eq!(
+        pod_sandbox_status(&sock, &pod_id)
+            .await
+            .map_err(|e| e.code())
+            .err(),
+        Some(Code::NotFound)
+    );
+    assert!(ctd.task_ids().is_empty(), "{:?}", ctd.task_ids());
+}
+
+/// A pod left running when the test ends (a panicking test) is cleaned up: the sandbox guard
+/// removes it through the CRI, and containerd's drop kills any task left.
+#[tokio::test(flavor = "multi_thread")]
+async fn dropped_pod_and_containerd_leave_no_process() {
+    let reg = Registry::start().await;
+    let image = reg.push_busybox("pause", "v1").await;
+    let ctd = Containerd::start_with(
+        ContainerdOptions::default().sandbox_image(reg.tag_ref("pause", "v1")),
+    )
+    .await;
+    let sock = ctd.socket();
+
+    // Dropped without remove(): the guard stops and removes it.
+    let pod = PodSandbox::run(&sock, "a", "dev", "uid-a")
+        .await
+        .expect("RunPodSandbox a");
+    let pod_pid = ctd.task_pid(&pod.id).expect("sandbox pid");
+    drop(pod);
+    assert!(
+        wait_not_sleeping(pod_pid).await,
+        "sandbox {pod_pid} still runs"
+    );
+    assert!(list_pod_sandboxes(&sock, None)
+        .await
+        .expect("list")
+        .is_empty());
+
+    // A running container whose pod guard is forgotten: containerd's drop kills it.
+    let pod = PodSandbox::run(&sock, "b", "dev", "uid-b")
+        .await
+        .expect("RunPodSandbox b");
+    let id = pod
+        .create_container("app", image.image_id(), &reg.tag_ref("pause", "v1"))
+        .await
+        .expect("CreateContainer");
+    start_container(&sock, &id).await.expect("StartContainer");
+    let pids = [
+        ctd.task_pid(&pod.id).expect("sandbox pid"),
+        ctd.task_pid(&id).expect("app pid"),
+    ];
+    for pid in pids {
+        assert_eq!(cmdline(pid).as_deref(), Some(SLEEP), "pid {pid}");
+    }
+    let _ = pod.into_id();
+    drop(ctd);
+    for pid in pids {
+        assert!(
+            wait_not_sleeping(pid).await,
+            "{pid} still runs after containerd's drop"
+        );
+    }
+}
