@@ -49,7 +49,8 @@ pub async fn runtime_client(sock: &Path) -> Result<RuntimeServiceClient<Channel>
 }
 
 /// The `PodSandboxConfig` kubelet sends for a pod with `hostNetwork: true`: metadata
-/// (attempt 0), hostname = pod name, `log_directory`, the `io.kubernetes.pod.*` labels, and
+/// (attempt 0), no hostname (the node's UTS namespace is shared: runc refuses a hostname
+/// there, "unable to set hostname without a private UTS namespace"), `log_directory`, the `io.kubernetes.pod.*` labels, and
 /// `linux.security_context.namespace_options.network = NODE` (no CNI needed). No cgroup parent:
 /// containerd then puts the pod under `/k8s.io/<id>` in each cgroup hierarchy.
 pub fn pod_sandbox_config(
@@ -73,7 +74,6 @@ pub fn pod_sandbox_config(
             namespace: namespace.to_string(),
             attempt: 0,
         }),
-        hostname: name.to_string(),
         log_directory: log_directory.display().to_string(),
         labels,
         linux: Some(LinuxPodSandboxConfig {
