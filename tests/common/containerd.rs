@@ -43,18 +43,46 @@ const CONTAINERD_READY_TIMEOUT: Duration = Duration::from_secs(20);
 const PULLGATE_READY_TIMEOUT: Duration = Duration::from_secs(20);
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The CRI plugin's `sandbox_image` when a test sets none: never pulled unless a test runs a
+/// pod sandbox without [`ContainerdOptions::sandbox_image`].
+pub const DEFAULT_SANDBOX_IMAGE: &str = "registry.k8s.io/pause:3.6";
+
+/// How [`Containerd::start_with`] configures containerd.
+#[derive(Debug, Clone, Default)]
+pub struct ContainerdOptions {
+    /// The CRI plugin's `sandbox_image` (pause image), pulled by containerd itself on the first
+    /// `RunPodSandbox`; e.g. a [`TestImage::busybox`](super::TestImage::busybox) pushed to a
+    /// test registry. `None`: [`DEFAULT_SANDBOX_IMAGE`].
+    pub sandbox_image: Option<String>,
+}
+
+impl ContainerdOptions {
+    /// Sets [`ContainerdOptions::sandbox_image`].
+    pub fn sandbox_image(mut self, image: impl Into<String>) -> Self {
+        self.sandbox_image = Some(image.into());
+        self
+    }
+}
+
 /// A running containerd with everything in one temp dir. Stopped (and cleaned up) on drop.
 pub struct Containerd {
     dir: Option<tempfile::TempDir>,
     child: Option<Child>,
     snapshotter: String,
+    options: ContainerdOptions,
 }
 
 impl Containerd {
     /// Writes the config, starts `containerd --config DIR/config.toml` and waits (≤ 20 s) until
     /// `ctr version` answers and the CRI plugin serves `ImageFsInfo`. Panics with the log
-    /// otherwise.
+    /// otherwise. Same as [`Containerd::start_with`] with default options.
     pub async fn start() -> Containerd {
+        Containerd::start_with(ContainerdOptions::default()).await
+    }
+
+    /// [`Containerd::start`] with options, e.g. the sandbox image pods run with:
+    /// `Containerd::start_with(ContainerdOptions::default().sandbox_image(reg.tag_ref("pause", "v1")))`.
+    pub async fn start_with(options: ContainerdOptions) -> Containerd {
         let dir = short_tempdir("pgc-");
         let snapshotter = match std::env::var("PULLGATE_TEST_SNAPSHOTTER") {
             Ok(s) if !s.is_empty() => s,
@@ -70,6 +98,7 @@ impl Containerd {
             dir: Some(dir),
             child: None,
             snapshotter,
+            options,
         };
         fs::create_dir_all(ctd.certs_dir()).expect("certs.d dir");
         ctd.write_config();
@@ -85,6 +114,14 @@ impl Containerd {
     /// containerd's gRPC socket (containerd API and CRI).
     pub fn socket(&self) -> PathBuf {
         self.dir().join("containerd.sock")
+    }
+
+    /// The CRI plugin's `sandbox_image`.
+    pub fn sandbox_image(&self) -> &str {
+        self.options
+            .sandbox_image
+            .as_deref()
+            .unwrap_or(DEFAULT_SANDBOX_IMAGE)
     }
 
     /// `overlayfs` or `native`: the CRI plugin's snapshotter.
@@ -149,14 +186,18 @@ disabled_plugins = [
   level = "info"
 
 [plugins."io.containerd.grpc.v1.cri"]
-  # Never pulled here: these tests run no pod sandboxes.
-  sandbox_image = "registry.k8s.io/pause:3.6"
+  # Pulled by containerd itself on the first RunPodSandbox.
+  sandbox_image = "{sandbox_image}"
+  # This VM refuses to lower oom_score_adj even to root: without this runc fails every
+  # RunPodSandbox ("failed to update /proc/self/oom_score_adj: Permission denied").
+  restrict_oom_score_adj = true
   [plugins."io.containerd.grpc.v1.cri".containerd]
     snapshotter = "{snapshotter}"
   [plugins."io.containerd.grpc.v1.cri".registry]
     config_path = "{d}/certs.d"
 "#,
             snapshotter = self.snapshotter,
+            sandbox_image = self.sandbox_image(),
         );
         fs::write(self.config_path(), config).expect("write containerd config");
     }
@@ -277,6 +318,77 @@ disabled_plugins = [
         digests
     }
 
+    /// IDs of the runc tasks (pod sandboxes and containers) whose shim state is on disk.
+    pub fn task_ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = fs::read_dir(self.task_state_dir())
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        ids.sort();
+        ids
+    }
+
+    /// PID (in this machine's PID namespace) of the first process of task `id` (a sandbox or
+    /// container ID), from the shim's `init.pid`.
+    pub fn task_pid(&self, id: &str) -> Option<u32> {
+        fs::read_to_string(self.task_state_dir().join(id).join("init.pid"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    fn task_state_dir(&self) -> PathBuf {
+        self.dir()
+            .join("state/io.containerd.runtime.v2.task")
+            .join(K8S_NAMESPACE)
+    }
+
+    /// Ends every task still there (a test that panicked before removing its pods): through
+    /// `ctr tasks delete --force` while containerd runs, then SIGKILL to each task's init
+    /// process and shim (found by the pid files in its state dir) for whatever is left, so no
+    /// `sleep` or shim outlives the test. Runs on drop.
+    pub fn kill_tasks(&mut self) {
+        let ids = self.task_ids();
+        if ids.is_empty() {
+            return;
+        }
+        if self.is_running() {
+            for id in &ids {
+                let _ = Command::new("ctr")
+                    .arg("--address")
+                    .arg(self.socket())
+                    .args(["--namespace", K8S_NAMESPACE, "--timeout", "10s"])
+                    .args(["tasks", "delete", "--force", id])
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status();
+            }
+        }
+        for id in self.task_ids() {
+            let dir = self.task_state_dir().join(&id);
+            // init.pid: the container's first process (killing a PID namespace's init ends the
+            // namespace); shim.pid: containerd-shim-runc-v2, which would otherwise stay.
+            for pid_file in ["init.pid", "shim.pid"] {
+                let pid = fs::read_to_string(dir.join(pid_file)).unwrap_or_default();
+                let pid = pid.trim();
+                if !pid.is_empty() && pid.chars().all(|c| c.is_ascii_digit()) {
+                    let _ = Command::new("kill")
+                        .args(["-KILL", pid])
+                        .stdin(Stdio::null())
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::null())
+                        .status();
+                }
+            }
+        }
+    }
+
     /// Every blob file in the content store on disk, all namespaces, plus any ingest in
     /// progress or left behind (`ingest/<ref>`), as `sha256:<hex>` / `ingest:<name>`, sorted.
     /// Catches what the namespaced API would not show.
@@ -305,6 +417,9 @@ disabled_plugins = [
 
 impl Drop for Containerd {
     fn drop(&mut self) {
+        if self.dir.is_some() {
+            self.kill_tasks();
+        }
         if let Some(child) = self.child.take() {
             let _ = terminate(child);
         }

@@ -67,7 +67,76 @@ impl TestImage {
         header.set_cksum();
         tar.append(&header, content.as_bytes()).expect("tar append");
         let tar = tar.into_inner().expect("tar finish");
+        let config = json!({
+            "architecture": "amd64",
+            "os": "linux",
+            "created": "1970-01-01T00:00:00Z",
+            "config": { "Cmd": ["/hello"] },
+            "rootfs": null,
+            "history": [{ "created": "1970-01-01T00:00:00Z", "created_by": format!("pullgate test seed {seed}") }],
+        });
+        TestImage::from_layer_tar(tar, config, edit)
+    }
 
+    /// A runnable image: one layer holding Debian `busybox-static`'s `/bin/busybox` (read from
+    /// this machine) with `/bin/sleep` and `/bin/sh` as symlinks to it, entrypoint
+    /// `["/bin/sleep", "infinity"]`, for the host's architecture. Serves both as the CRI
+    /// plugin's `sandbox_image` (pause) and as an app container image. Built once per test
+    /// binary (the layer is about 1 MB gzipped); same bytes every time.
+    pub fn busybox() -> TestImage {
+        static IMAGE: std::sync::OnceLock<TestImage> = std::sync::OnceLock::new();
+        IMAGE
+            .get_or_init(|| TestImage::busybox_with_config(|_| {}))
+            .clone()
+    }
+
+    /// [`TestImage::busybox`] with its config JSON changed by `edit` (not cached), e.g. to make
+    /// an image with the same layer but another digest.
+    pub fn busybox_with_config(edit: impl FnOnce(&mut serde_json::Value)) -> TestImage {
+        let busybox = std::fs::read(BUSYBOX_PATH)
+            .unwrap_or_else(|e| panic!("read {BUSYBOX_PATH} (Debian package busybox-static): {e}"));
+        let mut tar = tar::Builder::new(Vec::new());
+        for dir in ["bin/", "dev/", "etc/", "proc/", "sys/", "tmp/"] {
+            let mut header = fixed_header(tar::EntryType::Directory, dir);
+            header.set_mode(if dir == "tmp/" { 0o1777 } else { 0o755 });
+            header.set_cksum();
+            tar.append(&header, std::io::empty()).expect("tar dir");
+        }
+        let mut header = fixed_header(tar::EntryType::Regular, "bin/busybox");
+        header.set_size(busybox.len() as u64);
+        header.set_cksum();
+        tar.append(&header, busybox.as_slice())
+            .expect("tar busybox");
+        for applet in ["sh", "sleep"] {
+            let mut header = fixed_header(tar::EntryType::Symlink, &format!("bin/{applet}"));
+            header.set_mode(0o777);
+            header.set_link_name("busybox").expect("symlink target");
+            header.set_cksum();
+            tar.append(&header, std::io::empty()).expect("tar symlink");
+        }
+        let tar = tar.into_inner().expect("tar finish");
+        let config = json!({
+            "architecture": go_arch(),
+            "os": "linux",
+            "created": "1970-01-01T00:00:00Z",
+            "config": {
+                "Entrypoint": ["/bin/sleep", "infinity"],
+                "Env": ["PATH=/bin"],
+                "WorkingDir": "/",
+            },
+            "rootfs": null,
+            "history": [{ "created": "1970-01-01T00:00:00Z", "created_by": "pullgate test busybox" }],
+        });
+        TestImage::from_layer_tar(tar, config, edit)
+    }
+
+    /// An image with `tar` (uncompressed) as its only layer and `config` (whose `rootfs` is
+    /// set here; a `"rootfs": null` placeholder keeps its key position) changed by `edit`: gzip without name or time, OCI media types.
+    pub fn from_layer_tar(
+        tar: Vec<u8>,
+        mut config: serde_json::Value,
+        edit: impl FnOnce(&mut serde_json::Value),
+    ) -> TestImage {
         // GzEncoder::new writes a header with mtime 0 and no file name.
         let mut gz = GzEncoder::new(Vec::new(), Compression::default());
         gz.write_all(&tar).expect("gzip");
@@ -75,14 +144,7 @@ impl TestImage {
 
         let diff_id = sha256_digest(&tar);
         let layer_digest = sha256_digest(&layer);
-        let mut config = json!({
-            "architecture": "amd64",
-            "os": "linux",
-            "created": "1970-01-01T00:00:00Z",
-            "config": { "Cmd": ["/hello"] },
-            "rootfs": { "type": "layers", "diff_ids": [diff_id] },
-            "history": [{ "created": "1970-01-01T00:00:00Z", "created_by": format!("pullgate test seed {seed}") }],
-        });
+        config["rootfs"] = json!({ "type": "layers", "diff_ids": [diff_id] });
         edit(&mut config);
         let config = serde_json::to_vec(&config).expect("config json");
         let config_digest = sha256_digest(&config);
@@ -111,6 +173,40 @@ impl TestImage {
             manifest,
             digest,
         }
+    }
+
+    /// The image ID the CRI reports for this image (`sha256:<config digest>`), which kubelet
+    /// puts in `ContainerConfig.image.image`.
+    pub fn image_id(&self) -> &str {
+        &self.config_digest
+    }
+}
+
+/// Where Debian's `busybox-static` installs its binary.
+pub const BUSYBOX_PATH: &str = "/bin/busybox";
+
+/// A tar header for `path` with mtime 0, uid/gid 0 and mode 0755 (checksum not yet set).
+fn fixed_header(kind: tar::EntryType, path: &str) -> tar::Header {
+    let mut header = tar::Header::new_ustar();
+    header.set_entry_type(kind);
+    header.set_path(path).expect("tar path");
+    header.set_size(0);
+    header.set_mode(0o755);
+    header.set_mtime(0);
+    header.set_uid(0);
+    header.set_gid(0);
+    header
+}
+
+/// This machine's architecture as OCI/Go names it (`amd64`, `arm64`, ...): containerd only
+/// unpacks an image whose config matches its platform.
+pub fn go_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "x86" => "386",
+        "powerpc64" => "ppc64le",
+        other => other,
     }
 }
 
@@ -147,6 +243,14 @@ impl Registry {
     pub async fn push_image(&self, repo: &str, tag: &str, seed: &str) -> String {
         self.push_test_image(repo, tag, &TestImage::build(seed))
             .await
+    }
+
+    /// Builds [`TestImage::busybox`] and pushes it as `REPO:TAG`; returns the image (its
+    /// `digest` is the manifest digest, [`TestImage::image_id`] the CRI image ID).
+    pub async fn push_busybox(&self, repo: &str, tag: &str) -> TestImage {
+        let image = TestImage::busybox();
+        self.push_test_image(repo, tag, &image).await;
+        image
     }
 
     /// Pushes an already built image as `REPO:TAG`; returns its digest.

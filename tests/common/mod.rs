@@ -37,6 +37,7 @@ pub mod fulcio;
 pub mod https;
 mod image;
 mod keys;
+mod pods;
 mod process;
 pub mod references;
 mod registry;
@@ -50,14 +51,21 @@ use std::path::Path;
 
 pub use containerd::{
     connect_uds, cri_client, image_fs_info, image_status, image_status_response, list_images, pull,
-    pull_request, pull_with, remove_image, status_parts, Containerd, Pullgate, K8S_NAMESPACE,
+    pull_request, pull_with, remove_image, status_parts, Containerd, ContainerdOptions, Pullgate,
+    DEFAULT_SANDBOX_IMAGE, K8S_NAMESPACE,
 };
 pub use cosign::{
     cosign_sign_layer, signature_tag, simple_signing_payload, SigLayer, BUNDLE_ANNOTATION,
     CERTIFICATE_ANNOTATION, CHAIN_ANNOTATION, SIGNATURE_ANNOTATION, SIMPLESIGNING_MEDIA_TYPE,
 };
-pub use image::{media_type_of, sha256_digest, TestImage, MANIFEST_ACCEPT};
+pub use image::{go_arch, media_type_of, sha256_digest, TestImage, BUSYBOX_PATH, MANIFEST_ACCEPT};
 pub use keys::{verify_b64, KeyKind, TestKey};
+pub use pods::{
+    container_config, container_status, create_container, create_container_with, list_containers,
+    list_pod_sandboxes, pod_sandbox_config, pod_sandbox_status, remove_container,
+    remove_pod_sandbox, run_pod_sandbox_with, runtime_client, start_container, stop_container,
+    stop_pod_sandbox, wait_container_state, PodSandbox,
+};
 pub use process::{
     pullgate_bin, pullgate_command, run_pullgate, run_pullgate_async, run_pullgate_with,
     run_with_timeout, Output, DEFAULT_TIMEOUT,
