@@ -1933,7 +1933,8 @@ async fn node_readiness_checks_the_running_kubelets_effective_endpoints() {
     };
     let dir = "etc/kubernetes/kubelet.conf.d";
     // (name, config.yaml, drop-in, extra flags, ready, message)
-    let cases: Vec<(&str, String, Option<String>, Vec<String>, bool, &str)> = vec![
+    type Case<'a> = (&'a str, String, Option<String>, Vec<String>, bool, &'a str);
+    let cases: Vec<Case> = vec![
         (
             "nothing set: kubelet's default is containerd for both",
             config(None, None),
