@@ -883,6 +883,26 @@ fn node_installer_ships_the_repository_unit_as_a_host_service() {
         "the pod installs; pullgate itself runs under the host's systemd"
     );
     assert_eq!(c.security_context.as_ref().unwrap().privileged, Some(true));
+    // Readiness is the installer's own check of pullgate and of kubelet's effective endpoints
+    // (tested below), not the existence of a socket file; its CRI call needs curl in the image.
+    let probe = c.readiness_probe.as_ref().unwrap().exec.as_ref().unwrap();
+    assert_eq!(
+        probe.command.as_deref(),
+        Some(
+            &[
+                "/bin/sh".to_string(),
+                "/files/install.sh".to_string(),
+                "check".to_string()
+            ][..]
+        )
+    );
+    let dockerfile = std::fs::read_to_string(root().join("deploy/Dockerfile")).unwrap();
+    assert!(
+        dockerfile
+            .lines()
+            .any(|l| l.contains("apt-get install") && l.split_whitespace().any(|w| w == "curl")),
+        "the installer image needs curl: {dockerfile}"
+    );
     let host = pod
         .volumes
         .iter()
@@ -1199,18 +1219,117 @@ impl ScratchNode {
         let stub = "#!/bin/sh\n\
             [ \"$1 $2 $3\" = '-t 1 -m' ] || { echo \"nsenter stub: not PID 1's namespaces: $*\" >&2; exit 2; }\n\
             while [ \"$1\" != -- ]; do shift; done; shift\n\
-            echo \"$*\" >> \"$NSENTER_CALLS\"\n";
+            echo \"$*\" >> \"$NSENTER_CALLS\"\n\
+            exec sh \"$NSENTER_HOOK\" \"$@\"\n";
         write(&node.path("bin/nsenter"), stub);
         std::fs::set_permissions(
             node.path("bin/nsenter"),
             std::fs::Permissions::from_mode(0o755),
         )
         .unwrap();
+        write(&node.path("bin/systemd-hook"), SYSTEMD_HOOK);
         if let Some(config) = kubelet_config {
             write(&node.host("var/lib/kubelet/config.yaml"), config);
         }
         std::fs::create_dir_all(node.host("run/pullgate")).unwrap();
+        // The host's /proc as the hostPID pod sees it: boot time, and kubelet once started.
+        let booted = unix_now() - 1000;
+        write(
+            &node.path("proc/stat"),
+            &format!("cpu 0 0 0 0\nbtime {booted}\n"),
+        );
+        write(&node.path("proc/next-pid"), "4000");
         node
+    }
+
+    /// Starts kubelet as systemd would with kubeadm's drop-in (see SYSTEMD_HOOK).
+    fn boot_kubelet(&self) {
+        let status = std::process::Command::new("sh")
+            .arg(self.path("bin/systemd-hook"))
+            .arg("boot")
+            .env("INSTALL_HOST_ROOT", self.path("host"))
+            .env("INSTALL_PROC", self.path("proc"))
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// A kubelet process started now with exactly `args` (replacing any other).
+    fn fake_kubelet(&self, args: &[&str]) {
+        let pid: u32 = read_or_empty(&self.path("proc/next-pid"))
+            .trim()
+            .parse()
+            .unwrap();
+        write(&self.path("proc/next-pid"), &(pid + 1).to_string());
+        for entry in std::fs::read_dir(self.path("proc")).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                std::fs::remove_dir_all(path).unwrap();
+            }
+        }
+        let dir = self.path(&format!("proc/{pid}"));
+        let mut cmdline = String::from("/usr/bin/kubelet\0");
+        for a in args {
+            cmdline.push_str(a);
+            cmdline.push('\0');
+        }
+        write(&dir.join("cmdline"), &cmdline);
+        write(&dir.join("comm"), "kubelet\n");
+        let stat = read_or_empty(&self.path("proc/stat"));
+        let booted: u64 = stat
+            .lines()
+            .find_map(|l| l.strip_prefix("btime "))
+            .unwrap()
+            .parse()
+            .unwrap();
+        // Field 22 is the start time in clock ticks after boot (USER_HZ, 100 on Linux).
+        let ticks = (unix_now() - booted) * 100;
+        write(
+            &dir.join("stat"),
+            &format!("{pid} (kubelet) S 1 {pid} {pid} 0 -1 4194560 0 0 0 0 0 0 0 0 20 0 18 0 {ticks} 0 0\n"),
+        );
+    }
+
+    /// The arguments of the kubelet process running now.
+    fn kubelet_args(&self) -> Vec<String> {
+        for entry in std::fs::read_dir(self.path("proc")).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                return read_or_empty(&path.join("cmdline"))
+                    .split('\0')
+                    .filter(|a| !a.is_empty())
+                    .map(str::to_string)
+                    .collect();
+            }
+        }
+        panic!("no kubelet process")
+    }
+
+    /// The DaemonSet's readiness probe (`install.sh check`): exit code and output.
+    /// Killed after 10 s, as the kubelet kills a probe that overruns.
+    fn check(&self) -> (i32, String) {
+        let out = self.path("check.out");
+        let file = std::fs::File::create(&out).unwrap();
+        let mut child = self
+            .command()
+            .arg("check")
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .unwrap();
+        let start = Instant::now();
+        let code = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status.code().unwrap_or(-1);
+            }
+            if start.elapsed() > Duration::from_secs(10) {
+                let _ = child.kill();
+                let _ = child.wait();
+                break -1;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        (code, read_or_empty(&out))
     }
 
     fn path(&self, rel: &str) -> PathBuf {
@@ -1221,29 +1340,41 @@ impl ScratchNode {
         self.dir.path().join("host").join(rel)
     }
 
-    /// Starts install.sh as the DaemonSet would, with the scratch paths.
-    fn install(&self, api_host: &str, api_port: u16, configure_kubelet: bool) -> Installer {
+    /// install.sh with the DaemonSet's environment and the scratch paths.
+    fn command(&self) -> std::process::Command {
         let path = format!(
             "{}:{}",
             self.path("bin").display(),
             std::env::var("PATH").unwrap_or_default()
         );
-        let log = std::fs::File::create(self.path("installer.log")).unwrap();
-        let child = std::process::Command::new("sh")
-            .arg(self.path("files/install.sh"))
+        let mut cmd = std::process::Command::new("sh");
+        cmd.arg(self.path("files/install.sh"))
             .env("PATH", path)
             .env("INSTALL_HOST_ROOT", self.path("host"))
             .env("INSTALL_FILES", self.path("files"))
             .env("INSTALL_SA_DIR", self.path("sa"))
             .env("INSTALL_BINARY", self.path("image/pullgate"))
+            .env("INSTALL_PROC", self.path("proc"))
             .env("TOKEN_SYNC_SECONDS", "1")
             .env("START_TIMEOUT_SECONDS", "2")
+            .env("KUBELET_TIMEOUT_SECONDS", "5")
+            .env("KUBERNETES_SERVICE_HOST", "10.96.0.1")
+            .env("KUBERNETES_SERVICE_PORT", "443")
+            .env("NODE_NAME", "node-a")
+            .env("NSENTER_CALLS", self.path("calls"))
+            .env("NSENTER_HOOK", self.path("bin/systemd-hook"))
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    /// Starts install.sh as the DaemonSet would.
+    fn install(&self, api_host: &str, api_port: u16, configure_kubelet: bool) -> Installer {
+        let log = std::fs::File::create(self.path("installer.log")).unwrap();
+        let child = self
+            .command()
             .env("KUBERNETES_SERVICE_HOST", api_host)
             .env("KUBERNETES_SERVICE_PORT", api_port.to_string())
-            .env("NODE_NAME", "node-a")
             .env("CONFIGURE_KUBELET", configure_kubelet.to_string())
-            .env("NSENTER_CALLS", self.path("calls"))
-            .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
@@ -1263,9 +1394,18 @@ impl ScratchNode {
         read_or_empty(&self.path("installer.log"))
     }
 
-    /// Stands in for pullgate coming up under systemd.
-    fn serve_socket(&self) -> std::os::unix::net::UnixListener {
-        std::os::unix::net::UnixListener::bind(self.host("run/pullgate/pullgate.sock")).unwrap()
+    /// Stands in for pullgate coming up under systemd: a CRI endpoint on its socket.
+    fn serve_cri(&self) -> FakeCri {
+        let socket = self.host("run/pullgate/pullgate.sock");
+        let _ = std::fs::remove_file(&socket);
+        FakeCri::serve(&socket)
+    }
+
+    /// A socket that exists and accepts connections but never answers (a hung release).
+    fn silent_socket(&self) -> std::os::unix::net::UnixListener {
+        let socket = self.host("run/pullgate/pullgate.sock");
+        let _ = std::fs::remove_file(&socket);
+        std::os::unix::net::UnixListener::bind(socket).unwrap()
     }
 
     /// The installer-written kubeconfig with its host paths moved under the scratch root, for
@@ -1285,6 +1425,115 @@ impl ScratchNode {
         let path = self.path("kubeconfig.rebased");
         write(&path, &text);
         path
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// What the nsenter stub runs after recording a host command: `systemctl restart
+/// kubelet.service` (and `boot`) start a new kubelet process in the scratch /proc with the
+/// command line systemd builds from kubeadm's kubelet drop-in (10-kubeadm.conf:
+/// `kubelet $KUBELET_KUBECONFIG_ARGS $KUBELET_CONFIG_ARGS $KUBELET_KUBEADM_ARGS
+/// $KUBELET_EXTRA_ARGS`, KUBELET_CONFIG_ARGS set there and overridable by a later drop-in,
+/// KUBELET_KUBEADM_ARGS from /var/lib/kubelet/kubeadm-flags.env).
+const SYSTEMD_HOOK: &str = r#"
+[ "$*" = "systemctl restart kubelet.service" ] || [ "$*" = boot ] || exit 0
+H=$INSTALL_HOST_ROOT
+P=$INSTALL_PROC
+KUBELET_CONFIG_ARGS=--config=/var/lib/kubelet/config.yaml
+KUBELET_KUBEADM_ARGS=
+for d in "$H"/etc/systemd/system/kubelet.service.d/*.conf; do
+  [ -f "$d" ] || continue
+  v=$(sed -n 's/^Environment="KUBELET_CONFIG_ARGS=\(.*\)"$/\1/p' "$d")
+  if [ -n "$v" ]; then KUBELET_CONFIG_ARGS=$v; fi
+done
+if [ -f "$H/var/lib/kubelet/kubeadm-flags.env" ]; then . "$H/var/lib/kubelet/kubeadm-flags.env"; fi
+pid=$(cat "$P/next-pid")
+echo $((pid + 1)) > "$P/next-pid"
+rm -rf "$P"/[0-9]*
+mkdir "$P/$pid"
+printf '%s\0' /usr/bin/kubelet --kubeconfig=/etc/kubernetes/kubelet.conf $KUBELET_CONFIG_ARGS $KUBELET_KUBEADM_ARGS > "$P/$pid/cmdline"
+echo kubelet > "$P/$pid/comm"
+btime=$(awk '$1 == "btime" { print $2 }' "$P/stat")
+echo "$pid (kubelet) S 1 $pid $pid 0 -1 4194560 0 0 0 0 0 0 0 0 20 0 18 0 $((($(date +%s) - btime) * 100)) 0 0" > "$P/$pid/stat"
+"#;
+
+/// A CRI endpoint on a unix socket, standing in for pullgate (which forwards to containerd):
+/// gRPC over HTTP/2, every call answered with an empty message and `grpc-status: 0`. Records
+/// "METHOD path content-type" of each request.
+struct FakeCri {
+    requests: Arc<Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for FakeCri {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl FakeCri {
+    fn serve(socket: &Path) -> FakeCri {
+        use http_body_util::StreamBody;
+        use hyper::body::Frame;
+
+        let listener = tokio::net::UnixListener::bind(socket).unwrap();
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let seen = requests.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let seen = seen.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req: hyper::Request<_>| {
+                        let seen = seen.clone();
+                        async move {
+                            let content_type = req
+                                .headers()
+                                .get("content-type")
+                                .and_then(|v| v.to_str().ok())
+                                .unwrap_or("(none)")
+                                .to_string();
+                            let line =
+                                format!("{} {} {content_type}", req.method(), req.uri().path());
+                            // A gRPC server reads the request message before it answers.
+                            let _ = http_body_util::BodyExt::collect(req.into_body()).await;
+                            seen.lock().unwrap().push(line);
+                            let mut trailers = http::HeaderMap::new();
+                            trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                            let frames = vec![
+                                Ok::<_, std::convert::Infallible>(Frame::data(
+                                    bytes::Bytes::from_static(&[0; 5]),
+                                )),
+                                Ok(Frame::trailers(trailers)),
+                            ];
+                            let response = hyper::Response::builder()
+                                .header("content-type", "application/grpc")
+                                .body(StreamBody::new(futures_util::stream::iter(frames)))
+                                .unwrap();
+                            Ok::<_, std::convert::Infallible>(response)
+                        }
+                    });
+                    let _ = hyper::server::conn::http2::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+                });
+            }
+        });
+        FakeCri { requests, task }
+    }
+
+    fn requests(&self) -> Vec<String> {
+        self.requests.lock().unwrap().clone()
     }
 }
 
@@ -1443,16 +1692,45 @@ impl TlsApi {
     }
 }
 
+const PULLGATE_ENDPOINT: &str = "unix:///run/pullgate/pullgate.sock";
+/// What kubeadm (1.28 to at least 1.31) writes for a containerd node: the runtime endpoint as a
+/// flag, which beats every kubelet config file.
+const KUBEADM_FLAGS: &str = "KUBELET_KUBEADM_ARGS=\"--container-runtime-endpoint=unix:///var/run/containerd/containerd.sock --pod-infra-container-image=registry.k8s.io/pause:3.9\"\n";
+
+/// The KubeletConfiguration drop-in the installer writes, parsed.
+fn pullgate_dropin(node: &ScratchNode) -> Value {
+    serde_yaml::from_str(
+        &std::fs::read_to_string(node.host("etc/kubernetes/kubelet.conf.d/90-pullgate.conf"))
+            .unwrap(),
+    )
+    .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn node_installer_sets_up_the_host_service_and_keeps_its_token_fresh() {
     let m = load();
     let api = TlsApi::start().await;
-    // kubeadm writes a final newline; this one has none, which must not glue the lines.
+    // kubeadm writes a final newline; this one has none.
     let kubelet = "apiVersion: kubelet.config.k8s.io/v1beta1\nkind: KubeletConfiguration\ncgroupDriver: systemd";
     let node = ScratchNode::new(&m, "token-one", &api.ca_pem, Some(kubelet));
-    let mut installer = node.install("127.0.0.1", api.port, true);
+    write(
+        &node.host("var/lib/kubelet/kubeadm-flags.env"),
+        KUBEADM_FLAGS,
+    );
+    node.boot_kubelet();
+    // Before: kubelet talks to containerd directly, and readiness says so.
+    let _early = node.serve_cri();
+    let (code, text) = node.check();
+    assert_eq!(code, 1, "{text}");
+    assert!(
+        text.contains("bypasses pullgate: containerRuntimeEndpoint is unix:///var/run/containerd/containerd.sock, imageServiceEndpoint is unix:///var/run/containerd/containerd.sock"),
+        "{text}"
+    );
+    drop(_early);
+    std::fs::remove_file(node.host("run/pullgate/pullgate.sock")).unwrap();
 
-    // It starts pullgate, then waits for the socket before touching kubelet.
+    let mut installer = node.install("127.0.0.1", api.port, true);
+    // It starts pullgate, then waits for pullgate to answer before touching kubelet.
     wait_for(&node, "pullgate to be (re)started", || {
         node.calls().len() >= 3
     })
@@ -1468,14 +1746,69 @@ async fn node_installer_sets_up_the_host_service_and_keeps_its_token_fresh() {
         "kubelet is left alone until pullgate serves"
     );
     assert_eq!(installer.exited(), None, "{}", node.log());
-    let _socket = node.serve_socket();
+    let cri = node.serve_cri();
     wait_for(&node, "kubelet to be pointed at pullgate", || {
-        node.log().contains("kubelet now pulls through pullgate")
+        node.log()
+            .contains("kubelet now sends runtime and image calls to pullgate")
     })
     .await;
+    // The probe was a real CRI call.
+    assert!(
+        cri.requests()
+            .contains(&"POST /runtime.v1.RuntimeService/Version application/grpc".to_string()),
+        "{:?}",
+        cri.requests()
+    );
     assert_eq!(
-        node.calls().last().map(String::as_str),
-        Some("systemctl restart kubelet.service")
+        node.calls()[3..],
+        [
+            "systemctl daemon-reload",
+            "systemctl restart kubelet.service"
+        ]
+    );
+
+    // Both endpoints in a KubeletConfiguration drop-in that kubeadm never writes; kubelet
+    // reads the directory through a systemd drop-in; kubeadm's runtime flag (which would beat
+    // any config file) now names pullgate, the other flags kept. kubeadm's config.yaml is
+    // untouched.
+    assert_eq!(
+        pullgate_dropin(&node),
+        json!({"apiVersion": "kubelet.config.k8s.io/v1beta1", "kind": "KubeletConfiguration",
+               "containerRuntimeEndpoint": PULLGATE_ENDPOINT,
+               "imageServiceEndpoint": PULLGATE_ENDPOINT})
+    );
+    let unit = std::fs::read_to_string(
+        node.host("etc/systemd/system/kubelet.service.d/20-pullgate-config-dir.conf"),
+    )
+    .unwrap();
+    assert!(
+        unit.contains("Environment=\"KUBELET_CONFIG_ARGS=--config=/var/lib/kubelet/config.yaml --config-dir=/etc/kubernetes/kubelet.conf.d\""),
+        "{unit}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(node.host("var/lib/kubelet/kubeadm-flags.env")).unwrap(),
+        KUBEADM_FLAGS.replace(
+            "unix:///var/run/containerd/containerd.sock",
+            PULLGATE_ENDPOINT
+        )
+    );
+    assert_eq!(
+        std::fs::read_to_string(node.host("var/lib/kubelet/config.yaml")).unwrap(),
+        kubelet
+    );
+    let args = node.kubelet_args();
+    assert!(
+        args.contains(&"--config-dir=/etc/kubernetes/kubelet.conf.d".to_string()),
+        "{args:?}"
+    );
+    assert!(
+        args.contains(&format!("--container-runtime-endpoint={PULLGATE_ENDPOINT}")),
+        "{args:?}"
+    );
+    let (code, text) = node.check();
+    assert_eq!(
+        (code, text.trim()),
+        (0, "kubelet sends runtime and image calls to pullgate")
     );
 
     // The host files: the release's binary, the repository's units, modes that keep the
@@ -1522,18 +1855,6 @@ async fn node_installer_sets_up_the_host_service_and_keeps_its_token_fresh() {
     let rebased = node.rebased_kubeconfig();
     assert_eq!(api.list_with(&rebased).await, "Bearer token-one");
 
-    // kubelet's config gained exactly the endpoint, on its own line.
-    let config: Value = serde_yaml::from_str(
-        &std::fs::read_to_string(node.host("var/lib/kubelet/config.yaml")).unwrap(),
-    )
-    .unwrap();
-    assert_eq!(
-        config,
-        json!({"apiVersion": "kubelet.config.k8s.io/v1beta1", "kind": "KubeletConfiguration",
-               "cgroupDriver": "systemd",
-               "imageServiceEndpoint": "unix:///run/pullgate/pullgate.sock"})
-    );
-
     // The kubelet rotates the projected token (a new file swapped in): the host copy follows,
     // and a client reading the token file sends the new one.
     write(&node.path("sa/token.tmp"), "token-two");
@@ -1547,7 +1868,7 @@ async fn node_installer_sets_up_the_host_service_and_keeps_its_token_fresh() {
     drop(installer);
 
     // Re-running with the same release (a pod restart, an env change) neither restarts
-    // pullgate nor kubelet, and does not add the endpoint twice.
+    // pullgate nor kubelet.
     let calls_before = node.calls().len();
     let _again = node.install("127.0.0.1", api.port, true);
     wait_for(&node, "the second run to settle", || {
@@ -1562,8 +1883,183 @@ async fn node_installer_sets_up_the_host_service_and_keeps_its_token_fresh() {
             "systemctl start pullgate.service"
         ]
     );
-    let text = std::fs::read_to_string(node.host("var/lib/kubelet/config.yaml")).unwrap();
-    assert_eq!(text.matches("imageServiceEndpoint").count(), 1, "{text}");
+    drop(_again);
+
+    // `kubeadm upgrade` rewrites config.yaml from the cluster's kubelet-config ConfigMap (which
+    // may carry containerd's endpoint, as kubeadm's instance configuration does) and restarts
+    // kubelet: the drop-in still wins, and readiness confirms it.
+    write(
+        &node.host("var/lib/kubelet/config.yaml"),
+        "apiVersion: kubelet.config.k8s.io/v1beta1\nkind: KubeletConfiguration\n\
+         containerRuntimeEndpoint: unix:///run/containerd/containerd.sock\n",
+    );
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    node.boot_kubelet();
+    let (code, text) = node.check();
+    assert_eq!(code, 0, "{text}");
+    // A kubeadm that puts its runtime flag back is not silent: not ready, and why.
+    write(
+        &node.host("var/lib/kubelet/kubeadm-flags.env"),
+        KUBEADM_FLAGS,
+    );
+    node.boot_kubelet();
+    let (code, text) = node.check();
+    assert_eq!(code, 1, "{text}");
+    assert!(
+        text.contains(
+            "bypasses pullgate: containerRuntimeEndpoint is unix:///var/run/containerd/containerd.sock"
+        ) && !text.contains("imageServiceEndpoint is"),
+        "{text}"
+    );
+}
+
+/// The readiness probe reads what the running kubelet uses: its flags over its config-dir
+/// drop-ins over its --config file, the image endpoint defaulting to the runtime one.
+#[tokio::test(flavor = "multi_thread")]
+async fn node_readiness_checks_the_running_kubelets_effective_endpoints() {
+    let m = load();
+    let node = ScratchNode::new(&m, "t", "ca", None);
+    let _cri = node.serve_cri();
+    let containerd = "unix:///run/containerd/containerd.sock";
+    let config = |runtime: Option<&str>, image: Option<&str>| {
+        let mut text = "kind: KubeletConfiguration\n".to_string();
+        if let Some(r) = runtime {
+            text.push_str(&format!("containerRuntimeEndpoint: {r}\n"));
+        }
+        if let Some(i) = image {
+            text.push_str(&format!("imageServiceEndpoint: \"{i}\"\n"));
+        }
+        text
+    };
+    let dir = "etc/kubernetes/kubelet.conf.d";
+    // (name, config.yaml, drop-in, extra flags, ready, message)
+    type Case<'a> = (&'a str, String, Option<String>, Vec<String>, bool, &'a str);
+    let cases: Vec<Case> = vec![
+        (
+            "nothing set: kubelet's default is containerd for both",
+            config(None, None),
+            None,
+            vec![],
+            false,
+            "containerRuntimeEndpoint is unix:///run/containerd/containerd.sock, imageServiceEndpoint is unix:///run/containerd/containerd.sock",
+        ),
+        (
+            "only the image endpoint (the old set-up)",
+            config(None, Some(PULLGATE_ENDPOINT)),
+            None,
+            vec![],
+            false,
+            "bypasses pullgate: containerRuntimeEndpoint is unix:///run/containerd/containerd.sock (want",
+        ),
+        (
+            "runtime flag on pullgate, image endpoint on containerd in the config",
+            config(None, Some(containerd)),
+            None,
+            vec![format!("--container-runtime-endpoint={PULLGATE_ENDPOINT}")],
+            false,
+            "bypasses pullgate: imageServiceEndpoint is unix:///run/containerd/containerd.sock (want",
+        ),
+        (
+            "config on pullgate, a runtime flag on containerd beats it",
+            config(Some(PULLGATE_ENDPOINT), Some(PULLGATE_ENDPOINT)),
+            None,
+            vec![format!("--container-runtime-endpoint={containerd}")],
+            false,
+            "bypasses pullgate: containerRuntimeEndpoint is unix:///run/containerd/containerd.sock (want",
+        ),
+        (
+            "a drop-in on pullgate beats config.yaml on containerd",
+            config(Some(containerd), Some(containerd)),
+            Some(config(Some(PULLGATE_ENDPOINT), Some(PULLGATE_ENDPOINT))),
+            vec![],
+            true,
+            "kubelet sends runtime and image calls to pullgate",
+        ),
+        (
+            "the runtime endpoint alone on pullgate: the image endpoint follows it",
+            config(None, None),
+            Some(config(Some(PULLGATE_ENDPOINT), None)),
+            vec![],
+            true,
+            "kubelet sends runtime and image calls to pullgate",
+        ),
+        (
+            "flags on pullgate (space-separated, /var/run, no scheme)",
+            config(Some(containerd), Some(containerd)),
+            None,
+            vec![
+                "--container-runtime-endpoint".to_string(),
+                "unix:///var/run/pullgate/pullgate.sock".to_string(),
+                "--image-service-endpoint=/run/pullgate/pullgate.sock".to_string(),
+            ],
+            true,
+            "kubelet sends runtime and image calls to pullgate",
+        ),
+    ];
+    for (name, config_yaml, dropin, flags, ready, message) in cases {
+        let _ = std::fs::remove_dir_all(node.host("etc/kubernetes"));
+        write(&node.host("var/lib/kubelet/config.yaml"), &config_yaml);
+        let mut args = vec!["--config=/var/lib/kubelet/config.yaml".to_string()];
+        if let Some(d) = &dropin {
+            write(&node.host(&format!("{dir}/50-runtime.conf")), d);
+            args.push(format!("--config-dir=/{dir}"));
+        }
+        args.extend(flags);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        node.fake_kubelet(&args);
+        let (code, text) = node.check();
+        assert_eq!(code, if ready { 0 } else { 1 }, "{name}: {text}");
+        assert!(text.contains(message), "{name}: {text}");
+    }
+
+    // A drop-in written after kubelet started is not in effect yet: not ready until kubelet
+    // restarts.
+    write(
+        &node.host(&format!("{dir}/50-runtime.conf")),
+        &config(Some(PULLGATE_ENDPOINT), Some(PULLGATE_ENDPOINT)),
+    );
+    node.fake_kubelet(&[&format!("--config-dir=/{dir}")]);
+    assert_eq!(node.check().0, 0);
+    let later = format!("@{}", unix_now() + 5);
+    let status = std::process::Command::new("touch")
+        .args(["-d", &later])
+        .arg(node.host(&format!("{dir}/50-runtime.conf")))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let (code, text) = node.check();
+    assert_eq!(code, 1, "{text}");
+    assert!(
+        text.contains("started before /etc/kubernetes/kubelet.conf.d/50-runtime.conf changed"),
+        "{text}"
+    );
+
+    // No kubelet at all.
+    for entry in std::fs::read_dir(node.path("proc")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            std::fs::remove_dir_all(path).unwrap();
+        }
+    }
+    let (code, text) = node.check();
+    assert_eq!(
+        (code, text.trim()),
+        (1, "no kubelet process runs on this node")
+    );
+
+    // A socket file is not enough: pullgate must answer a CRI call.
+    node.fake_kubelet(&[&format!("--container-runtime-endpoint={PULLGATE_ENDPOINT}")]);
+    assert_eq!(node.check().0, 0);
+    drop(_cri);
+    let _silent = node.silent_socket();
+    let (code, text) = node.check();
+    assert_eq!(
+        (code, text.trim()),
+        (
+            1,
+            "pullgate does not answer CRI calls on /run/pullgate/pullgate.sock"
+        )
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -1571,6 +2067,14 @@ async fn node_installer_leaves_kubelet_alone_when_pullgate_does_not_come_up() {
     let m = load();
     let kubelet = "kind: KubeletConfiguration\n";
     let node = ScratchNode::new(&m, "t", "not a real CA", Some(kubelet));
+    write(
+        &node.host("var/lib/kubelet/kubeadm-flags.env"),
+        KUBEADM_FLAGS,
+    );
+    node.boot_kubelet();
+    let before = node.kubelet_args();
+    // The socket exists but nothing answers on it.
+    let _silent = node.silent_socket();
     // An IPv6 Service address, as on single-stack IPv6 clusters.
     let mut installer = node.install("fd00::1", 443, true);
     wait_for(&node, "the installer to give up", || {
@@ -1579,8 +2083,9 @@ async fn node_installer_leaves_kubelet_alone_when_pullgate_does_not_come_up() {
     .await;
     assert_eq!(installer.exited(), Some(1), "{}", node.log());
     assert!(
-        node.log()
-            .contains("pullgate did not come up within 2s; kubelet is left unchanged"),
+        node.log().contains(
+            "pullgate does not answer CRI calls on /run/pullgate/pullgate.sock within 2s\n"
+        ) && node.log().contains("kubelet is left unchanged"),
         "{}",
         node.log()
     );
@@ -1593,6 +2098,12 @@ async fn node_installer_leaves_kubelet_alone_when_pullgate_does_not_come_up() {
         std::fs::read_to_string(node.host("var/lib/kubelet/config.yaml")).unwrap(),
         kubelet
     );
+    assert_eq!(
+        std::fs::read_to_string(node.host("var/lib/kubelet/kubeadm-flags.env")).unwrap(),
+        KUBEADM_FLAGS
+    );
+    assert!(!node.host("etc/kubernetes/kubelet.conf.d").exists());
+    assert_eq!(node.kubelet_args(), before);
     let kubeconfig = std::fs::read_to_string(node.host("etc/pullgate/kubeconfig")).unwrap();
     assert!(
         kubeconfig.contains("server: https://[fd00::1]:443\n"),
@@ -1600,11 +2111,93 @@ async fn node_installer_leaves_kubelet_alone_when_pullgate_does_not_come_up() {
     );
 }
 
+/// kubelet needs pullgate for every container operation: a release that does not answer
+/// must not leave a wired kubelet on a dead socket.
+#[tokio::test(flavor = "multi_thread")]
+async fn node_installer_rolls_kubelet_back_to_containerd_when_pullgate_stops_answering() {
+    let m = load();
+    let kubelet = "apiVersion: kubelet.config.k8s.io/v1beta1\nkind: KubeletConfiguration\n";
+    let node = ScratchNode::new(&m, "t", "ca", Some(kubelet));
+    write(
+        &node.host("var/lib/kubelet/kubeadm-flags.env"),
+        KUBEADM_FLAGS,
+    );
+    node.boot_kubelet();
+    let original = node.kubelet_args();
+    let cri = node.serve_cri();
+    let first = node.install("10.96.0.1", 443, true);
+    wait_for(&node, "kubelet to be wired", || {
+        node.log()
+            .contains("kubelet now sends runtime and image calls to pullgate")
+    })
+    .await;
+    drop(first);
+    let (code, text) = node.check();
+    assert_eq!(code, 0, "{text}");
+
+    // A new release that hangs: the socket is there, nothing answers.
+    drop(cri);
+    write(
+        &node.path("image/pullgate"),
+        "#!/bin/sh\necho a release that hangs\n",
+    );
+    let _silent = node.silent_socket();
+    let calls_before = node.calls().len();
+    let mut installer = node.install("10.96.0.1", 443, true);
+    wait_for(&node, "the installer to give up", || {
+        installer.exited().is_some()
+    })
+    .await;
+    assert_eq!(installer.exited(), Some(1), "{}", node.log());
+    assert!(
+        node.log()
+            .contains("rolled kubelet back to containerd (unix:///run/containerd/containerd.sock); this node is not enforced"),
+        "{}",
+        node.log()
+    );
+    assert_eq!(
+        node.calls()[calls_before..],
+        [
+            "systemctl daemon-reload",
+            "systemctl enable pullgate.service",
+            "systemctl restart pullgate.service",
+            "systemctl status --no-pager pullgate.service",
+            "systemctl daemon-reload",
+            "systemctl restart kubelet.service"
+        ]
+    );
+    // Everything the installer wrote for kubelet is undone; kubelet runs as before.
+    assert!(!node
+        .host("etc/kubernetes/kubelet.conf.d/90-pullgate.conf")
+        .exists());
+    assert!(!node
+        .host("etc/systemd/system/kubelet.service.d/20-pullgate-config-dir.conf")
+        .exists());
+    assert_eq!(
+        std::fs::read_to_string(node.host("var/lib/kubelet/kubeadm-flags.env")).unwrap(),
+        KUBEADM_FLAGS
+    );
+    assert_eq!(node.kubelet_args(), original);
+    let (code, text) = node.check();
+    assert_eq!(code, 1, "{text}");
+
+    // The next run with a release that answers wires kubelet again.
+    std::fs::remove_file(node.host("run/pullgate/pullgate.sock")).unwrap();
+    let _cri = node.serve_cri();
+    let _again = node.install("10.96.0.1", 443, true);
+    wait_for(&node, "kubelet to be wired again", || {
+        node.log()
+            .contains("kubelet now sends runtime and image calls to pullgate")
+    })
+    .await;
+    assert_eq!(node.check().0, 0);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn node_installer_fails_loudly_when_asked_to_configure_a_kubelet_it_cannot_find() {
     let m = load();
     let node = ScratchNode::new(&m, "t", "ca", None);
-    let _socket = node.serve_socket();
+    let _cri = node.serve_cri();
     let mut installer = node.install("10.96.0.1", 443, true);
     wait_for(&node, "the installer to stop", || {
         installer.exited().is_some()
@@ -1613,12 +2206,13 @@ async fn node_installer_fails_loudly_when_asked_to_configure_a_kubelet_it_cannot
     assert_eq!(installer.exited(), Some(1), "{}", node.log());
     assert!(
         node.log()
-            .contains("/var/lib/kubelet/config.yaml does not exist on this node"),
+            .contains("CONFIGURE_KUBELET=true, but no kubelet process runs on this node"),
         "{}",
         node.log()
     );
-    assert!(!node.host("var/lib/kubelet/config.yaml").exists());
-    // Without CONFIGURE_KUBELET the same node is fine: installed, serving, looping.
+    assert!(!node.host("etc/kubernetes").exists());
+    // Without CONFIGURE_KUBELET the same node is installed, serving and looping, but not
+    // ready: nothing sends kubelet's calls through pullgate.
     let mut installer = node.install("10.96.0.1", 443, false);
     wait_for(&node, "pullgate to serve", || {
         node.log().contains("pullgate is serving")
@@ -1626,6 +2220,12 @@ async fn node_installer_fails_loudly_when_asked_to_configure_a_kubelet_it_cannot
     .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(installer.exited(), None, "{}", node.log());
+    assert!(
+        node.log()
+            .contains("not ready: no kubelet process runs on this node"),
+        "{}",
+        node.log()
+    );
 }
 
 /// The kind cluster the README's cluster-mode walkthrough creates: the node names it uses

@@ -220,7 +220,7 @@ fn unit_orders_against_containerd_and_kubelet() {
     assert!(wanted_by.contains(&"multi-user.target"));
     assert!(wanted_by.contains(&"kubelet.service"));
     // The documented choice: kubelet wants pullgate but does not require it, so stopping
-    // pullgate never stops kubelet (enforcement comes from kubelet's imageServiceEndpoint).
+    // pullgate never stops kubelet (enforcement comes from kubelet's CRI endpoints).
     assert!(
         !unit.names("Install", "RequiredBy").contains(&"kubelet.service"),
         "RequiredBy=kubelet.service lets a pullgate stop take kubelet down; see the unit's comments"
@@ -421,36 +421,52 @@ fn every_kind_node_mounts_the_binary_the_unit_and_the_policies() {
     assert!(repo(POLICIES).is_dir());
 }
 
-#[test]
-fn kind_kubelets_use_pullgate_as_image_service() {
-    let cluster = cluster();
-    let patches = cluster["kubeadmConfigPatches"]
+/// The kubeadm config patches of `kind-config/cluster.yaml` whose `kind` is `kind`.
+fn kubeadm_patches(cluster: &Value, kind: &str) -> Vec<Value> {
+    cluster["kubeadmConfigPatches"]
         .as_sequence()
-        .expect("kubeadmConfigPatches is a list");
-    let kubelet: Vec<Value> = patches
+        .expect("kubeadmConfigPatches is a list")
         .iter()
         .map(|p| {
             let text = p.as_str().expect("a kubeadm patch is a YAML string");
             serde_yaml::from_str::<Value>(text).expect("a kubeadm patch parses")
         })
-        .filter(|p| str_at(p, "kind") == Some("KubeletConfiguration"))
-        .collect();
+        .filter(|p| str_at(p, "kind") == Some(kind))
+        .collect()
+}
+
+#[test]
+fn kind_kubelets_send_runtime_and_image_calls_to_pullgate() {
+    let cluster = cluster();
+    let unit = unit();
+    let words = exec_start(&unit);
+    // The socket the unit listens on, as a kubelet endpoint.
+    let socket = format!("unix://{}", flags(&words[2..])["--listen"]);
+    let kubelet = kubeadm_patches(&cluster, "KubeletConfiguration");
     assert_eq!(kubelet.len(), 1, "one KubeletConfiguration patch");
     let patch = &kubelet[0];
     if let Some(api) = str_at(patch, "apiVersion") {
         assert_eq!(api, "kubelet.config.k8s.io/v1beta1");
     }
-    let endpoint = str_at(patch, "imageServiceEndpoint");
-    assert_eq!(endpoint, Some("unix:///run/pullgate/pullgate.sock"));
-    // …which is the socket the unit listens on.
-    let unit = unit();
-    let words = exec_start(&unit);
-    assert_eq!(
-        endpoint,
-        Some(format!("unix://{}", flags(&words[2..])["--listen"]).as_str())
-    );
-    // Runtime calls must keep going to containerd: the patch must not redirect them.
-    assert!(patch.get("containerRuntimeEndpoint").is_none());
+    // Both CRI services through pullgate: the create-time gate sits on RuntimeService.
+    for field in ["containerRuntimeEndpoint", "imageServiceEndpoint"] {
+        assert_eq!(
+            str_at(patch, field),
+            Some(socket.as_str()),
+            "KubeletConfiguration {field}"
+        );
+    }
+    // kubeadm turns nodeRegistration.criSocket into kubelet's --container-runtime-endpoint
+    // flag, which beats the KubeletConfiguration: every node's must be pullgate's too.
+    for kind in ["InitConfiguration", "JoinConfiguration"] {
+        let patches = kubeadm_patches(&cluster, kind);
+        assert_eq!(patches.len(), 1, "one {kind} patch");
+        assert_eq!(
+            patches[0]["nodeRegistration"]["criSocket"].as_str(),
+            Some(socket.as_str()),
+            "{kind} nodeRegistration.criSocket"
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
