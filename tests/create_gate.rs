@@ -83,8 +83,12 @@ async fn only_verified_content_is_created_in_enforced_namespaces() {
     let reg = Registry::start().await;
     reg.push_busybox("pause", "v1").await;
     let key = TestKey::generate(KeyKind::EcdsaP256);
-    let signed = TestImage::busybox_with_config(|c| c["config"]["Env"] = serde_json::json!(["PATH=/bin", "BUILD=signed"]));
-    let unsigned = TestImage::busybox_with_config(|c| c["config"]["Env"] = serde_json::json!(["PATH=/bin", "BUILD=unsigned"]));
+    let signed = TestImage::busybox_with_config(|c| {
+        c["config"]["Env"] = serde_json::json!(["PATH=/bin", "BUILD=signed"])
+    });
+    let unsigned = TestImage::busybox_with_config(|c| {
+        c["config"]["Env"] = serde_json::json!(["PATH=/bin", "BUILD=unsigned"])
+    });
     let ctd = Containerd::start_with(
         ContainerdOptions::default().sandbox_image(reg.tag_ref("pause", "v1")),
     )
@@ -130,7 +134,8 @@ async fn only_verified_content_is_created_in_enforced_namespaces() {
     assert!(why.contains(&format!("{}/app", reg.addr())), "{why}");
     // An image-ID reference in the pod spec.
     let why = expect_refused(
-        pod.create_container("by-id", &unsigned_id, &unsigned_id).await,
+        pod.create_container("by-id", &unsigned_id, &unsigned_id)
+            .await,
         "image-ID reference",
         &pg,
     );
@@ -181,7 +186,10 @@ async fn only_verified_content_is_created_in_enforced_namespaces() {
     let lines = create_lines(&pg);
     let last = lines.last().expect("cri-create audit lines");
     assert_eq!(last["verdict"], "allow", "{last}");
-    assert_eq!(last["cache_hit"], true, "the pull's verdict is reused: {last}");
+    assert_eq!(
+        last["cache_hit"], true,
+        "the pull's verdict is reused: {last}"
+    );
     assert_eq!(last["namespace"], PROD);
     assert_eq!(last["pod"], "web-0");
     assert_eq!(last["digest"], signed_digest.as_str());
@@ -215,7 +223,9 @@ async fn only_verified_content_is_created_in_enforced_namespaces() {
     assert!(refused.message().starts_with(DENIED), "{refused:?}");
     assert!(
         refused.message().contains("no matching signatures")
-            || refused.message().contains("signature key validation failed"),
+            || refused
+                .message()
+                .contains("signature key validation failed"),
         "{refused:?}"
     );
 }
@@ -224,7 +234,9 @@ async fn only_verified_content_is_created_in_enforced_namespaces() {
 async fn unenforced_and_exempt_namespaces_are_not_gated() {
     let reg = Registry::start().await;
     reg.push_busybox("pause", "v1").await;
-    let unsigned = TestImage::busybox_with_config(|c| c["config"]["Env"] = serde_json::json!(["PATH=/bin", "BUILD=free"]));
+    let unsigned = TestImage::busybox_with_config(|c| {
+        c["config"]["Env"] = serde_json::json!(["PATH=/bin", "BUILD=free"])
+    });
     reg.push_test_image("app", "v1", &unsigned).await;
     let ctd = Containerd::start_with(
         ContainerdOptions::default().sandbox_image(reg.tag_ref("pause", "v1")),
@@ -241,7 +253,9 @@ async fn unenforced_and_exempt_namespaces_are_not_gated() {
     let pg = Pullgate::start(&ctd.socket(), policy.path(), &[]).await;
     let sock = pg.socket();
     let app = reg.tag_ref("app", "v1");
-    let id = pull(&sock, &app, Some(DEV), "p").await.expect("pull in dev");
+    let id = pull(&sock, &app, Some(DEV), "p")
+        .await
+        .expect("pull in dev");
     for ns in [DEV, "kube-system"] {
         let pod = PodSandbox::run(&sock, "p", ns, &format!("uid-{ns}"))
             .await
