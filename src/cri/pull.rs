@@ -10,11 +10,11 @@ use containerd_client::services::v1::{
     CreateImageRequest, GetImageRequest, Image, UpdateImageRequest,
 };
 use containerd_client::with_namespace;
-use k8s_cri::v1::{AuthConfig, ImageSpec, PullImageRequest};
 use prost::Message as _;
 use tonic::{Code, Request, Response, Status};
 use tracing::Instrument as _;
 
+use super::api::{AuthConfig, ImageSpec, PullImageRequest};
 use super::{Proxy, K8S_NAMESPACE, PULL_IMAGE_PATH};
 use crate::audit::{AuditLine, Source};
 use crate::decide::{decide_in, Context};
