@@ -144,6 +144,7 @@ impl<S> AuthorityFix<S> {
                         State::Preface(seen + n)
                     };
                 }
+                State::Passing(0) => self.state = State::FrameStart,
                 State::Passing(left) => {
                     let n = left.min(self.raw.len());
                     if n == 0 {

@@ -320,6 +320,7 @@ mod tests {
                 annotations: [("k".to_string(), "v".to_string())].into(),
                 user_specified_image: "b:1".into(),
                 runtime_handler: "runc".into(),
+                image_ref: "sha256:11".into(),
             }),
             auth: Some(AuthConfig {
                 username: "u".into(),
@@ -344,6 +345,7 @@ mod tests {
         assert_eq!(spec.annotations.get("k").map(String::as_str), Some("v"));
         assert_eq!(spec.user_specified_image, "b:1");
         assert_eq!(spec.runtime_handler, "runc");
+        assert_eq!(spec.image_ref, "sha256:11");
         assert_eq!(merged.auth.unwrap().username, "u");
     }
 }
