@@ -39,7 +39,7 @@ pub enum Command {
     Verify(VerifyArgs),
     /// Check policy files (ClusterImagePolicy, TrustRoot, …) and print every problem.
     Validate(ValidateArgs),
-    /// Serve the CRI ImageService proxy between kubelet and containerd.
+    /// Serve the CRI proxy (ImageService and RuntimeService) between kubelet and containerd.
     Serve(ServeArgs),
     /// Serve the admission webhooks (AdmissionReview v1 over HTTPS) on the same engine.
     Admission(AdmissionArgs),
@@ -84,7 +84,8 @@ pub struct VerifyArgs {
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
-    /// Unix socket to serve CRI `runtime.v1.ImageService` on (kubelet's imageServiceEndpoint).
+    /// Unix socket to serve CRI `runtime.v1.ImageService` and `runtime.v1.RuntimeService` on
+    /// (kubelet's imageServiceEndpoint and containerRuntimeEndpoint).
     #[arg(
         long,
         default_value = "/run/pullgate/pullgate.sock",

@@ -1,6 +1,6 @@
-//! `pullgate serve`, the CRI `runtime.v1.ImageService` proxy, between a CRI client (standing in
-//! for kubelet) and a real containerd 1.6, with a real registry (distribution 2.8) and cosign
-//! signatures made by the sigstore crate.
+//! `pullgate serve`, the CRI proxy (`runtime.v1.ImageService` and `runtime.v1.RuntimeService` on
+//! one socket), between a CRI client (standing in for kubelet) and a real containerd 1.6, with a
+//! real registry (distribution 2.8) and cosign signatures made by the sigstore crate.
 //!
 //! Each test starts its own registry, containerd and pullgate (all in temp dirs, stopped on
 //! drop) and uses its own repositories and seeds.
@@ -1206,4 +1206,355 @@ async fn node_policies_read_the_pod_sandbox_metadata_and_refuse_spec() {
         "not enforced",
         &pg,
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// RuntimeService (kubelet's containerRuntimeEndpoint) and everything else on the same socket.
+
+/// containerd and a pullgate in front of it, with a policy dir that enforces nothing.
+async fn runtime_pair() -> (Containerd, Pullgate, tempfile::TempDir) {
+    let ctd = Containerd::start().await;
+    let policy = write_policy_dir(&[(
+        "ns.yaml",
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: x}\n",
+    )]);
+    let pg = Pullgate::start(&ctd.socket(), policy.path(), &[]).await;
+    (ctd, pg, policy)
+}
+
+/// One unary call with raw request bytes on `sock`: the answer's bytes, or its status.
+async fn raw_call(sock: &Path, path: &'static str, body: Vec<u8>) -> Result<bytes::Bytes, Status> {
+    use pullgate::cri::raw::RawCodec;
+    let channel = connect_uds(sock)
+        .await
+        .map_err(|e| Status::unavailable(format!("connect {}: {e}", sock.display())))?;
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready()
+        .await
+        .map_err(|e| Status::unavailable(e.to_string()))?;
+    grpc.unary(
+        tonic::Request::new(bytes::Bytes::from(body)),
+        http::uri::PathAndQuery::from_static(path),
+        RawCodec,
+    )
+    .await
+    .map(|r| r.into_inner())
+}
+
+/// Calls `path` on containerd and through pullgate; asserts the same answer bytes or the same
+/// error code and message, and returns containerd's.
+async fn same_answer(
+    ctd: &Containerd,
+    pg: &Pullgate,
+    path: &'static str,
+    body: Vec<u8>,
+) -> Result<bytes::Bytes, Status> {
+    let direct = raw_call(&ctd.socket(), path, body.clone()).await;
+    let via = raw_call(&pg.socket(), path, body).await;
+    assert_eq!(
+        status_parts(&via),
+        status_parts(&direct),
+        "{path}: error differs\n--- pullgate\n{}",
+        pg.log()
+    );
+    if let (Ok(a), Ok(b)) = (&via, &direct) {
+        assert_eq!(a, b, "{path}: answer bytes differ");
+    }
+    direct
+}
+
+/// 13. RuntimeService calls on pullgate's socket get containerd's answers, byte for byte.
+#[tokio::test(flavor = "multi_thread")]
+async fn runtime_service_rpcs_are_forwarded_unchanged() {
+    use k8s_cri::v1 as cri;
+    use prost::Message as _;
+    let (ctd, pg, _policy) = runtime_pair().await;
+
+    let version = same_answer(
+        &ctd,
+        &pg,
+        "/runtime.v1.RuntimeService/Version",
+        cri::VersionRequest {
+            version: "v1".into(),
+        }
+        .encode_to_vec(),
+    )
+    .await
+    .expect("Version");
+    let version = cri::VersionResponse::decode(version).expect("VersionResponse");
+    assert_eq!(version.runtime_name, "containerd", "{version:?}");
+
+    let list = same_answer(
+        &ctd,
+        &pg,
+        "/runtime.v1.RuntimeService/ListContainers",
+        cri::ListContainersRequest::default().encode_to_vec(),
+    )
+    .await
+    .expect("ListContainers");
+    assert!(cri::ListContainersResponse::decode(list)
+        .expect("ListContainersResponse")
+        .containers
+        .is_empty());
+
+    same_answer(
+        &ctd,
+        &pg,
+        "/runtime.v1.RuntimeService/ListPodSandbox",
+        cri::ListPodSandboxRequest::default().encode_to_vec(),
+    )
+    .await
+    .expect("ListPodSandbox");
+
+    let status = same_answer(
+        &ctd,
+        &pg,
+        "/runtime.v1.RuntimeService/Status",
+        cri::StatusRequest { verbose: false }.encode_to_vec(),
+    )
+    .await
+    .expect("Status");
+    let status = cri::StatusResponse::decode(status).expect("StatusResponse");
+    assert!(
+        status
+            .status
+            .as_ref()
+            .is_some_and(|s| s.conditions.iter().any(|c| c.r#type == "RuntimeReady")),
+        "{status:?}"
+    );
+
+    // Errors come back with containerd's code and message.
+    let missing = same_answer(
+        &ctd,
+        &pg,
+        "/runtime.v1.RuntimeService/ContainerStatus",
+        cri::ContainerStatusRequest {
+            container_id: "no-such-container".into(),
+            verbose: false,
+        }
+        .encode_to_vec(),
+    )
+    .await;
+    assert_eq!(missing.unwrap_err().code(), Code::NotFound);
+
+    let exec = same_answer(
+        &ctd,
+        &pg,
+        "/runtime.v1.RuntimeService/Exec",
+        cri::ExecRequest {
+            container_id: "no-such-container".into(),
+            cmd: vec!["true".into()],
+            stdout: true,
+            ..Default::default()
+        }
+        .encode_to_vec(),
+    )
+    .await;
+    assert_eq!(exec.unwrap_err().code(), Code::NotFound);
+
+    // A generated client, as kubelet uses one.
+    let channel = connect_uds(&pg.socket()).await.expect("connect pullgate");
+    let mut client = cri::runtime_service_client::RuntimeServiceClient::new(channel);
+    let typed = client
+        .version(cri::VersionRequest {
+            version: "v1".into(),
+        })
+        .await
+        .expect("typed Version")
+        .into_inner();
+    assert_eq!(typed, version);
+}
+
+/// 14. Server-streaming calls stay open through pullgate, deliver messages as containerd sends
+/// them (request metadata included) and end cleanly when the caller goes away.
+#[tokio::test(flavor = "multi_thread")]
+async fn streaming_calls_are_forwarded() {
+    use containerd_client::services::v1::events_client::EventsClient;
+    use containerd_client::services::v1::namespaces_client::NamespacesClient;
+    use containerd_client::services::v1::{CreateNamespaceRequest, Namespace, SubscribeRequest};
+    use k8s_cri::v1 as cri;
+    let (ctd, pg, _policy) = runtime_pair().await;
+
+    // CRI GetContainerEvents: opened the same way on both sockets.
+    let events = |sock: std::path::PathBuf| async move {
+        let channel = connect_uds(&sock).await.expect("connect");
+        cri::runtime_service_client::RuntimeServiceClient::new(channel)
+            .get_container_events(cri::GetEventsRequest {})
+            .await
+            .map(|r| r.into_inner())
+    };
+    let direct = events(ctd.socket()).await;
+    let via = events(pg.socket()).await;
+    assert_eq!(
+        status_parts(&via),
+        status_parts(&direct),
+        "GetContainerEvents\n--- pullgate\n{}",
+        pg.log()
+    );
+    if let (Ok(mut via), Ok(mut direct)) = (via, direct) {
+        // No containers: neither stream has anything to say, and neither has ended.
+        let wait = Duration::from_millis(300);
+        assert!(tokio::time::timeout(wait, direct.message()).await.is_err());
+        assert!(tokio::time::timeout(wait, via.message()).await.is_err());
+    }
+
+    // containerd's own event stream: subscribed through pullgate, fed by a change made
+    // directly on containerd.
+    let channel = connect_uds(&pg.socket()).await.expect("connect pullgate");
+    let mut subscription = EventsClient::new(channel)
+        .subscribe(SubscribeRequest { filters: vec![] })
+        .await
+        .expect("Subscribe through pullgate")
+        .into_inner();
+    let channel = connect_uds(&ctd.socket())
+        .await
+        .expect("connect containerd");
+    NamespacesClient::new(channel)
+        .create(CreateNamespaceRequest {
+            namespace: Some(Namespace {
+                name: "pullgate-stream-test".into(),
+                labels: Default::default(),
+            }),
+        })
+        .await
+        .expect("create namespace");
+    let created = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let envelope = subscription
+                .message()
+                .await
+                .expect("event stream")
+                .expect("stream still open");
+            if envelope.topic == "/namespaces/create" {
+                return envelope;
+            }
+        }
+    })
+    .await
+    .expect("the namespace event within 5 s");
+    drop(subscription);
+
+    // A server-streaming call that ends on its own, with request metadata
+    // (`containerd-namespace`) reaching containerd.
+    let digests_via = {
+        use containerd_client::services::v1::content_client::ContentClient;
+        use containerd_client::services::v1::ListContentRequest;
+        let channel = connect_uds(&pg.socket()).await.expect("connect pullgate");
+        let mut req = tonic::Request::new(ListContentRequest { filters: vec![] });
+        req.metadata_mut()
+            .insert("containerd-namespace", K8S_NAMESPACE.parse().unwrap());
+        let mut stream = ContentClient::new(channel)
+            .list(req)
+            .await
+            .expect("content List through pullgate")
+            .into_inner();
+        let mut digests = Vec::new();
+        while let Some(resp) = stream.message().await.expect("content List stream") {
+            digests.extend(resp.info.into_iter().map(|i| i.digest));
+        }
+        digests.sort();
+        digests
+    };
+    assert_eq!(digests_via, ctd.content_digests().await);
+
+    // Cancelled streams left nothing stuck: pullgate still answers.
+    same_answer(
+        &ctd,
+        &pg,
+        "/runtime.v1.RuntimeService/ListContainers",
+        Vec::new(),
+    )
+    .await
+    .expect("ListContainers after cancelled streams");
+}
+
+/// 15. Methods and services pullgate has never heard of reach containerd, whose answer
+/// (Unimplemented, with its own message) comes back unchanged.
+#[tokio::test(flavor = "multi_thread")]
+async fn unknown_runtime_methods_and_services_are_forwarded() {
+    let (ctd, pg, _policy) = runtime_pair().await;
+    for path in [
+        "/runtime.v1.RuntimeService/FutureMethod",
+        "/runtime.v2.FutureService/Call",
+    ] {
+        let answer = same_answer(&ctd, &pg, path, b"\x0a\x01x".to_vec()).await;
+        let status = answer.unwrap_err();
+        assert_eq!(status.code(), Code::Unimplemented, "{path}: {status:?}");
+        assert!(!status.message().is_empty(), "containerd's own message");
+    }
+}
+
+/// A python3 that can `import grpc` (Debian `python3-grpcio`): `$PULLGATE_TEST_PYTHON`, else
+/// `/usr/bin/python3`, else `python3` on PATH.
+fn python_with_grpc() -> String {
+    let candidates = std::env::var("PULLGATE_TEST_PYTHON")
+        .into_iter()
+        .chain(["/usr/bin/python3".to_string(), "python3".to_string()]);
+    for python in candidates {
+        let ok = std::process::Command::new(&python)
+            .args(["-c", "import grpc"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if ok {
+            return python;
+        }
+    }
+    panic!("no python3 with grpcio: apt-get install python3-grpcio, or set PULLGATE_TEST_PYTHON");
+}
+
+/// Runs `tests/grpc_c_core_client.py` against `sock`: one JSON object per call.
+async fn c_core_calls(sock: &Path, mode: &str, methods: &[&str]) -> Vec<Value> {
+    let mut cmd = std::process::Command::new(python_with_grpc());
+    cmd.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/grpc_c_core_client.py"))
+        .arg(sock)
+        .arg(mode)
+        .args(methods);
+    let out = tokio::task::spawn_blocking(move || run_with_timeout(cmd, Duration::from_secs(60)))
+        .await
+        .expect("python client task");
+    assert!(out.success(), "python client failed: {}", out.stderr);
+    out.stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l:?}")))
+        .collect()
+}
+
+/// 16. A gRPC C-core client (Python grpcio) is served as containerd serves it, whatever
+/// `:authority` it sends: its percent-encoded socket path (newer grpcio's default, which the
+/// h2 crate refuses with RST_STREAM), grpcio's default, and grpc-go's `localhost`. Two calls per
+/// method on one connection, so the client's HPACK table is reused.
+#[tokio::test(flavor = "multi_thread")]
+async fn grpc_c_core_clients_are_accepted_with_any_authority() {
+    let (ctd, pg, _policy) = runtime_pair().await;
+    let methods = [
+        "/runtime.v1.RuntimeService/Version",
+        "/runtime.v1.ImageService/ImageFsInfo",
+        "/runtime.v1.RuntimeService/FutureMethod",
+    ];
+    for mode in ["c-core", "default", "localhost"] {
+        let direct = c_core_calls(&ctd.socket(), mode, &methods).await;
+        let via = c_core_calls(&pg.socket(), mode, &methods).await;
+        assert_eq!(direct.len(), 2 * methods.len(), "{direct:?}");
+        assert_eq!(via.len(), direct.len(), "{via:?}");
+        for (d, v) in direct.iter().zip(&via) {
+            let what = format!("{mode} {}", d["method"]);
+            assert_eq!(
+                v["code"],
+                d["code"],
+                "{what}: {v} vs containerd {d}\n--- pullgate\n{}",
+                pg.log()
+            );
+            if d["method"] == "/runtime.v1.ImageService/ImageFsInfo" {
+                // Usage figures and timestamps change between calls.
+                assert_eq!(d["code"], "OK", "{what}: {d}");
+            } else {
+                assert_eq!(v["details"], d["details"], "{what}");
+                assert_eq!(v["response_hex"], d["response_hex"], "{what}");
+            }
+        }
+        assert_eq!(direct[0]["code"], "OK", "{mode}: {direct:?}");
+        assert_eq!(direct[4]["code"], "UNIMPLEMENTED", "{mode}: {direct:?}");
+    }
 }

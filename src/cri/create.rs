@@ -27,14 +27,13 @@ use bytes::Bytes;
 use containerd_client::services::v1::images_client::ImagesClient;
 use containerd_client::services::v1::GetImageRequest;
 use containerd_client::with_namespace;
-use k8s_cri::v1::image_service_client::ImageServiceClient;
-use k8s_cri::v1::{CreateContainerRequest, ImageSpec, ImageStatusRequest};
 use prost::Message as _;
 use tonic::{Request, Response, Status};
 use tracing::Instrument as _;
 
 use super::pull::containerd_name;
-use super::{refusal, sandbox_object, Gate, Proxy, K8S_NAMESPACE};
+use super::api::{CreateContainerRequest, ImageSpec, ImageStatusRequest, ImageStatusResponse};
+use super::{refusal, sandbox_object, Gate, Proxy, CREATE_CONTAINER_PATH, K8S_NAMESPACE};
 use crate::audit::Source;
 use crate::engine::Engine;
 use crate::engine::{Outcome, Request as EngineRequest};
@@ -42,7 +41,8 @@ use crate::image_ref::{is_digest, ImageRef};
 use crate::policy::eval::{Decision, Verdict};
 use crate::registry::Credential;
 
-pub const CREATE_CONTAINER_PATH: &str = "/runtime.v1.RuntimeService/CreateContainer";
+/// containerd's own CRI image lookup, asked through the raw channel.
+const IMAGE_STATUS_PATH: &str = "/runtime.v1.ImageService/ImageStatus";
 
 /// Most repositories whose last pull credential is remembered.
 const MAX_REMEMBERED: usize = 4096;
@@ -312,17 +312,22 @@ async fn decide(
 /// What containerd holds for the image kubelet names (an image ID, or a reference); `None`
 /// when it holds nothing by that name.
 async fn image_on_node(proxy: &Proxy, image: &str) -> Result<Option<OnNode>, Status> {
-    let mut cri = ImageServiceClient::new(proxy.containerd.clone());
-    let status = cri
-        .image_status(ImageStatusRequest {
-            image: Some(ImageSpec {
-                image: image.to_string(),
-                ..ImageSpec::default()
-            }),
-            verbose: false,
-        })
-        .await?
-        .into_inner();
+    let request = ImageStatusRequest {
+        image: Some(ImageSpec {
+            image: image.to_string(),
+            ..ImageSpec::default()
+        }),
+        verbose: false,
+    };
+    let answer = proxy
+        .forward(
+            IMAGE_STATUS_PATH,
+            Request::new(Bytes::from(request.encode_to_vec())),
+        )
+        .await?;
+    let status = ImageStatusResponse::decode(answer.into_inner()).map_err(|e| {
+        Status::internal(format!("containerd's ImageStatus answer does not decode: {e}"))
+    })?;
     let Some(found) = status.image else {
         return Ok(None);
     };

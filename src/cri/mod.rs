@@ -1,8 +1,17 @@
-//! The CRI ImageService proxy: kubelet talks to pullgate's socket, pullgate talks to
-//! containerd's. `PullImage` is decided by the policy engine and forwarded pinned to the
-//! verified digest; every other RPC (and any method pullgate does not know) is forwarded byte
-//! for byte.
+//! The CRI proxy: kubelet talks to pullgate's socket for both `runtime.v1.ImageService` and
+//! `runtime.v1.RuntimeService`, pullgate talks to containerd's. `PullImage` is decided by the
+//! policy engine and forwarded pinned to the verified digest ([`pull`]); `CreateContainer` goes
+//! through the create-time gate ([`create`]). Every other call, under any service and of any
+//! shape (unary or streaming, including methods pullgate has never heard of), is forwarded byte
+//! for byte as a bidirectional stream through the raw codec ([`raw`]): request metadata goes up,
+//! containerd's headers, messages and final status come back.
+//!
+//! Each accepted connection is wrapped in [`authority::AuthorityFix`], so clients whose
+//! `:authority` the `h2` crate would refuse (gRPC C-core's percent-encoded socket path) are
+//! served as containerd serves them.
 
+pub mod api;
+pub mod authority;
 pub mod create;
 pub mod pull;
 pub mod raw;
@@ -16,20 +25,27 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::{StreamExt as _, TryStreamExt as _};
 use tonic::body::Body;
-use tonic::server::NamedService;
 use tonic::transport::{Channel, Endpoint};
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 
 use crate::engine::Engine;
 use crate::policy::eval::Decision;
 use crate::policy::object::AdmissionObject;
 use raw::RawCodec;
 
-/// gRPC service name pullgate serves.
+/// CRI image service (kubelet's `imageServiceEndpoint`).
 pub const IMAGE_SERVICE: &str = "runtime.v1.ImageService";
-/// The one method pullgate inspects.
+/// CRI runtime service (kubelet's `containerRuntimeEndpoint`).
+pub const RUNTIME_SERVICE: &str = "runtime.v1.RuntimeService";
+/// Decided by the policy engine before it is forwarded.
 pub const PULL_IMAGE_PATH: &str = "/runtime.v1.ImageService/PullImage";
+/// Gated at create time: the container's image must be verified for its namespace.
+pub const CREATE_CONTAINER_PATH: &str = "/runtime.v1.RuntimeService/CreateContainer";
+/// Largest message pullgate passes either way: kubelet's CRI client and containerd's CRI
+/// server both allow 16 MiB (tonic's default, 4 MiB, would cut off long `ListContainers`).
+pub const MAX_MESSAGE_SIZE: usize = 16 * 1024 * 1024;
 /// containerd namespace of the CRI plugin.
 pub const K8S_NAMESPACE: &str = "k8s.io";
 
@@ -77,7 +93,7 @@ pub fn refusal(decision: &Decision, what: &str) -> Status {
 }
 
 /// What kubelet tells of a pod in `sandbox_config`: CIP-level policies may read its metadata.
-pub fn sandbox_object(config: &k8s_cri::v1::PodSandboxConfig) -> AdmissionObject {
+pub fn sandbox_object(config: &api::PodSandboxConfig) -> AdmissionObject {
     let m = config.metadata.clone().unwrap_or_default();
     AdmissionObject::from_pod_sandbox(
         &m.name,
@@ -151,19 +167,48 @@ impl Proxy {
         )))
     }
 
+    /// A client for containerd's socket, ready to send.
+    async fn upstream(&self) -> Result<tonic::client::Grpc<Channel>, Status> {
+        let mut grpc = tonic::client::Grpc::new(self.containerd.clone())
+            .max_decoding_message_size(MAX_MESSAGE_SIZE)
+            .max_encoding_message_size(MAX_MESSAGE_SIZE);
+        grpc.ready()
+            .await
+            .map_err(|e| Status::unavailable(format!("containerd is not reachable: {e}")))?;
+        Ok(grpc)
+    }
+
     /// Forwards one unary RPC to containerd unchanged.
     pub async fn forward(
         &self,
         path: &str,
         req: Request<Bytes>,
     ) -> Result<Response<Bytes>, Status> {
-        let path = http::uri::PathAndQuery::try_from(path)
-            .map_err(|e| Status::invalid_argument(format!("bad method path {path:?}: {e}")))?;
-        let mut grpc = tonic::client::Grpc::new(self.containerd.clone());
-        grpc.ready()
+        let path = method_path(path)?;
+        self.upstream().await?.unary(req, path, RawCodec).await
+    }
+
+    /// Forwards a call of any shape: kubelet's request messages stream up as they come, and
+    /// containerd's response metadata, messages and final status stream back. Unary calls are
+    /// the one-message case. The request's extensions stay here; its metadata goes up.
+    pub async fn forward_streaming(
+        &self,
+        path: &str,
+        req: Request<Streaming<Bytes>>,
+    ) -> Result<Response<Streaming<Bytes>>, Status> {
+        let path = method_path(path)?;
+        let (metadata, _, messages) = req.into_parts();
+        // A broken request stream (kubelet reset it, or sent a malformed frame) ends the upstream
+        // request; containerd then answers that call with an error of its own, and a reset
+        // caller has stopped listening anyway.
+        let messages = messages.take_while(|m| std::future::ready(m.is_ok()));
+        let messages = messages.filter_map(|m| std::future::ready(m.ok()));
+        let mut upstream = Request::new(messages);
+        *upstream.metadata_mut() = metadata;
+        self.upstream()
+            .await?
+            .streaming(upstream, path, RawCodec)
             .await
-            .map_err(|e| Status::unavailable(format!("containerd is not reachable: {e}")))?;
-        grpc.unary(req, path, RawCodec).await
     }
 
     /// Serves on `listener` until `shutdown` completes; in-flight RPCs finish first.
@@ -172,28 +217,40 @@ impl Proxy {
         listener: tokio::net::UnixListener,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), ServeError> {
-        let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+        let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener)
+            .map_ok(authority::AuthorityFix::new);
+        // Every path goes to one service (the router's fallback): pullgate forwards services
+        // and methods it has never heard of instead of answering Unimplemented itself.
+        let router = tonic::service::Routes::default()
+            .into_axum_router()
+            .fallback_service(CriService { proxy: self });
         tonic::transport::Server::builder()
-            .add_service(ImageService { proxy: self })
+            .add_routes(tonic::service::Routes::from(router))
             .serve_with_incoming_shutdown(incoming, shutdown)
             .await
             .map_err(|e| ServeError::Server(e.to_string()))
     }
 }
 
-/// The `runtime.v1.ImageService` endpoint: routes by method path, all through the raw codec.
-#[derive(Clone)]
-struct ImageService {
-    proxy: Arc<Proxy>,
+fn method_path(path: &str) -> Result<http::uri::PathAndQuery, Status> {
+    http::uri::PathAndQuery::try_from(path)
+        .map_err(|e| Status::invalid_argument(format!("bad method path {path:?}: {e}")))
 }
 
-impl NamedService for ImageService {
-    const NAME: &'static str = IMAGE_SERVICE;
+/// Both CRI services (and anything else a newer kubelet sends): routes by method path, all
+/// through the raw codec.
+#[derive(Clone)]
+struct CriService {
+    proxy: Arc<Proxy>,
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
-impl tower::Service<http::Request<Body>> for ImageService {
+impl<B> tower::Service<http::Request<B>> for CriService
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     type Response = http::Response<Body>;
     type Error = Infallible;
     type Future = BoxFuture<Result<Self::Response, Infallible>>;
@@ -202,24 +259,31 @@ impl tower::Service<http::Request<Body>> for ImageService {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
-        let method = Method {
-            proxy: self.proxy.clone(),
-            path: req.uri().path().to_string(),
-        };
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let req = req.map(Body::new);
+        let proxy = self.proxy.clone();
+        let path = req.uri().path().to_string();
         Box::pin(async move {
-            let mut grpc = tonic::server::Grpc::new(RawCodec);
-            Ok(grpc.unary(method, req).await)
+            let mut grpc = tonic::server::Grpc::new(RawCodec)
+                .max_decoding_message_size(MAX_MESSAGE_SIZE)
+                .max_encoding_message_size(MAX_MESSAGE_SIZE);
+            let response = if path == PULL_IMAGE_PATH || path == CREATE_CONTAINER_PATH {
+                grpc.unary(Inspected { proxy, path }, req).await
+            } else {
+                grpc.streaming(Forwarded { proxy, path }, req).await
+            };
+            Ok(response)
         })
     }
 }
 
-struct Method {
+/// A unary method pullgate decides on.
+struct Inspected {
     proxy: Arc<Proxy>,
     path: String,
 }
 
-impl tonic::server::UnaryService<Bytes> for Method {
+impl tonic::server::UnaryService<Bytes> for Inspected {
     type Response = Bytes;
     type Future = BoxFuture<Result<Response<Bytes>, Status>>;
 
@@ -227,13 +291,29 @@ impl tonic::server::UnaryService<Bytes> for Method {
         let proxy = self.proxy.clone();
         let path = std::mem::take(&mut self.path);
         Box::pin(async move {
-            if path == PULL_IMAGE_PATH {
-                pull::pull_image(&proxy, req).await
-            } else if path == create::CREATE_CONTAINER_PATH {
+            if path == CREATE_CONTAINER_PATH {
                 create::create_container(&proxy, req).await
             } else {
-                proxy.forward(&path, req).await
+                pull::pull_image(&proxy, req).await
             }
         })
+    }
+}
+
+/// Any other call, forwarded as a stream.
+struct Forwarded {
+    proxy: Arc<Proxy>,
+    path: String,
+}
+
+impl tonic::server::StreamingService<Bytes> for Forwarded {
+    type Response = Bytes;
+    type ResponseStream = Streaming<Bytes>;
+    type Future = BoxFuture<Result<Response<Streaming<Bytes>>, Status>>;
+
+    fn call(&mut self, req: Request<Streaming<Bytes>>) -> Self::Future {
+        let proxy = self.proxy.clone();
+        let path = std::mem::take(&mut self.path);
+        Box::pin(async move { proxy.forward_streaming(&path, req).await })
     }
 }

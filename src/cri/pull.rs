@@ -8,11 +8,11 @@ use containerd_client::services::v1::{
     CreateImageRequest, GetImageRequest, Image, UpdateImageRequest,
 };
 use containerd_client::with_namespace;
-use k8s_cri::v1::{AuthConfig, ImageSpec, PullImageRequest};
 use prost::Message as _;
 use tonic::{Code, Request, Response, Status};
 use tracing::Instrument as _;
 
+use super::api::{AuthConfig, ImageSpec, PullImageRequest};
 use super::{refusal, sandbox_object, Gate, Proxy, K8S_NAMESPACE, PULL_IMAGE_PATH};
 use crate::audit::Source;
 use crate::engine::Request as EngineRequest;
@@ -255,6 +255,7 @@ mod tests {
                 annotations: [("k".to_string(), "v".to_string())].into(),
                 user_specified_image: "b:1".into(),
                 runtime_handler: "runc".into(),
+                image_ref: "sha256:11".into(),
             }),
             auth: Some(AuthConfig {
                 username: "u".into(),
@@ -279,6 +280,7 @@ mod tests {
         assert_eq!(spec.annotations.get("k").map(String::as_str), Some("v"));
         assert_eq!(spec.user_specified_image, "b:1");
         assert_eq!(spec.runtime_handler, "runc");
+        assert_eq!(spec.image_ref, "sha256:11");
         assert_eq!(merged.auth.unwrap().username, "u");
     }
 }
