@@ -260,8 +260,6 @@ async fn create_container_with_an_image_containerd_lacks_is_not_found() {
 /// The same helpers work through `pullgate serve`'s socket: a pod in a namespace no policy
 /// enforces runs through it, every RuntimeService call forwarded to containerd.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "pullgate serve answers runtime.v1.RuntimeService calls with Unimplemented until it \
-            serves that service (DESIGN.md: one socket for both kubelet endpoints)"]
 async fn pod_lifecycle_through_pullgate_in_an_unenforced_namespace() {
     let reg = Registry::start().await;
     let image = reg.push_busybox("pause", "v1").await;

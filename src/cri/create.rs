@@ -31,8 +31,8 @@ use prost::Message as _;
 use tonic::{Request, Response, Status};
 use tracing::Instrument as _;
 
-use super::pull::containerd_name;
 use super::api::{CreateContainerRequest, ImageSpec, ImageStatusRequest, ImageStatusResponse};
+use super::pull::containerd_name;
 use super::{refusal, sandbox_object, Gate, Proxy, CREATE_CONTAINER_PATH, K8S_NAMESPACE};
 use crate::audit::Source;
 use crate::engine::Engine;
@@ -326,7 +326,9 @@ async fn image_on_node(proxy: &Proxy, image: &str) -> Result<Option<OnNode>, Sta
         )
         .await?;
     let status = ImageStatusResponse::decode(answer.into_inner()).map_err(|e| {
-        Status::internal(format!("containerd's ImageStatus answer does not decode: {e}"))
+        Status::internal(format!(
+            "containerd's ImageStatus answer does not decode: {e}"
+        ))
     })?;
     let Some(found) = status.image else {
         return Ok(None);
