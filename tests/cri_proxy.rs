@@ -1398,41 +1398,57 @@ async fn streaming_calls_are_forwarded() {
         assert!(tokio::time::timeout(wait, via.message()).await.is_err());
     }
 
-    // containerd's own event stream: subscribed through pullgate, fed by a change made
-    // directly on containerd.
-    let channel = connect_uds(&pg.socket()).await.expect("connect pullgate");
-    let mut subscription = EventsClient::new(channel)
-        .subscribe(SubscribeRequest { filters: vec![] })
-        .await
-        .expect("Subscribe through pullgate")
-        .into_inner();
-    let channel = connect_uds(&ctd.socket())
-        .await
-        .expect("connect containerd");
-    NamespacesClient::new(channel)
-        .create(CreateNamespaceRequest {
-            namespace: Some(Namespace {
-                name: "pullgate-stream-test".into(),
-                labels: Default::default(),
-            }),
-        })
-        .await
-        .expect("create namespace");
-    let created = tokio::time::timeout(Duration::from_secs(5), async {
+    // containerd's own event stream, subscribed through pullgate and fed by changes made
+    // directly on containerd. containerd sends the response headers with the first event, so
+    // the subscription waits in a task while namespaces are created until one is seen.
+    let pg_sock = pg.socket();
+    let subscriber = tokio::spawn(async move {
+        let channel = connect_uds(&pg_sock).await.expect("connect pullgate");
+        let mut events = EventsClient::new(channel)
+            .subscribe(SubscribeRequest { filters: vec![] })
+            .await
+            .expect("Subscribe through pullgate")
+            .into_inner();
         loop {
-            let envelope = subscription
+            let envelope = events
                 .message()
                 .await
                 .expect("event stream")
                 .expect("stream still open");
             if envelope.topic == "/namespaces/create" {
-                return envelope;
+                // Dropping the stream here cancels the call through pullgate.
+                return envelope.topic;
             }
         }
-    })
-    .await
-    .expect("the namespace event within 5 s");
-    drop(subscription);
+    });
+    let channel = connect_uds(&ctd.socket())
+        .await
+        .expect("connect containerd");
+    let mut namespaces = NamespacesClient::new(channel);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut n = 0;
+    while !subscriber.is_finished() {
+        assert!(
+            Instant::now() < deadline,
+            "no event through pullgate within 10 s\n--- pullgate\n{}",
+            pg.log()
+        );
+        n += 1;
+        let name = format!("pullgate-stream-{n}");
+        let mut create = tonic::Request::new(CreateNamespaceRequest {
+            namespace: Some(Namespace {
+                name: name.clone(),
+                labels: Default::default(),
+            }),
+        });
+        // containerd publishes the event in the namespace the call names.
+        create
+            .metadata_mut()
+            .insert("containerd-namespace", name.parse().unwrap());
+        namespaces.create(create).await.expect("create namespace");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(subscriber.await.expect("subscriber"), "/namespaces/create");
 
     // A server-streaming call that ends on its own, with request metadata
     // (`containerd-namespace`) reaching containerd.
