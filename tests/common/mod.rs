@@ -41,6 +41,7 @@ mod process;
 mod registry;
 mod rekor;
 mod skopeo;
+pub mod testbed;
 pub mod tsa;
 pub mod tuf;
 
