@@ -14,7 +14,8 @@
 # failures are recorded in `status` (and reported) so tests can skip or fail with the reason.
 # A failed non-essential build is remembered too (not retried on every run) unless the error looks
 # like a network error; PULLGATE_TESTBED_RETRY=1 retries everything that failed.
-# PULLGATE_TESTBED_ONLY="cosign crictl" limits the run to those peers.
+# PULLGATE_TESTBED_ONLY="cosign crictl" limits the run to those peers; PULLGATE_TESTBED_PRUNE=1
+# removes the Go caches afterwards (see the end).
 #
 # Needs: Go (>= 1.26) on PATH and the Go module proxy. Runs Go builds under `nice`.
 set -uo pipefail
@@ -40,7 +41,7 @@ export GOMODCACHE=$CACHE/go/mod GOCACHE=$CACHE/go/build
 export GOTOOLCHAIN=local # never download another Go toolchain: a pin that needs one is refused
 export CGO_ENABLED=0
 export GOFLAGS="-trimpath -buildvcs=false"
-unset GOBIN GOPATH_FLAGS
+unset GOBIN
 goversion=$(go env GOVERSION)
 echo "testbed: $goversion, cache $CACHE"
 
@@ -213,6 +214,13 @@ if [ -f "$CACHE/status" ]; then
   done <"$CACHE/status"
 fi
 mv "$status_new" "$CACHE/status"
+# The built binaries are all later runs need: PULLGATE_TESTBED_PRUNE=1 drops the Go module and
+# build caches (several GB) at the price of a slower rebuild when a pin changes.
+if [ "${PULLGATE_TESTBED_PRUNE:-0}" = 1 ]; then
+  go clean -modcache >/dev/null 2>&1
+  go clean -cache >/dev/null 2>&1
+  echo "testbed: pruned the Go module and build caches"
+fi
 echo "testbed: bin dir $BIN ($(($(date +%s) - total_start))s total; status in $CACHE/status;" \
   "cache $(du -sh "$CACHE" 2>/dev/null | cut -f1))"
 if [ ${#essential_failed[@]} -gt 0 ]; then
