@@ -20,6 +20,9 @@
 # Needs: Go (>= 1.26) on PATH and the Go module proxy. Runs Go builds under `nice`.
 set -uo pipefail
 
+# Everything runs inside main, so bash has parsed the whole file before building anything (a
+# checkout that changes this file during a long build cannot derail a running install).
+main() {
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=versions.env
 . "$here/versions.env"
@@ -227,3 +230,6 @@ if [ ${#essential_failed[@]} -gt 0 ]; then
   echo "testbed: essential peer(s) failed: ${essential_failed[*]}" >&2
   exit 1
 fi
+}
+
+main "$@"
