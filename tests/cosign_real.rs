@@ -47,7 +47,11 @@ fn sign(cosign: &Cosign, key: &Path, image: &str, bundle: bool) {
     cosign.ok(&args);
 }
 
-fn attest(cosign: &Cosign, key: &Path, image: &str, predicate: &Path, bundle: bool) {
+/// A predicate type given as a URI: cosign puts the predicate file's JSON in the statement as is.
+/// (With `--type custom` cosign wraps the file as a string: `{"Data": "<file>", "Timestamp": …}`.)
+const SCAN: &str = "https://pullgate.test/attestation/scan/v1";
+
+fn attest(cosign: &Cosign, key: &Path, image: &str, kind: &str, predicate: &Path, bundle: bool) {
     let key = key.to_str().unwrap();
     let format = format!("--new-bundle-format={bundle}");
     let predicate = predicate.to_str().unwrap();
@@ -57,7 +61,7 @@ fn attest(cosign: &Cosign, key: &Path, image: &str, predicate: &Path, bundle: bo
         key,
         &format,
         "--type",
-        "custom",
+        kind,
         "--predicate",
         predicate,
     ];
@@ -77,7 +81,8 @@ async fn legacy_signature_from_real_cosign_is_verified() {
     let (_, other_public) = cosign.generate_key_pair(other_keys.path());
 
     let digest = reg.push_image("app", "v1", "real-cosign-legacy").await;
-    reg.push_image("unsigned", "v1", "real-cosign-unsigned").await;
+    reg.push_image("unsigned", "v1", "real-cosign-unsigned")
+        .await;
     sign(&cosign, &key, &reg.digest_ref("app", &digest), false);
 
     // cosign wrote the legacy tag scheme: sha256-<hex>.sig with a simple-signing layer.
@@ -92,11 +97,21 @@ async fn legacy_signature_from_real_cosign_is_verified() {
     let policy = cip(&glob, &key_authority(&public, ""));
     let v = verify_json(&[("cip.yaml", &policy)], &reg.tag_ref("app", "v1"), &[]).await;
     assert_allowed(&v);
-    let v = verify_json(&[("cip.yaml", &policy)], &reg.digest_ref("app", &digest), &[]).await;
+    let v = verify_json(
+        &[("cip.yaml", &policy)],
+        &reg.digest_ref("app", &digest),
+        &[],
+    )
+    .await;
     assert_allowed(&v);
 
     // The unsigned image and another key are denied.
-    let v = verify_json(&[("cip.yaml", &policy)], &reg.tag_ref("unsigned", "v1"), &[]).await;
+    let v = verify_json(
+        &[("cip.yaml", &policy)],
+        &reg.tag_ref("unsigned", "v1"),
+        &[],
+    )
+    .await;
     assert_denied(&v, "");
     let wrong = cip(&glob, &key_authority(&other_public, ""));
     let v = verify_json(&[("cip.yaml", &wrong)], &reg.tag_ref("app", "v1"), &[]).await;
@@ -116,12 +131,26 @@ async fn legacy_attestation_from_real_cosign_is_verified() {
 
     let good = reg.push_image("good", "v1", "real-cosign-att-good").await;
     let bad = reg.push_image("bad", "v1", "real-cosign-att-bad").await;
-    attest(&cosign, &key, &reg.digest_ref("good", &good), &clean, false);
-    attest(&cosign, &key, &reg.digest_ref("bad", &bad), &dirty, false);
+    attest(
+        &cosign,
+        &key,
+        &reg.digest_ref("good", &good),
+        SCAN,
+        &clean,
+        false,
+    );
+    attest(
+        &cosign,
+        &key,
+        &reg.digest_ref("bad", &bad),
+        SCAN,
+        &dirty,
+        false,
+    );
 
     let glob = format!("{}/**", reg.addr());
     let attestations = format!(
-        "    attestations:\n    - name: scan\n      predicateType: custom\n      policy:\n        type: rego\n        data: {}\n",
+        "    attestations:\n    - name: scan\n      predicateType: {SCAN}\n      policy:\n        type: rego\n        data: {}\n",
         serde_json::to_string(REGO).unwrap()
     );
     let policy = cip(&glob, &key_authority(&public, &attestations));
@@ -130,10 +159,28 @@ async fn legacy_attestation_from_real_cosign_is_verified() {
     let v = verify_json(&[("cip.yaml", &policy)], &reg.tag_ref("bad", "v1"), &[]).await;
     assert_denied(&v, "");
 
-    // Another predicate type is not satisfied by cosign's `custom` attestation.
-    let vuln = "    attestations:\n    - name: scan\n      predicateType: vuln\n";
-    let policy = cip(&glob, &key_authority(&public, vuln));
+    // cosign's short name `custom` (appended as a second .att layer) is matched by the CIP's
+    // `custom`; a predicate type nobody attested is not satisfied.
+    let custom = keys.path().join("custom.txt");
+    std::fs::write(&custom, "built by the release pipeline").unwrap();
+    attest(
+        &cosign,
+        &key,
+        &reg.digest_ref("good", &good),
+        "custom",
+        &custom,
+        false,
+    );
+    let short =
+        |name: &str| format!("    attestations:\n    - name: a\n      predicateType: {name}\n");
+    let policy = cip(&glob, &key_authority(&public, &short("custom")));
     let v = verify_json(&[("cip.yaml", &policy)], &reg.tag_ref("good", "v1"), &[]).await;
+    assert_allowed(&v);
+    let policy = cip(&glob, &key_authority(&public, &short("vuln")));
+    let v = verify_json(&[("cip.yaml", &policy)], &reg.tag_ref("good", "v1"), &[]).await;
+    assert_denied(&v, "");
+    let policy = cip(&glob, &key_authority(&public, &short("custom")));
+    let v = verify_json(&[("cip.yaml", &policy)], &reg.tag_ref("bad", "v1"), &[]).await;
     assert_denied(&v, "");
 }
 
@@ -147,15 +194,27 @@ async fn bundle_signature_and_attestation_from_real_cosign_are_verified() {
     std::fs::write(&predicate, r#"{"scanner":{"result":{"critical":0}}}"#).unwrap();
 
     let signed = reg.push_image("signed", "v1", "real-cosign-bundle").await;
-    let attested = reg.push_image("attested", "v1", "real-cosign-bundle-att").await;
+    let attested = reg
+        .push_image("attested", "v1", "real-cosign-bundle-att")
+        .await;
     sign(&cosign, &key, &reg.digest_ref("signed", &signed), true);
-    attest(&cosign, &key, &reg.digest_ref("attested", &attested), &predicate, true);
+    attest(
+        &cosign,
+        &key,
+        &reg.digest_ref("attested", &attested),
+        SCAN,
+        &predicate,
+        true,
+    );
 
     // No legacy .sig tag: the bundle lives in the referrers tag index.
     assert!(reg.signatures("signed", &signed).await.is_none());
 
     let glob = format!("{}/**", reg.addr());
-    let bundle = cip(&glob, &key_authority(&public, "    signatureFormat: bundle\n"));
+    let bundle = cip(
+        &glob,
+        &key_authority(&public, "    signatureFormat: bundle\n"),
+    );
     let v = verify_json(&[("cip.yaml", &bundle)], &reg.tag_ref("signed", "v1"), &[]).await;
     assert_allowed(&v);
     // Read as legacy, there is nothing to verify.
@@ -164,14 +223,24 @@ async fn bundle_signature_and_attestation_from_real_cosign_are_verified() {
     assert_denied(&v, "");
 
     let attestations = format!(
-        "    signatureFormat: bundle\n    attestations:\n    - name: scan\n      predicateType: custom\n      policy:\n        type: rego\n        data: {}\n",
+        "    signatureFormat: bundle\n    attestations:\n    - name: scan\n      predicateType: {SCAN}\n      policy:\n        type: rego\n        data: {}\n",
         serde_json::to_string(REGO).unwrap()
     );
     let policy = cip(&glob, &key_authority(&public, &attestations));
-    let v = verify_json(&[("cip.yaml", &policy)], &reg.tag_ref("attested", "v1"), &[]).await;
+    let v = verify_json(
+        &[("cip.yaml", &policy)],
+        &reg.tag_ref("attested", "v1"),
+        &[],
+    )
+    .await;
     assert_allowed(&v);
     // A bundle attestation is not an image signature.
-    let v = verify_json(&[("cip.yaml", &bundle)], &reg.tag_ref("attested", "v1"), &[]).await;
+    let v = verify_json(
+        &[("cip.yaml", &bundle)],
+        &reg.tag_ref("attested", "v1"),
+        &[],
+    )
+    .await;
     assert_denied(&v, "");
 }
 
@@ -181,7 +250,9 @@ async fn bundle_signature_and_attestation_from_real_cosign_are_verified() {
 async fn real_cosign_verifies_the_test_signer() {
     let Some(cosign) = Cosign::find() else { return };
     let reg = Registry::start().await;
-    let digest = reg.push_image("crate", "v1", "real-cosign-crate-signed").await;
+    let digest = reg
+        .push_image("crate", "v1", "real-cosign-crate-signed")
+        .await;
     let key = TestKey::generate(KeyKind::EcdsaP256);
     reg.sign("crate", &digest, &key).await;
     let dir = tempfile::tempdir().unwrap();
