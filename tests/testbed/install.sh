@@ -63,13 +63,15 @@ record() {
   fi
 }
 
-# The most telling line of a failed build log.
+# The most telling lines of a failed build log (the go command's own `go: …` error and the
+# module proxy's `server response`, else compiler errors, else the last lines), on one line.
 failure_reason() {
   local log=$1 line
-  line=$(grep -E 'error|refus|cannot|not (found|supported)|requires go|must not|invalid|no matching|denied|timeout' "$log" |
-    grep -v '^#' | head -n 3 | tr '\n' ' ' | cut -c1-600)
-  [ -n "$line" ] || line=$(tail -n 3 "$log" | tr '\n' ' ' | cut -c1-600)
-  printf '%s' "$line"
+  line=$(grep -E '^go: |server response|requires go|error|refus|cannot|must not|invalid|no matching|denied|timeout|forbidden|not available' "$log" |
+    grep -vE '^#|^missing binary|^go: downloading' | head -n 4)
+  [ -n "$line" ] || line=$(grep -v '^missing binary' "$log" | tail -n 3)
+  [ -n "$line" ] || line=$(tail -n 3 "$log")
+  printf '%s' "$line" | tr '\t\n' '  ' | tr -s ' ' | cut -c1-700
 }
 
 # link NAME DIR BINS...: point $BIN/<bin> at DIR/bin/<bin>.
@@ -94,7 +96,7 @@ peer() {
     for b in $bins; do [ -x "$dir/bin/$b" ] || ok=0; done
     if [ $ok = 1 ]; then
       link "$name" "$dir" $bins
-      record "$name" "$version" cached 0 ""
+      record "$name" "$version" cached 0 "$(cat "$dir/.build-info" 2>/dev/null)"
       return 0
     fi
   fi
@@ -117,6 +119,7 @@ peer() {
     rm -rf "$dir"
     mv "$tmp" "$dir"
     printf '%s' "$key" >"$dir/.built"
+    printf 'built in %ss on %s' "$secs" "$(date -u +%Y-%m-%dT%H:%MZ)" >"$dir/.build-info"
     link "$name" "$dir" $bins
     record "$name" "$version" built "$secs" ""
   else
