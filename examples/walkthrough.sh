@@ -11,8 +11,12 @@ cleanup() { [ -n "$registry_pid" ] && kill "$registry_pid" 2>/dev/null; rm -rf "
 trap cleanup EXIT
 
 cargo build -q --bin pullgate --example cosign_sign
-pullgate=target/debug/pullgate
-sign=target/debug/examples/cosign_sign
+pullgate=${CARGO_TARGET_DIR:-target}/debug/pullgate
+# The real cosign CLI when the test bed has it (tests/testbed/install.sh), else the sigstore-crate
+# signer (examples/cosign_sign.rs), which writes the same key files and signatures.
+cosign=${PULLGATE_TESTBED_BIN:-/var/cache/pullgate-testbed/bin}/cosign
+[ -x "$cosign" ] || cosign=
+sign=${CARGO_TARGET_DIR:-target}/debug/examples/cosign_sign
 step() { printf '\n\033[1m$ %s\033[0m\n' "$*"; }
 expect() { # expect CODE CMD...: run CMD, show its output, fail unless it exits with CODE
   local want=$1; shift; step "$@"; set +e; "$@"; local got=$?; set -e
@@ -56,7 +60,13 @@ done
 
 # 4. Policies: the examples, plus a key-signed policy for the demo repository (the key lives in
 #    a Secret in cosign-system, as policy-controller expects).
-COSIGN_PASSWORD=walkthrough $sign generate-key-pair "$work/keys"
+if [ -n "$cosign" ]; then
+  mkdir -p "$work/keys"
+  step "$cosign" generate-key-pair --output-key-prefix "$work/keys/cosign"
+  COSIGN_PASSWORD=walkthrough HOME=$work "$cosign" generate-key-pair --output-key-prefix "$work/keys/cosign"
+else
+  COSIGN_PASSWORD=walkthrough $sign generate-key-pair "$work/keys"
+fi
 cp -r examples/policies "$work/policies"
 cat > "$work/policies/30-signed-demo.yaml" <<YAML
 apiVersion: v1
@@ -79,9 +89,17 @@ expect 0 $pullgate validate "$work/policies"
 expect 1 $pullgate verify --policy "$work/policies" --namespace demo "127.0.0.1:$port/other:v1"
 expect 1 $pullgate verify --policy "$work/policies" --namespace demo "127.0.0.1:$port/demo:v1"
 
-# 6. Sign it (cosign sign --key ... would do the same), and it is admitted.
-step COSIGN_PASSWORD=walkthrough $sign sign "$work/keys/cosign.key" "127.0.0.1:$port/demo:v1"
-COSIGN_PASSWORD=walkthrough $sign sign "$work/keys/cosign.key" "127.0.0.1:$port/demo:v1"
+# 6. Sign it, and it is admitted. With the real cosign: offline (no Rekor upload, no TUF signing
+#    config), plain HTTP to the loopback registry, and the legacy .sig tag the key CIP reads.
+if [ -n "$cosign" ]; then
+  cosign_sign=("$cosign" sign --key "$work/keys/cosign.key" --tlog-upload=false --use-signing-config=false
+    --new-bundle-format=false --allow-http-registry --allow-insecure-registry -y "127.0.0.1:$port/demo:v1")
+  step COSIGN_PASSWORD=walkthrough "${cosign_sign[@]}"
+  COSIGN_PASSWORD=walkthrough HOME=$work "${cosign_sign[@]}"
+else
+  step COSIGN_PASSWORD=walkthrough $sign sign "$work/keys/cosign.key" "127.0.0.1:$port/demo:v1"
+  COSIGN_PASSWORD=walkthrough $sign sign "$work/keys/cosign.key" "127.0.0.1:$port/demo:v1"
+fi
 expect 0 $pullgate verify --policy "$work/policies" --namespace demo "127.0.0.1:$port/demo:v1"
 # In a namespace that is not enforced, the unlisted image runs.
 expect 0 $pullgate verify --policy "$work/policies" --namespace playground "127.0.0.1:$port/other:v1"

@@ -96,6 +96,16 @@ pub fn names(object: &Value, spec_path: &[&str]) -> Vec<String> {
         .unwrap_or_default()
 }
 
+impl crate::engine::PullSecretReader for PullSecrets {
+    fn credentials<'a>(
+        &'a self,
+        namespace: &'a str,
+        names: &'a [String],
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Credentials> + Send + 'a>> {
+        Box::pin(PullSecrets::credentials(self, namespace, names))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -146,15 +156,5 @@ mod tests {
         let deploy = json!({"spec": {"template": {"spec": {"imagePullSecrets": [{"name": "c"}]}}}});
         assert_eq!(names(&deploy, &["spec", "template", "spec"]), ["c"]);
         assert!(names(&json!({"spec": {"imagePullSecrets": "x"}}), &["spec"]).is_empty());
-    }
-}
-
-impl crate::engine::PullSecretReader for PullSecrets {
-    fn credentials<'a>(
-        &'a self,
-        namespace: &'a str,
-        names: &'a [String],
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Credentials> + Send + 'a>> {
-        Box::pin(PullSecrets::credentials(self, namespace, names))
     }
 }

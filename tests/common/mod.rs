@@ -43,6 +43,7 @@ pub mod references;
 mod registry;
 mod rekor;
 mod skopeo;
+pub mod testbed;
 pub mod tsa;
 pub mod tuf;
 
