@@ -235,7 +235,10 @@ async fn decide_reference(
     match registry.resolve(image, request.auth).await {
         Ok(digest) => {
             let pinned = image.with_digest(&digest);
-            let (decision, hit) = decide_pinned(snapshot, registry, cache, &pinned, request).await;
+            let (mut decision, hit) =
+                decide_pinned(snapshot, registry, cache, &pinned, request).await;
+            // Shown as requested; `digest` says what it resolved to.
+            decision.image = image.to_string();
             outcome(decision, hit, Some(pinned))
         }
         Err(e) => {

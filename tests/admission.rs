@@ -923,6 +923,22 @@ async fn cluster_mode_reads_policies_and_pull_secrets_from_the_api_server() {
         message.contains("requires a username and password"),
         "{message}"
     );
+
+    // The API server sends a workload review only for namespaces the webhook's
+    // namespaceSelector matched on their labels as they are now: the shim enforces them
+    // whatever its own (lagging) view says — one it has never seen, one it knows unlabelled.
+    fake.apply(NAMESPACES, namespace("lagging", false));
+    for ns in ["never-seen", "lagging"] {
+        pod["request"]["uid"] = json!(format!("selected-{ns}"));
+        pod["request"]["namespace"] = json!(ns);
+        pod["request"]["object"]["metadata"]["namespace"] = json!(ns);
+        pod["request"]["object"]["spec"] =
+            json!({"containers": [{"name": "app", "image": "quay.io/other/app:v1"}]});
+        let r = shim.review("/validate/workloads", &pod).await;
+        assert_eq!(r["allowed"], false, "{ns}: {r}");
+        let message = r["status"]["message"].as_str().unwrap();
+        assert!(message.contains("no matching policies"), "{ns}: {message}");
+    }
 }
 
 /// `source.signaturePullSecrets`: signatures kept in a private registry, read with a Secret of

@@ -31,7 +31,9 @@ use prost::Message as _;
 use tonic::{Request, Response, Status};
 use tracing::Instrument as _;
 
-use super::api::{CreateContainerRequest, ImageSpec, ImageStatusRequest, ImageStatusResponse};
+use super::api::{
+    CreateContainerRequest, Image, ImageSpec, ImageStatusRequest, ImageStatusResponse,
+};
 use super::pull::containerd_name;
 use super::{refusal, sandbox_object, Gate, Proxy, CREATE_CONTAINER_PATH, K8S_NAMESPACE};
 use crate::audit::Source;
@@ -138,7 +140,8 @@ pub async fn create_container(
 
     async {
         let started = Instant::now();
-        let outcome = match image_on_node(proxy, &spec.image).await {
+        let asked = ImageRef::parse(&spec.user_specified_image).ok();
+        let outcome = match image_on_node(proxy, &spec.image, asked.as_ref()).await {
             Ok(Some(held)) => {
                 decide(
                     proxy,
@@ -309,9 +312,9 @@ async fn decide(
     }
 }
 
-/// What containerd holds for the image kubelet names (an image ID, or a reference); `None`
-/// when it holds nothing by that name.
-async fn image_on_node(proxy: &Proxy, image: &str) -> Result<Option<OnNode>, Status> {
+/// containerd's CRI answer for `image` (an image ID or a reference), `None` when it holds
+/// nothing by that name.
+async fn image_status(proxy: &Proxy, image: &str) -> Result<Option<Image>, Status> {
     let request = ImageStatusRequest {
         image: Some(ImageSpec {
             image: image.to_string(),
@@ -330,7 +333,23 @@ async fn image_on_node(proxy: &Proxy, image: &str) -> Result<Option<OnNode>, Sta
             "containerd's ImageStatus answer does not decode: {e}"
         ))
     })?;
-    let Some(found) = status.image else {
+    Ok(status.image)
+}
+
+/// What containerd holds for the image kubelet names (an image ID, or a reference); `None`
+/// when it holds nothing by that name. `asked`: the pod's reference, whose tag record is
+/// looked up as well (the CRI plugin learns of a tag record a moment after it is written).
+///
+/// A tag record counts only where it points at this very content: its target digest is one of
+/// the content's `repo@digest` records, or containerd resolves `repo@target` to this image ID.
+/// The CRI plugin's list of tags may lag a moved tag, and a digest that is not this content
+/// must never stand in for it.
+async fn image_on_node(
+    proxy: &Proxy,
+    image: &str,
+    asked: Option<&ImageRef>,
+) -> Result<Option<OnNode>, Status> {
+    let Some(found) = image_status(proxy, image).await? else {
         return Ok(None);
     };
     let mut held = OnNode::default();
@@ -341,30 +360,51 @@ async fn image_on_node(proxy: &Proxy, image: &str) -> Result<Option<OnNode>, Sta
             }
         }
     }
-    // A tag record's target is a manifest (or index) digest too: a preloaded or imported
-    // image may have no `repo@digest` record at all.
+    let mut tags: Vec<ImageRef> = found
+        .repo_tags
+        .iter()
+        .filter_map(|t| ImageRef::parse(t).ok())
+        .filter(|t| t.tag().is_some())
+        .collect();
+    if let Some(asked) = asked.filter(|a| a.tag().is_some() && a.digest().is_none()) {
+        if !tags.contains(asked) {
+            tags.push(asked.clone());
+        }
+    }
     let mut images = ImagesClient::new(proxy.containerd.clone());
-    for reference in &found.repo_tags {
-        let Ok(tagged) = ImageRef::parse(reference) else {
-            continue;
-        };
+    for tagged in tags {
         let name = format!(
             "{}:{}",
             containerd_name(&tagged),
             tagged.tag().unwrap_or("latest")
         );
-        let record = images
+        let Ok(record) = images
             .get(with_namespace!(GetImageRequest { name }, K8S_NAMESPACE))
-            .await;
-        if let Ok(record) = record {
-            if let Some(target) = record.into_inner().image.and_then(|i| i.target) {
-                if is_digest(&target.digest) {
-                    held.digests
-                        .push((tagged.without_tag_or_digest(), target.digest));
-                }
-            }
+            .await
+        else {
+            continue;
+        };
+        let Some(target) = record.into_inner().image.and_then(|i| i.target) else {
+            continue;
+        };
+        if !is_digest(&target.digest) {
+            continue;
         }
-        held.tags.push(tagged);
+        let known = held.digests.iter().any(|(_, d)| *d == target.digest);
+        let same_content = known
+            || image_status(
+                proxy,
+                &format!("{}@{}", containerd_name(&tagged), target.digest),
+            )
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|i| i.id == found.id);
+        if same_content {
+            held.digests
+                .push((tagged.without_tag_or_digest(), target.digest));
+            held.tags.push(tagged);
+        }
     }
     Ok(Some(held))
 }
