@@ -1,14 +1,18 @@
 //! A real single-node Kubernetes cluster on loopback whose kubelet runs every container through
-//! `pullgate serve` (both CRI endpoints on pullgate's socket): `tests/cluster/run.sh` starts
-//! etcd, kube-apiserver, kube-controller-manager, kube-scheduler (built by
-//! `tests/testbed/install.sh`), a registry, Debian's containerd 1.6, pullgate in cluster mode
-//! (its own ServiceAccount's token) and kubelet; then checks that the Node becomes Ready, that a
-//! hostNetwork pod of an allow-listed image runs in a namespace labelled
-//! `policy.sigstore.dev/include=true`, and that a pod of an unlisted image is refused by the node
-//! with `SignatureValidationFailed` in `kubectl describe pod`; then stops everything.
+//! `pullgate serve` (both CRI endpoints on pullgate's socket), and the seed walkthrough on it.
+//! `tests/cluster/run.sh` starts etcd, kube-apiserver, kube-controller-manager, kube-scheduler,
+//! kubelet and kubectl (built by `tests/testbed/install.sh`), a registry, Debian's containerd 1.6,
+//! `pullgate serve` and `pullgate admission` in cluster mode (each with its own ServiceAccount's
+//! token), with the CRDs applied and the webhooks registered by `url:`; then `prove.sh` checks:
+//! the webhook refuses an unlisted image; with it narrowed the node refuses the pull
+//! (`SignatureValidationFailed` in the pod's events) while an allow-listed hostNetwork pod runs;
+//! `IfNotPresent`, `Never` and a bare image ID of an image already on the node (pulled through an
+//! unenforced namespace) are not created; a key CIP (`secretRef`) refuses an unsigned image and
+//! admits it once the real `cosign sign --key` signed it; every audit line is one decision.
+//! Then everything is stopped.
 //!
 //! Skipped loudly when a test-bed binary is missing and `CI` is unset; failing in CI. Takes
-//! about 30 s (≈ 10 s up, ≈ 3 s of checks, ≈ 18 s of teardown).
+//! about 40 s (≈ 10 s up, ≈ 10 s of checks, ≈ 18 s of teardown).
 
 mod common;
 
@@ -25,6 +29,8 @@ const PEERS: &[&str] = &[
     "kube-scheduler",
     "kubelet",
     "kubectl",
+    "crictl",
+    "cosign",
 ];
 
 #[test]
@@ -51,9 +57,15 @@ fn kubelet_runs_allowed_pod_and_node_refuses_unlisted_image() {
     );
     for expected in [
         "node pgnode Ready",
+        "admission webhook \"workloads.pullgate.dev\" denied the request",
         "pod allowed: Running",
-        "pod unlisted: refused by the node",
-        "Error: SignatureValidationFailed",
+        "pod unlisted: pull refused by the node: Error: SignatureValidationFailed",
+        "pod ifnotpresent: container not created: Error: SignatureValidationFailed",
+        "pod never: container not created: Error: SignatureValidationFailed",
+        "pod imageid: container not created: Error: SignatureValidationFailed",
+        "pod unsigned: unsigned image refused by the node",
+        "pod signed: Running",
+        "audit logs checked",
     ] {
         assert!(
             out.stderr.contains(expected),

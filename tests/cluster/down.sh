@@ -22,7 +22,7 @@ stop pullgate
 stop containerd
 # Shims of this containerd (their command line names its socket); by pid only.
 for pid in $(pgrep -f -- "-address $D/containerd.sock" || true); do kill -9 "$pid" 2>/dev/null || true; done
-for n in kube-scheduler kube-controller-manager kube-apiserver etcd registry; do stop "$n"; done
+for n in admission kube-scheduler kube-controller-manager kube-apiserver etcd registry; do stop "$n"; done
 # Anything still mounted under DIR (deepest first).
 awk -v d="$D/" 'index($2, d) == 1 {print $2}' /proc/self/mounts | sort -r | while read -r m; do
   umount -l "$m" 2>/dev/null || true

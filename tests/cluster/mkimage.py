@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
 """Writes an OCI image layout holding one busybox-static layer (bin/busybox + sh/sleep links).
 
-usage: mkimage.py OUT_DIR TAG  -- the layout is pushed with `skopeo copy oci:OUT_DIR:TAG ...`.
-The config's Cmd sleeps forever, so the same image serves as the pod sandbox (pause) image.
+usage: mkimage.py OUT_DIR TAG [SEED]  -- the layout is pushed with `skopeo copy oci:OUT_DIR:TAG ...`.
+A SEED adds /etc/seed holding it, so images differ by digest. The config's Cmd sleeps forever, so the same image serves as the pod sandbox (pause) image.
 """
 import hashlib, io, json, os, sys, tarfile
 
 out, tag = sys.argv[1], sys.argv[2]
+seed = sys.argv[3] if len(sys.argv) > 3 else None
 blobs = os.path.join(out, "blobs", "sha256")
 os.makedirs(blobs, exist_ok=True)
 
@@ -26,6 +27,9 @@ with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
     for name in ("sh", "sleep", "echo", "cat", "ls"):
         ti = tarfile.TarInfo("bin/" + name); ti.type = tarfile.SYMTYPE; ti.linkname = "busybox"
         tar.addfile(ti)
+    if seed is not None:
+        ti = tarfile.TarInfo("etc/seed"); ti.size = len(seed.encode()); ti.mode = 0o644
+        tar.addfile(ti, io.BytesIO(seed.encode()))
 layer = buf.getvalue()
 layer_digest, layer_size = put(layer)
 config = {

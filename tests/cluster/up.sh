@@ -43,14 +43,14 @@ wait_for() { # seconds description cmd...
   done
   log "$what"
 }
-read -r P_ETCD P_PEER P_API P_KCM P_SCHED P_REG P_KUBELET P_KHEALTH P_PGHEALTH < <(python3 - <<'PY'
+read -r P_ETCD P_PEER P_API P_KCM P_SCHED P_REG P_KUBELET P_KHEALTH P_PGHEALTH P_ADM < <(python3 - <<'PY'
 import socket
-ss = [socket.socket() for _ in range(9)]
+ss = [socket.socket() for _ in range(10)]
 for s in ss: s.bind(("127.0.0.1", 0))
 print(" ".join(str(s.getsockname()[1]) for s in ss))
 PY
 )
-echo "API=https://127.0.0.1:$P_API REGISTRY=127.0.0.1:$P_REG NODE=$NODE KUBECTL=$KUBECTL" > "$D/env"
+echo "API=https://127.0.0.1:$P_API ADMISSION=https://127.0.0.1:$P_ADM REGISTRY=127.0.0.1:$P_REG NODE=$NODE KUBECTL=$KUBECTL" > "$D/env"
 
 # --- PKI: one CA; apiserver serving cert; admin client cert (system:masters) used by every
 # component; service-account signing key pair.
@@ -63,6 +63,9 @@ extendedKeyUsage=serverAuth
 EXT
 openssl_q req -newkey rsa:2048 -nodes -keyout "$P/api.key" -out "$P/api.csr" -subj "/CN=kube-apiserver"
 openssl_q x509 -req -in "$P/api.csr" -CA "$P/ca.crt" -CAkey "$P/ca.key" -CAcreateserial -out "$P/api.crt" -days 2 -extfile "$P/api.ext"
+printf 'subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n' > "$P/adm.ext"
+openssl_q req -newkey rsa:2048 -nodes -keyout "$P/adm.key" -out "$P/adm.csr" -subj "/CN=pullgate-admission"
+openssl_q x509 -req -in "$P/adm.csr" -CA "$P/ca.crt" -CAkey "$P/ca.key" -CAcreateserial -out "$P/adm.crt" -days 2 -extfile "$P/adm.ext"
 echo "extendedKeyUsage=clientAuth" > "$P/client.ext"
 openssl_q req -newkey rsa:2048 -nodes -keyout "$P/admin.key" -out "$P/admin.csr" -subj "/O=system:masters/CN=admin"
 openssl_q x509 -req -in "$P/admin.csr" -CA "$P/ca.crt" -CAkey "$P/ca.key" -CAcreateserial -out "$P/admin.crt" -days 2 -extfile "$P/client.ext"
@@ -111,15 +114,19 @@ http: {addr: 127.0.0.1:$P_REG}
 log: {level: warn}
 YML
 start registry docker-registry serve "$D/registry/config.yml"
-python3 "$HERE/mkimage.py" "$D/registry/oci" v1 > "$D/registry/digest"
 echo '{"default":[{"type":"insecureAcceptAnything"}]}' > "$D/registry/policy.json"
 wait_for 20 "registry ready" curl -sf "http://127.0.0.1:$P_REG/v2/"
-for repo in pause allowed/app unlisted/app; do
+# pause and allowed/app share one image; unlisted/app and signed/app differ from it (a seed file),
+# so their digests are verified on their own.
+for spec in pause: allowed/app: unlisted/app:unlisted signed/app:signed; do
+  repo=${spec%%:*} seed=${spec#*:}
+  layout=$D/registry/oci-${seed:-base}
+  [ -d "$layout" ] || python3 "$HERE/mkimage.py" "$layout" v1 $seed > "$layout.digest"
   skopeo --policy "$D/registry/policy.json" copy -q --dest-tls-verify=false \
-    "oci:$D/registry/oci:v1" "docker://127.0.0.1:$P_REG/$repo:v1" >>"$D/logs/skopeo.log" 2>&1 \
+    "oci:$layout:v1" "docker://127.0.0.1:$P_REG/$repo:v1" >>"$D/logs/skopeo.log" 2>&1 \
     || fail "skopeo push $repo (see $D/logs/skopeo.log)"
 done
-log "pushed pause, allowed/app, unlisted/app (busybox) to 127.0.0.1:$P_REG"
+log "pushed pause, allowed/app, unlisted/app, signed/app (busybox) to 127.0.0.1:$P_REG"
 
 # --- containerd 1.6 (Debian), configured like tests/common/containerd.rs, plus a CNI config
 # so the runtime reports NetworkReady (kubelet keeps the node NotReady otherwise).
@@ -162,21 +169,50 @@ wait_for 30 "containerd ready ($SNAP)" ctr --address "$D/containerd.sock" versio
 # with a bound token from the TokenRequest API, never as admin.
 "$KUBECTL" --kubeconfig "$KC" apply -f "$REPO/deploy/namespace.yaml" -f "$REPO/deploy/rbac.yaml" \
   >>"$D/logs/kubectl.log" 2>&1 || fail "apply deploy/namespace.yaml and deploy/rbac.yaml"
-TOKEN=$("$KUBECTL" --kubeconfig "$KC" -n pullgate-system create token pullgate-node --duration 2h) \
-  || fail "token for pullgate-node"
-cat > "$D/pullgate.kubeconfig" <<KC2
+sa_kubeconfig() { # SERVICEACCOUNT -> $D/SERVICEACCOUNT.kubeconfig
+  local token
+  token=$("$KUBECTL" --kubeconfig "$KC" -n pullgate-system create token "$1" --duration 2h) \
+    || fail "token for $1"
+  cat > "$D/$1.kubeconfig" <<KC2
 apiVersion: v1
 kind: Config
 clusters: [{name: local, cluster: {server: "https://127.0.0.1:$P_API", certificate-authority: "$P/ca.crt"}}]
-users: [{name: pullgate-node, user: {token: "$TOKEN"}}]
-contexts: [{name: local, context: {cluster: local, user: pullgate-node}}]
+users: [{name: $1, user: {token: "$token"}}]
+contexts: [{name: local, context: {cluster: local, user: $1}}]
 current-context: local
 KC2
-start pullgate "$PULLGATE" serve --kubeconfig "$D/pullgate.kubeconfig" --listen "$D/pullgate.sock" \
+}
+sa_kubeconfig pullgate-node
+sa_kubeconfig pullgate-admission
+start pullgate "$PULLGATE" serve --kubeconfig "$D/pullgate-node.kubeconfig" --listen "$D/pullgate.sock" \
   --containerd "$D/containerd.sock" --audit-log "$D/audit.log" --snapshot-file "$D/snapshot.json" \
-  --health-listen "127.0.0.1:$P_PGHEALTH" --node-name "$NODE"
+  --health-listen "127.0.0.1:$P_PGHEALTH" --node-name "$NODE" --deny-cache-ttl 1
 wait_for 30 "pullgate serving (socket bound)" test -S "$D/pullgate.sock"
 wait_for 30 "pullgate policy snapshot fresh" curl -sf "http://127.0.0.1:$P_PGHEALTH/readyz"
+
+# --- the admission shim on loopback, as pullgate-admission, and deploy/admission.yaml's webhook
+# configurations with `url:` to it instead of the in-cluster Service.
+start admission "$PULLGATE" admission --kubeconfig "$D/pullgate-admission.kubeconfig" \
+  --tls-cert "$P/adm.crt" --tls-key "$P/adm.key" --listen "127.0.0.1:$P_ADM" \
+  --audit-log "$D/audit-admission.log" --node-name admission
+wait_for 30 "admission shim ready" curl -sf --cacert "$P/ca.crt" "https://127.0.0.1:$P_ADM/readyz"
+python3 - "$REPO/deploy/admission.yaml" "https://127.0.0.1:$P_ADM" "$(base64 -w0 < "$P/ca.crt")" \
+  > "$D/webhooks.yaml" <<'PY'
+import re, sys
+src, base, ca = sys.argv[1:4]
+docs = re.split(r"(?m)^---\s*$", open(src).read())
+keep = [d for d in docs if re.search(r"(?m)^kind: (Validating|Mutating)WebhookConfiguration", d)]
+assert len(keep) == 2, "deploy/admission.yaml: want 2 webhook configurations"
+svc = re.compile(r"(?m)^(\s*)service:\n\s*name: \S+\n\s*namespace: \S+\n\s*path: (\S+)\n\s*port: \d+\n")
+out = []
+for d in keep:
+    d, n = svc.subn(lambda m: f"{m.group(1)}url: {base}{m.group(2)}\n{m.group(1)}caBundle: {ca}\n", d)
+    assert n >= 1
+    out.append(d)
+print("---".join(out))
+PY
+"$KUBECTL" --kubeconfig "$KC" apply -f "$D/webhooks.yaml" >>"$D/logs/kubectl.log" 2>&1 || fail "register webhooks"
+log "webhooks registered by url: at the admission shim"
 
 # --- kubelet with both CRI endpoints on pullgate.
 cat > "$D/kubelet.yaml" <<YAML
