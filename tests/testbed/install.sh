@@ -203,6 +203,22 @@ build_kubernetes() {
 peer kubernetes "$KUBERNETES_VERSION" no "$(recipe_key "$KUBERNETES_VERSION" kubernetes)" \
   "kube-apiserver kubelet kube-controller-manager kube-scheduler" build_kubernetes
 
+# kubectl of the same release (tests/cluster drives the cluster with it; Debian's
+# kubernetes-client is 1.20, too old for `create token` and `wait --for=jsonpath`).
+# Its own recipe, so it shares the Go build cache but not the other binaries' cache key.
+build_kubectl() {
+  local v=$KUBERNETES_VERSION minor
+  minor=$(echo "$v" | cut -d. -f2)
+  local ld="-s -w"
+  for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    ld="$ld -X $p.gitVersion=$v -X $p.gitMajor=1 -X $p.gitMinor=$minor -X $p.gitTreeState=clean"
+    ld="$ld -X $p.buildDate=1970-01-01T00:00:00Z"
+  done
+  (cd "$here/recipes/kubectl" &&
+    GOFLAGS="$GOFLAGS -mod=readonly" gorun build -ldflags "$ld" -o "$1/bin/" k8s.io/kubernetes/cmd/kubectl)
+}
+peer kubectl "$KUBERNETES_VERSION" no "$(recipe_key "$KUBERNETES_VERSION" kubectl)" "kubectl" build_kubectl
+
 # go.etcd.io/etcd/server/v3 replaces its sibling modules with ../api etc.: same recipe approach.
 build_etcd() {
   (cd "$here/recipes/etcd" &&

@@ -11,7 +11,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 . "$here/../versions.env"
 export GOTOOLCHAIN=local GOFLAGS=-mod=mod
-only=${1:-kubernetes etcd policy-tester}
+only=${1:-kubernetes kubectl etcd policy-tester}
 
 gomod_of() { go mod download -json "$1" | sed -n 's/.*"GoMod": "\(.*\)".*/\1/p'; }
 
@@ -26,18 +26,23 @@ for r in $only; do
   mkdir -p "$d"
   rm -f "$d/go.mod" "$d/go.sum"
   case $r in
-  kubernetes)
+  kubernetes | kubectl)
+    # kubectl: the same pins in a recipe of its own, so adding it did not rebuild the others.
     v=$KUBERNETES_VERSION
     staging_v=v0.${v#v1.}
     {
-      printf 'module pullgate.test/testbed/kubernetes\n\ngo 1.26\n\nrequire k8s.io/kubernetes %s\n\n' "$v"
+      printf 'module pullgate.test/testbed/%s\n\ngo 1.26\n\nrequire k8s.io/kubernetes %s\n\n' "$r" "$v"
       printf '// k8s.io/kubernetes requires its staging modules at v0.0.0 and replaces them with ./staging/…;\n'
       printf '// a dependent must pin each to the release matching %s.\nreplace (\n' "$v"
       grep -E '=> \./staging/' "$(gomod_of "k8s.io/kubernetes@$v")" | awk -v sv="$staging_v" '{print "\t" $1 " => " $1 " " sv}'
       printf ')\n'
     } >"$d/go.mod"
-    tools_go k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kubelet \
-      k8s.io/kubernetes/cmd/kube-controller-manager k8s.io/kubernetes/cmd/kube-scheduler >"$d/tools.go"
+    if [ "$r" = kubectl ]; then
+      tools_go k8s.io/kubernetes/cmd/kubectl >"$d/tools.go"
+    else
+      tools_go k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kubelet \
+        k8s.io/kubernetes/cmd/kube-controller-manager k8s.io/kubernetes/cmd/kube-scheduler >"$d/tools.go"
+    fi
     ;;
   etcd)
     v=$ETCD_VERSION
