@@ -1,4 +1,5 @@
-//! A real containerd 1.6 (Debian `containerd`) per test, CRI clients that talk to any CRI socket
+//! A real containerd (Debian's 1.6, or the binary `PULLGATE_TEST_CONTAINERD` names, e.g. the
+//! test bed's 2.x) per test, CRI clients that talk to any CRI socket
 //! (containerd's own or `pullgate serve`'s), and a `pullgate serve` child process.
 //!
 //! ```ignore
@@ -13,13 +14,20 @@
 //! short temp dir under `/tmp` (unix socket paths must stay below 108 bytes). The CRI plugin uses
 //! the `overlayfs` snapshotter when an overlay mount works in that dir, else `native` (override
 //! with `PULLGATE_TEST_SNAPSHOTTER=native|overlayfs`). Loopback registries are plain HTTP for
-//! containerd 1.6 without any hosts config. On drop, containerd is stopped, anything still
+//! containerd without any hosts config. On drop, containerd is stopped, anything still
 //! mounted under its dir is unmounted and the dir is removed.
+//!
+//! `PULLGATE_TEST_CONTAINERD=/path/to/containerd` runs that binary instead of `containerd` from
+//! `PATH`; its major version (`containerd --version`) picks the config: `version = 2` with the
+//! `io.containerd.grpc.v1.cri` plugin for 1.x, `version = 3` with `io.containerd.cri.v1.runtime`
+//! and `io.containerd.cri.v1.images` for 2.x. Its directory goes first on the process's `PATH`,
+//! so the `containerd-shim-runc-v2` (and `ctr`) beside it are the ones used.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use containerd_client::services::v1::content_client::ContentClient;
@@ -70,6 +78,89 @@ pub struct Containerd {
     child: Option<Child>,
     snapshotter: String,
     options: ContainerdOptions,
+    binary: &'static ContainerdBinary,
+}
+
+/// The containerd binary the tests run, and what `--version` said about it.
+#[derive(Debug)]
+pub struct ContainerdBinary {
+    /// `$PULLGATE_TEST_CONTAINERD`, else `containerd` (looked up on `PATH`).
+    pub path: PathBuf,
+    /// The version `containerd --version` printed (`1.6.20~ds1`, `v2.2.10`, ...).
+    pub version: String,
+    /// Its major version: 1 → `version = 2` config, 2 or later → `version = 3`.
+    pub major: u32,
+}
+
+impl ContainerdBinary {
+    /// The binary of this test process (`PULLGATE_TEST_CONTAINERD` is read once), version
+    /// detected. Panics when it cannot run or its version is unreadable.
+    pub fn get() -> &'static ContainerdBinary {
+        static BINARY: OnceLock<ContainerdBinary> = OnceLock::new();
+        BINARY.get_or_init(|| {
+            let path = match std::env::var_os("PULLGATE_TEST_CONTAINERD") {
+                Some(p) if !p.is_empty() => PathBuf::from(p),
+                _ => PathBuf::from("containerd"),
+            };
+            let out = Command::new(&path)
+                .arg("--version")
+                .stdin(Stdio::null())
+                .output()
+                .unwrap_or_else(|e| panic!("cannot run {} --version: {e}", path.display()));
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            let (version, major) = parse_containerd_version(&text).unwrap_or_else(|| {
+                panic!(
+                    "{} --version: no version in {text:?} (stderr {:?})",
+                    path.display(),
+                    String::from_utf8_lossy(&out.stderr)
+                )
+            });
+            ContainerdBinary {
+                path,
+                version,
+                major,
+            }
+        })
+    }
+
+    /// The directory holding the binary when it was given as a path (its shim and `ctr` are
+    /// taken from there), `None` for a bare `containerd` found on `PATH`.
+    pub fn dir(&self) -> Option<&Path> {
+        self.path.parent().filter(|d| !d.as_os_str().is_empty())
+    }
+
+    /// `ctr` beside the binary when there is one, else `ctr` on `PATH`.
+    pub fn ctr(&self) -> PathBuf {
+        self.dir()
+            .map(|d| d.join("ctr"))
+            .filter(|p| p.is_file())
+            .unwrap_or_else(|| PathBuf::from("ctr"))
+    }
+
+    /// `PATH` for containerd: the binary's directory first (containerd finds
+    /// `containerd-shim-runc-v2` on `PATH`), then this process's `PATH`.
+    fn path_env(&self) -> Option<std::ffi::OsString> {
+        let dir = self.dir()?;
+        let mut dirs = vec![dir.to_path_buf()];
+        if let Some(path) = std::env::var_os("PATH") {
+            dirs.extend(std::env::split_paths(&path));
+        }
+        std::env::join_paths(dirs).ok()
+    }
+}
+
+/// `(version, major)` from `containerd --version` output:
+/// `containerd github.com/containerd/containerd 1.6.20~ds1 1.6.20~ds1-1+deb12u3` or
+/// `containerd github.com/containerd/containerd/v2 v2.2.10 module-proxy`.
+fn parse_containerd_version(text: &str) -> Option<(String, u32)> {
+    let version = text.split_whitespace().nth(2)?;
+    let major = version
+        .trim_start_matches('v')
+        .split('.')
+        .next()?
+        .parse()
+        .ok()?;
+    Some((version.to_string(), major))
 }
 
 impl Containerd {
@@ -99,6 +190,7 @@ impl Containerd {
             child: None,
             snapshotter,
             options,
+            binary: ContainerdBinary::get(),
         };
         fs::create_dir_all(ctd.certs_dir()).expect("certs.d dir");
         ctd.write_config();
@@ -122,6 +214,11 @@ impl Containerd {
             .sandbox_image
             .as_deref()
             .unwrap_or(DEFAULT_SANDBOX_IMAGE)
+    }
+
+    /// The containerd binary this instance runs, with its version.
+    pub fn binary(&self) -> &'static ContainerdBinary {
+        self.binary
     }
 
     /// `overlayfs` or `native`: the CRI plugin's snapshotter.
@@ -164,8 +261,18 @@ impl Containerd {
     }
 
     fn write_config(&self) {
+        let config = if self.binary.major >= 2 {
+            self.config_v3()
+        } else {
+            self.config_v2()
+        };
+        fs::write(self.config_path(), config).expect("write containerd config");
+    }
+
+    /// containerd 1.x: config `version = 2`, one CRI plugin `io.containerd.grpc.v1.cri`.
+    fn config_v2(&self) -> String {
         let d = self.dir().display().to_string();
-        let config = format!(
+        format!(
             r#"version = 2
 root = "{d}/root"
 state = "{d}/state"
@@ -198,21 +305,67 @@ disabled_plugins = [
 "#,
             snapshotter = self.snapshotter,
             sandbox_image = self.sandbox_image(),
-        );
-        fs::write(self.config_path(), config).expect("write containerd config");
+        )
+    }
+
+    /// containerd 2.x: config `version = 3`; the CRI plugin is split into
+    /// `io.containerd.cri.v1.runtime` and `io.containerd.cri.v1.images`, and the sandbox image
+    /// is `pinned_images.sandbox`. No `imports` (the default reads `/etc/containerd/conf.d`).
+    fn config_v3(&self) -> String {
+        let d = self.dir().display().to_string();
+        format!(
+            r#"version = 3
+root = "{d}/root"
+state = "{d}/state"
+imports = []
+disabled_plugins = [
+  "io.containerd.snapshotter.v1.btrfs",
+  "io.containerd.snapshotter.v1.zfs",
+  "io.containerd.snapshotter.v1.devmapper",
+]
+
+[grpc]
+  address = "{d}/containerd.sock"
+
+[ttrpc]
+  address = "{d}/containerd-ttrpc.sock"
+
+[debug]
+  level = "info"
+
+[plugins."io.containerd.cri.v1.runtime"]
+  # This VM refuses to lower oom_score_adj even to root: without this runc fails every
+  # RunPodSandbox ("failed to update /proc/self/oom_score_adj: Permission denied").
+  restrict_oom_score_adj = true
+
+[plugins."io.containerd.cri.v1.images"]
+  snapshotter = "{snapshotter}"
+  [plugins."io.containerd.cri.v1.images".pinned_images]
+    # Pulled by containerd itself on the first RunPodSandbox.
+    sandbox = "{sandbox_image}"
+  [plugins."io.containerd.cri.v1.images".registry]
+    config_path = "{d}/certs.d"
+"#,
+            snapshotter = self.snapshotter,
+            sandbox_image = self.sandbox_image(),
+        )
     }
 
     async fn spawn_and_wait(&mut self) {
         let log = append(&self.log_path());
         let log2 = log.try_clone().expect("clone log handle");
-        let child = Command::new("containerd")
-            .arg("--config")
+        let mut cmd = Command::new(&self.binary.path);
+        cmd.arg("--config")
             .arg(self.config_path())
             .stdin(Stdio::null())
             .stdout(log)
-            .stderr(log2)
+            .stderr(log2);
+        if let Some(path) = self.binary.path_env() {
+            cmd.env("PATH", path);
+        }
+        let child = cmd
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot run containerd: {e}"));
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", self.binary.path.display()));
         self.child = Some(child);
         let sock = self.socket();
         let deadline = Instant::now() + CONTAINERD_READY_TIMEOUT;
@@ -228,7 +381,8 @@ disabled_plugins = [
             }
             if !ctr_ok {
                 let sock = sock.clone();
-                ctr_ok = tokio::task::spawn_blocking(move || ctr_version(&sock))
+                let ctr = self.binary.ctr();
+                ctr_ok = tokio::task::spawn_blocking(move || ctr_version(&ctr, &sock))
                     .await
                     .unwrap_or(false);
             }
@@ -359,7 +513,7 @@ disabled_plugins = [
         }
         if self.is_running() {
             for id in &ids {
-                let _ = Command::new("ctr")
+                let _ = Command::new(self.binary.ctr())
                     .arg("--address")
                     .arg(self.socket())
                     .args(["--namespace", K8S_NAMESPACE, "--timeout", "10s"])
@@ -767,8 +921,8 @@ fn append(path: &Path) -> File {
         .unwrap_or_else(|e| panic!("open {}: {e}", path.display()))
 }
 
-fn ctr_version(sock: &Path) -> bool {
-    Command::new("ctr")
+fn ctr_version(ctr: &Path, sock: &Path) -> bool {
+    Command::new(ctr)
         .arg("--address")
         .arg(sock)
         .arg("--timeout")

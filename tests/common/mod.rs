@@ -52,8 +52,8 @@ use std::path::Path;
 
 pub use containerd::{
     connect_uds, cri_client, image_fs_info, image_status, image_status_response, list_images, pull,
-    pull_request, pull_with, remove_image, status_parts, Containerd, ContainerdOptions, Pullgate,
-    DEFAULT_SANDBOX_IMAGE, K8S_NAMESPACE,
+    pull_request, pull_with, remove_image, status_parts, Containerd, ContainerdBinary,
+    ContainerdOptions, Pullgate, DEFAULT_SANDBOX_IMAGE, K8S_NAMESPACE,
 };
 pub use cosign::{
     cosign_sign_layer, signature_tag, simple_signing_payload, SigLayer, BUNDLE_ANNOTATION,
