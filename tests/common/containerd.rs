@@ -577,6 +577,18 @@ impl Drop for Containerd {
         if let Some(child) = self.child.take() {
             let _ = terminate(child);
         }
+        if self.dir.is_some() {
+            // A shim whose tasks are gone but that was not told to shut down (seen with 2.x
+            // after a pod's removal) would outlive the test: SIGKILL what still serves us.
+            for pid in shims_serving(&self.socket()) {
+                let _ = Command::new("kill")
+                    .args(["-KILL", &pid.to_string()])
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status();
+            }
+        }
         if let Some(dir) = self.dir.as_ref() {
             unmount_under(dir.path());
         }
@@ -975,6 +987,35 @@ fn overlay_works(dir: &Path) -> bool {
     }
     let _ = fs::remove_dir_all(&probe);
     mounted
+}
+
+/// PIDs of the `containerd-shim-*` processes started for the containerd on `sock` (their
+/// command line holds `-address SOCK`).
+fn shims_serving(sock: &Path) -> Vec<u32> {
+    let sock = sock.display().to_string();
+    let Ok(procs) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    procs
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let Ok(cmdline) = fs::read(format!("/proc/{pid}/cmdline")) else {
+                return false;
+            };
+            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+            let is_shim = args.first().is_some_and(|a| {
+                String::from_utf8_lossy(a)
+                    .rsplit('/')
+                    .next()
+                    .is_some_and(|n| n.starts_with("containerd-shim"))
+            });
+            is_shim
+                && args
+                    .windows(2)
+                    .any(|w| w[0] == b"-address" && w[1] == sock.as_bytes())
+        })
+        .collect()
 }
 
 /// Unmounts (deepest first, lazily if busy) every mount point at or below `dir`.
