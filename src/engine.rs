@@ -181,16 +181,19 @@ async fn judge(
     request: &Request<'_>,
 ) -> Outcome {
     let namespace = request.namespace;
+    let parsed = ImageRef::parse(image);
     if !request.enforced(snapshot) {
-        let shown = ImageRef::parse(image).map_or_else(|_| image.to_string(), |i| i.to_string());
+        let shown = parsed
+            .as_ref()
+            .map_or_else(|_| image.to_string(), ToString::to_string);
         return Outcome {
             decision: not_enforced(&shown, namespace),
             cache_hit: false,
-            image: ImageRef::parse(image).ok(),
+            image: parsed.ok(),
             pinned: None,
         };
     }
-    match ImageRef::parse(image) {
+    match parsed {
         Ok(parsed) => decide_reference(snapshot, registry, cache, &parsed, request).await,
         Err(e) => Outcome {
             decision: could_not_decide(image.to_string(), namespace, e.to_string()),
