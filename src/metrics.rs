@@ -11,6 +11,10 @@
 //! | `pullgate_snapshot_state_since_timestamp_seconds` | gauge | when fresh/stale began |
 //! | `pullgate_snapshot_last_sync_timestamp_seconds` | gauge | last confirmation (0: never) |
 //! | `pullgate_snapshot_policies` | gauge | ClusterImagePolicies in force |
+//! | `pullgate_snapshot_invalid_policies` | gauge | invalid ClusterImagePolicies in force (each denies what it covers) |
+//! | `pullgate_snapshot_policy_invalid` | gauge | `policy`: 1 for each invalid ClusterImagePolicy |
+//! | `pullgate_audit_write_errors_total` | counter | audit lines that could not be written |
+//! | `pullgate_audit_failing` | gauge | 1 while the latest audit write failed |
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -99,6 +103,49 @@ struct SourceLabels {
     source: SourceLabel,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PolicyLabels {
+    policy: String,
+}
+
+/// An invalid ClusterImagePolicy of the snapshot in force, as `/readyz` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct InvalidPolicy {
+    pub name: String,
+    pub origin: String,
+    pub problems: Vec<String>,
+}
+
+/// The policies of `snapshot` that are invalid (each denies every image it covers).
+pub fn invalid_policies(snapshot: &crate::policy::Snapshot) -> Vec<InvalidPolicy> {
+    snapshot
+        .policies
+        .iter()
+        .filter_map(|p| {
+            let problems = p.authorities.as_ref().err()?;
+            Some(InvalidPolicy {
+                name: p.name.clone(),
+                origin: p.origin.clone(),
+                problems: problems.iter().map(ToString::to_string).collect(),
+            })
+        })
+        .collect()
+}
+
+/// Whether audit lines are being written, as `/readyz` shows it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct AuditHealth {
+    /// The latest write failed; cleared by the next successful one.
+    pub failing: bool,
+    /// Lines that could not be written since start.
+    pub write_errors: u64,
+    /// The latest failure, and when it happened.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error_time: Option<jiff::Timestamp>,
+}
+
 /// The process's metrics. Cheap to update from any task.
 pub struct Metrics {
     registry: Registry,
@@ -108,6 +155,11 @@ pub struct Metrics {
     state_since: Gauge<f64, AtomicU64>,
     last_sync: Gauge<f64, AtomicU64>,
     policies: Gauge,
+    invalid_count: Gauge,
+    invalid: Family<PolicyLabels, Gauge>,
+    audit_errors: Counter,
+    audit_failing: Gauge,
+    audit: std::sync::Mutex<AuditHealth>,
 }
 
 impl Default for Metrics {
@@ -158,6 +210,30 @@ impl Metrics {
             "ClusterImagePolicies in the snapshot in force",
             policies.clone(),
         );
+        let invalid_count = Gauge::default();
+        registry.register(
+            "snapshot_invalid_policies",
+            "Invalid ClusterImagePolicies in the snapshot in force; each denies every image it covers",
+            invalid_count.clone(),
+        );
+        let invalid = Family::<PolicyLabels, Gauge>::default();
+        registry.register(
+            "snapshot_policy_invalid",
+            "1 for each invalid ClusterImagePolicy in force, by name",
+            invalid.clone(),
+        );
+        let audit_errors = Counter::default();
+        registry.register(
+            "audit_write_errors",
+            "Audit lines that could not be written",
+            audit_errors.clone(),
+        );
+        let audit_failing = Gauge::default();
+        registry.register(
+            "audit_failing",
+            "1 while the latest audit write failed, 0 once one succeeds",
+            audit_failing.clone(),
+        );
         Metrics {
             registry,
             decisions,
@@ -166,7 +242,36 @@ impl Metrics {
             state_since,
             last_sync,
             policies,
+            invalid_count,
+            invalid,
+            audit_errors,
+            audit_failing,
+            audit: std::sync::Mutex::new(AuditHealth::default()),
         }
+    }
+
+    /// Records the result of one audit write.
+    pub fn audit_written(&self, result: Result<(), &str>) {
+        let mut audit = self.audit.lock().unwrap_or_else(|p| p.into_inner());
+        match result {
+            Ok(()) => {
+                audit.failing = false;
+                self.audit_failing.set(0);
+            }
+            Err(e) => {
+                audit.failing = true;
+                audit.write_errors += 1;
+                audit.last_error = Some(e.to_string());
+                audit.last_error_time = Some(jiff::Timestamp::now());
+                self.audit_errors.inc();
+                self.audit_failing.set(1);
+            }
+        }
+    }
+
+    /// Whether audit lines are being written.
+    pub fn audit_health(&self) -> AuditHealth {
+        self.audit.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Counts one decision (called with each audit line).
@@ -195,8 +300,18 @@ impl Metrics {
         self.state_since.set(unix_seconds(freshness.since));
         self.last_sync
             .set(freshness.last_sync.map_or(0.0, unix_seconds));
+        let snapshot = source.current();
         self.policies
-            .set(i64::try_from(source.current().policies.len()).unwrap_or(i64::MAX));
+            .set(i64::try_from(snapshot.policies.len()).unwrap_or(i64::MAX));
+        let invalid = invalid_policies(&snapshot);
+        self.invalid_count
+            .set(i64::try_from(invalid.len()).unwrap_or(i64::MAX));
+        self.invalid.clear();
+        for p in invalid {
+            self.invalid
+                .get_or_create(&PolicyLabels { policy: p.name })
+                .set(1);
+        }
         let mut out = String::new();
         if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
             tracing::error!(error = %e, "metrics could not be encoded");
@@ -216,6 +331,9 @@ struct Readiness<'a> {
     freshness: &'a Freshness,
     policies: usize,
     fingerprint: &'a str,
+    /// Invalid ClusterImagePolicies in force: each denies every image it covers.
+    invalid_policies: Vec<InvalidPolicy>,
+    audit: AuditHealth,
 }
 
 pub type Reply = http::Response<Full<Bytes>>;
@@ -231,7 +349,10 @@ pub fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> 
 }
 
 /// Answers the admin paths; `None` for any other path. `/readyz` is 200 while the snapshot is
-/// fresh and 503 while stale (the older set is still enforced; the body says since when and why).
+/// fresh and audit lines are written, 503 while the snapshot is stale (the older set is still
+/// enforced; the body says since when and why) or the latest audit write failed. Invalid
+/// ClusterImagePolicies are listed in the body (`invalid_policies`) without making it 503: the
+/// set is in force as written, and each of them denies what it covers.
 pub fn admin_reply(
     method: &Method,
     path: &str,
@@ -256,12 +377,16 @@ pub fn admin_reply(
         "/readyz" => {
             let freshness = source.freshness();
             let snapshot = source.current();
+            let audit = metrics.audit_health();
+            let ready = freshness.fresh && !audit.failing;
             let body = Readiness {
                 freshness: &freshness,
                 policies: snapshot.policies.len(),
                 fingerprint: snapshot.fingerprint(),
+                invalid_policies: invalid_policies(&snapshot),
+                audit,
             };
-            let status = if freshness.fresh {
+            let status = if ready {
                 StatusCode::OK
             } else {
                 StatusCode::SERVICE_UNAVAILABLE

@@ -1,6 +1,10 @@
 //! The policy directory as a live source: loaded once, then re-read when its files change.
 //! Readers get the current snapshot lock-free; a reload builds a new snapshot and swaps it in
-//! whole. An invalid change is reported and the last good snapshot stays in force.
+//! whole. A reload treats the files as start-up does: an invalid ClusterImagePolicy is kept
+//! and denies every image it covers while the rest of the change applies, so one broken policy
+//! never holds back another's change (such as a removed, compromised key). Only a set that
+//! cannot be read at all (a YAML syntax error, an unknown kind) is refused, and the last good
+//! snapshot stays in force, reported stale.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -222,8 +226,9 @@ impl PolicyDir {
     }
 
     /// Re-reads the paths if any file changed, or if a `remote` policy fetch failed and is due
-    /// for another try. `Ok(true)`: a new snapshot is in force; `Err`: the change is invalid and
-    /// the previous snapshot stays.
+    /// for another try. `Ok(true)`: a new snapshot is in force, its invalid policies (in
+    /// [`Snapshot::problems`]) denying what they cover; `Err`: the files cannot be read and the
+    /// previous snapshot stays.
     pub async fn reload_if_changed(&self) -> Result<bool, Vec<String>> {
         let now = stamp(&self.paths);
         {
@@ -236,7 +241,7 @@ impl PolicyDir {
         }
         let snapshot = self.load().await.inspect_err(|problems| {
             self.freshness.stale_because(format!(
-                "the latest policy change is invalid and was not applied: {}",
+                "the latest policy change cannot be read and was not applied: {}",
                 problems.first().map(String::as_str).unwrap_or_default()
             ))
         })?;
@@ -245,7 +250,8 @@ impl PolicyDir {
         Ok(true)
     }
 
-    /// The paths' objects, with the verified remote TUF trust and the remote policy texts.
+    /// The paths' objects, with the verified remote TUF trust and the remote policy texts,
+    /// compiled as at start-up (invalid policies kept, denying what they cover).
     async fn load(&self) -> Result<Snapshot, Vec<String>> {
         let mut objects = load_objects(&self.paths)?;
         self.trust_roots
@@ -254,7 +260,7 @@ impl PolicyDir {
             .trust_roots = objects.trust_roots.clone();
         self.tuf.fill(&mut objects);
         let remote = self.fetcher.resolve(&objects).await;
-        checked(Snapshot::build_with_remote(
+        Ok(Snapshot::build_with_remote(
             &objects,
             self.settings.clone(),
             &remote,
@@ -269,15 +275,21 @@ impl PolicyDir {
         loop {
             ticker.tick().await;
             match self.reload_if_changed().await {
-                Ok(true) => tracing::info!(
-                    fingerprint = self.current().fingerprint(),
-                    policies = self.current().policies.len(),
-                    "policy set reloaded"
-                ),
+                Ok(true) => {
+                    let current = self.current();
+                    tracing::info!(
+                        fingerprint = current.fingerprint(),
+                        policies = current.policies.len(),
+                        "policy set reloaded"
+                    );
+                    for p in &current.problems {
+                        tracing::error!(problem = %p, "policy problem: images it concerns are denied until it is fixed");
+                    }
+                }
                 Ok(false) => {}
                 Err(problems) => {
                     for p in &problems {
-                        tracing::error!(problem = %p, "invalid policy change ignored; the last good policy set stays in force");
+                        tracing::error!(problem = %p, "unreadable policy change ignored; the last good policy set stays in force");
                     }
                 }
             }
