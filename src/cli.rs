@@ -249,6 +249,12 @@ pub struct DaemonArgs {
     /// Do not copy audit lines to stdout (the journal under systemd).
     #[arg(long)]
     pub no_audit_stdout: bool,
+    /// What happens to a decision whose audit line cannot be written (disk full, say): `deny`
+    /// refuses an image that would run unrecorded in an enforced namespace (exempt namespaces
+    /// keep pulling); `allow` lets the decision stand. Either way the failure is counted in
+    /// `pullgate_audit_write_errors_total` and `/readyz` answers 503 until a write succeeds.
+    #[arg(long, value_enum, default_value_t = crate::audit::AuditFailure::Deny)]
+    pub audit_failure: crate::audit::AuditFailure,
     /// Node name written in audit lines (default: the host name).
     #[arg(long, env = "NODE_NAME")]
     pub node_name: Option<String>,
@@ -298,6 +304,7 @@ impl DaemonArgs {
             self.audit_keep,
             !self.no_audit_stdout,
         )
+        .map(|log| log.with_failure_policy(self.audit_failure))
     }
 
     pub fn reload_interval(&self) -> Duration {

@@ -16,7 +16,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::audit::{AuditLine, AuditLog, Source};
+use crate::audit::{AuditFailure, AuditLine, AuditLog, Source};
 use crate::image_ref::{is_digest, ImageRef};
 use crate::policy::eval::{
     attached_needed, check_authorities, conclude, decide_offline_enforced, judge_policy,
@@ -115,8 +115,8 @@ impl Engine {
     pub async fn decide(&self, image: &str, request: &Request<'_>) -> Outcome {
         let started = Instant::now();
         let snapshot = self.policies.current();
-        let outcome = judge(&snapshot, &self.registry, Some(&self.cache), image, request).await;
-        self.record(request, &outcome, started);
+        let mut outcome = judge(&snapshot, &self.registry, Some(&self.cache), image, request).await;
+        self.record_decided(request, &mut outcome, started).await;
         outcome
     }
 
@@ -133,7 +133,7 @@ impl Engine {
     ) -> Outcome {
         let started = Instant::now();
         let snapshot = self.policies.current();
-        let outcome = judge_on_node(
+        let mut outcome = judge_on_node(
             &snapshot,
             &self.registry,
             &self.cache,
@@ -142,14 +142,15 @@ impl Engine {
             request,
         )
         .await;
-        self.record(request, &outcome, started);
+        self.record_decided(request, &mut outcome, started).await;
         outcome
     }
 
     /// Writes the audit line of `outcome` (which also counts it in the metrics). Front doors
     /// call it only for the refusals they reach before the engine is asked.
     pub fn record(&self, request: &Request<'_>, outcome: &Outcome, started: Instant) {
-        self.audit.record(&AuditLine::new(
+        // A write failure is counted and logged by the audit log; these are refusals already.
+        let _ = self.audit.record(&AuditLine::new(
             request.source,
             &self.node,
             request.pod,
@@ -157,6 +158,46 @@ impl Engine {
             outcome.cache_hit,
             started.elapsed(),
         ));
+    }
+
+    /// Writes the audit line of an engine decision. When it cannot be written and the audit
+    /// failure policy is deny, an admitting verdict in an enforced namespace becomes a deny
+    /// naming the failure (recorded wherever it still can be).
+    async fn record_decided(&self, request: &Request<'_>, outcome: &mut Outcome, started: Instant) {
+        let line = AuditLine::new(
+            request.source,
+            &self.node,
+            request.pod,
+            &outcome.decision,
+            outcome.cache_hit,
+            started.elapsed(),
+        );
+        let Err(failure) = self.audit.record_async(&line).await else {
+            return;
+        };
+        let decision = &mut outcome.decision;
+        if self.audit.failure_policy() != AuditFailure::Deny
+            || !decision.enforced
+            || !decision.verdict.admits()
+        {
+            return;
+        }
+        decision.verdict = Verdict::Deny;
+        decision.reasons.push(format!(
+            "the audit line of this decision cannot be written ({failure}); \
+             --audit-failure=deny refuses what would not be recorded"
+        ));
+        let _ = self
+            .audit
+            .record_async(&AuditLine::new(
+                request.source,
+                &self.node,
+                request.pod,
+                decision,
+                outcome.cache_hit,
+                started.elapsed(),
+            ))
+            .await;
     }
 }
 

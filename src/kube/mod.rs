@@ -831,13 +831,15 @@ pub fn persist(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
     tmp_name.push(format!(".tmp.{}", std::process::id()));
     let tmp = dir.join(tmp_name);
-    // The file holds the controller namespace's Secrets: readable by root only.
+    // The file holds the controller namespace's Secrets: readable by root only. Created new
+    // (a stale temp file from a crash is removed first), so a symlink planted at the temp path
+    // is never followed: `O_EXCL` refuses it.
+    let _ = std::fs::remove_file(&tmp);
     let mut file = {
         use std::os::unix::fs::OpenOptionsExt as _;
         std::fs::OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
             .mode(0o600)
             .open(&tmp)
             .map_err(io)?
