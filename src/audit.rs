@@ -354,7 +354,7 @@ mod tests {
         let log = AuditLog::open(Some(&path), 300, 3, false).unwrap();
         let decision = Decision::new(&"ghcr.io/a/b:1".parse().unwrap(), Some("ns"), true);
         for _ in 0..20 {
-            log.record(&AuditLine::new(
+            let _ = log.record(&AuditLine::new(
                 Source::Cli,
                 "node-1",
                 None,

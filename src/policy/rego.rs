@@ -103,7 +103,23 @@ impl RegoPolicy {
 
     /// `Ok` when the policy finds `input` compliant; else the reason users see (the policy's
     /// own `error` text when it gives one).
+    ///
+    /// An evaluation may take its whole budget (2 s) of CPU. On a multi-threaded tokio runtime
+    /// it runs with [`tokio::task::block_in_place`], so the worker it started on hands its other
+    /// tasks to another thread first: pass-through RPCs (`ImageStatus`, `ListImages`) and other
+    /// decisions never wait behind a slow policy.
     pub fn evaluate(&self, input: &Value) -> Result<(), String> {
+        let multi_thread = tokio::runtime::Handle::try_current().is_ok_and(|h| {
+            h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
+        });
+        if multi_thread {
+            tokio::task::block_in_place(|| self.evaluate_here(input))
+        } else {
+            self.evaluate_here(input)
+        }
+    }
+
+    fn evaluate_here(&self, input: &Value) -> Result<(), String> {
         let mut engine = self.engine.clone();
         let input = regorus::Value::from_json_str(&input.to_string())
             .map_err(|e| format!("policy input: {}", short(&e)))?;

@@ -198,6 +198,12 @@ impl PolicyDir {
         self
     }
 
+    /// Uses `tuf` for remote TUF trust (its refresh interval and clock).
+    pub fn with_remote_tuf(mut self, tuf: RemoteTuf) -> PolicyDir {
+        self.tuf = tuf;
+        self
+    }
+
     /// Fetches the `remote` TrustRoots of the set in force that are due; when what they
     /// yield changed, rebuilds the snapshot. Returns whether it did.
     pub async fn refresh_tuf(&self) -> bool {
@@ -260,11 +266,14 @@ impl PolicyDir {
             .trust_roots = objects.trust_roots.clone();
         self.tuf.fill(&mut objects);
         let remote = self.fetcher.resolve(&objects).await;
-        Ok(Snapshot::build_with_remote(
-            &objects,
-            self.settings.clone(),
-            &remote,
-        ))
+        // Compiling parses keys and certificates and verifies `repository` TUF trust: CPU
+        // work kept off the runtime workers.
+        let settings = self.settings.clone();
+        tokio::task::spawn_blocking(move || {
+            Snapshot::build_with_remote(&objects, settings, &remote)
+        })
+        .await
+        .map_err(|e| vec![format!("the policy set could not be compiled: {e}")])
     }
 
     /// Polls for changes every `interval` until the task is dropped. Polling (rather than

@@ -4,8 +4,12 @@
 //!
 //! Remote trust is cached per TrustRoot (keyed by mirror, root and target names) and refreshed
 //! at most every `refresh` interval or when the TrustRoot object changes. A failed refresh
-//! keeps the last verified trust; with none, the build fails closed with the reason. Nothing
-//! is fetched unless a TrustRoot has `remote` (air-gapped clusters fetch nothing).
+//! keeps the last verified trust, but only until its metadata expires (the earliest expiry of
+//! root, timestamp, snapshot and targets): from then on the authorities that depend on it fail
+//! closed with a reason naming the expiry, so a node cut off from its mirror cannot keep
+//! trusting what Sigstore has rotated out. With no verified trust, the build fails closed with
+//! the reason. Nothing is fetched unless a TrustRoot has `remote` (air-gapped clusters fetch
+//! nothing).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -51,14 +55,7 @@ pub fn resolve<'a>(
     let mut out = HashMap::new();
     for (name, tr) in trust_roots {
         if let Some(repo) = &tr.spec.repository {
-            let trust = tuf::from_repository(
-                &repo.root,
-                &repo.mirror_fs,
-                repo.targets.as_deref(),
-                repo.trusted_root_target.as_deref(),
-                now,
-            )
-            .map_err(|e| format!("spec.repository (TUF): {e}"));
+            let trust = repository_trust(repo, now);
             out.insert(*name, trust);
         } else if let Some(r) = &tr.spec.remote {
             let trust = match remote.get(&remote_key(r)) {
@@ -75,9 +72,58 @@ pub fn resolve<'a>(
     out
 }
 
+/// Most `repository` TrustRoots whose verified trust is remembered.
+const REPOSITORY_CACHE_ENTRIES: usize = 32;
+
+/// Verified trust of `repository` TrustRoots by the SHA-256 of what they hold, so that a
+/// rebuild does not gunzip and verify an unchanged `mirrorFS` (up to 64 MiB) again.
+static REPOSITORY_CACHE: Mutex<Option<HashMap<String, Result<TufTrust, String>>>> = Mutex::new(None);
+
+/// The trust of a `repository` TrustRoot: verified once per content, then reused until its
+/// metadata expires (a failure stays a failure: expiry only comes closer).
+fn repository_trust(repo: &super::types::TrustRootRepository, now: i64) -> Result<TufTrust, String> {
+    let mut hasher = sha2::Sha256::new();
+    for part in [
+        repo.root.as_str(),
+        repo.mirror_fs.as_str(),
+        repo.targets.as_deref().unwrap_or_default(),
+        repo.trusted_root_target.as_deref().unwrap_or_default(),
+    ] {
+        hasher.update((part.len() as u64).to_be_bytes());
+        hasher.update(part.as_bytes());
+    }
+    let key = hex::encode(hasher.finalize());
+    {
+        let cache = REPOSITORY_CACHE.lock().unwrap_or_else(|p| p.into_inner());
+        match cache.as_ref().and_then(|c| c.get(&key)) {
+            Some(Ok(trust)) if expired(trust, now).is_none() => return Ok(trust.clone()),
+            Some(Err(e)) => return Err(e.clone()),
+            _ => {}
+        }
+    }
+    let trust = tuf::from_repository(
+        &repo.root,
+        &repo.mirror_fs,
+        repo.targets.as_deref(),
+        repo.trusted_root_target.as_deref(),
+        now,
+    )
+    .map_err(|e| format!("spec.repository (TUF): {e}"));
+    let mut cache = REPOSITORY_CACHE.lock().unwrap_or_else(|p| p.into_inner());
+    let cache = cache.get_or_insert_with(HashMap::new);
+    if cache.len() >= REPOSITORY_CACHE_ENTRIES {
+        cache.clear();
+    }
+    cache.insert(key, trust.clone());
+    trust
+}
+
 struct Entry {
     trust: Option<Arc<TufTrust>>,
+    /// The last failure (kept beside `trust`, to explain an expiry).
     error: Option<String>,
+    /// `trust` was reported expired (the snapshot was rebuilt without it).
+    expired: bool,
     /// When the last attempt ended, and whether it succeeded.
     attempted: Instant,
     succeeded: bool,
@@ -85,10 +131,14 @@ struct Entry {
     object: String,
 }
 
+/// The wall clock, Unix seconds (injectable for tests of expiry).
+pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
+
 /// The cache of remote TUF trust, shared by the snapshot rebuilds of one policy source.
 pub struct RemoteTuf {
     entries: Mutex<HashMap<String, Entry>>,
     refresh: Duration,
+    clock: Clock,
     /// Built on the first fetch: a policy set without `remote` TrustRoots never needs it.
     http: std::sync::OnceLock<Option<reqwest::Client>>,
 }
@@ -99,8 +149,15 @@ impl RemoteTuf {
         RemoteTuf {
             entries: Mutex::new(HashMap::new()),
             refresh,
+            clock: Arc::new(|| jiff::Timestamp::now().as_second()),
             http: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Reads the time from `clock` (Unix seconds) instead of the system clock.
+    pub fn with_clock(mut self, clock: Clock) -> RemoteTuf {
+        self.clock = clock;
+        self
     }
 
     /// Copies what is cached for the `remote` TrustRoots of `objects` into it (memory only).
@@ -113,7 +170,10 @@ impl RemoteTuf {
             let key = remote_key(r);
             if let Some(e) = entries.get(&key) {
                 let value = match (&e.trust, &e.error) {
-                    (Some(t), _) => Ok(t.clone()),
+                    (Some(t), _) => match expired(t, (self.clock)()) {
+                        None => Ok(t.clone()),
+                        Some(at) => Err(expired_reason(&at, e.error.as_deref())),
+                    },
                     (None, Some(err)) => Err(err.clone()),
                     (None, None) => continue,
                 };
@@ -135,10 +195,25 @@ impl RemoteTuf {
                 .map(|b| hex::encode(sha2::Sha256::digest(b)))
                 .unwrap_or_default();
             let previous = {
-                let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-                match entries.get(&key) {
-                    Some(e) if !self.due(e, &object) => continue,
-                    Some(e) => e.trust.as_ref().map(|t| t.versions),
+                let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+                match entries.get_mut(&key) {
+                    Some(e) => {
+                        // Trust whose metadata expired since the last round is withdrawn now,
+                        // whether or not a fetch is due.
+                        let now_expired = e
+                            .trust
+                            .as_ref()
+                            .is_some_and(|t| expired(t, (self.clock)()).is_some());
+                        if now_expired && !e.expired {
+                            tracing::error!(mirror = %r.mirror, "remote TUF metadata expired without a successful refresh; its TrustRoot denies");
+                            e.expired = true;
+                            changed = true;
+                        }
+                        if !self.due(e, &object) {
+                            continue;
+                        }
+                        e.trust.as_ref().map(|t| t.versions)
+                    }
                     None => None,
                 }
             };
@@ -147,6 +222,7 @@ impl RemoteTuf {
             let entry = entries.entry(key).or_insert_with(|| Entry {
                 trust: None,
                 error: None,
+                expired: false,
                 attempted: Instant::now(),
                 succeeded: false,
                 object: String::new(),
@@ -159,15 +235,21 @@ impl RemoteTuf {
                     if entry.trust.as_deref() != Some(&trust) || entry.error.is_some() {
                         changed = true;
                     }
+                    if entry.expired {
+                        changed = true;
+                    }
                     entry.trust = Some(Arc::new(trust));
                     entry.error = None;
+                    entry.expired = false;
                     entry.succeeded = true;
                 }
                 Err(e) => {
                     entry.succeeded = false;
                     if entry.trust.is_some() {
-                        // Keep the last verified trust: a mirror outage must not change it.
-                        tracing::warn!(mirror = %r.mirror, error = %e, "remote TUF refresh failed; the last verified trust stays in force");
+                        // Keep the last verified trust until it expires: a mirror outage must
+                        // not change it before then.
+                        tracing::warn!(mirror = %r.mirror, error = %e, "remote TUF refresh failed; the last verified trust stays in force until its metadata expires");
+                        entry.error = Some(e);
                     } else {
                         tracing::error!(mirror = %r.mirror, error = %e, "remote TUF repository could not be verified; its TrustRoot denies");
                         if entry.error.as_deref() != Some(&e) {
@@ -216,7 +298,7 @@ impl RemoteTuf {
         let targets = tuf::targets_dir(r.targets.as_deref()).to_string();
         let target = trusted_root_target(r.trusted_root_target.as_deref()).to_string();
         let handle = tokio::runtime::Handle::current();
-        let now = jiff::Timestamp::now().as_second();
+        let now = (self.clock)();
         // The client workflow is sequential and synchronous; each request blocks on the
         // runtime from a blocking thread.
         tokio::task::spawn_blocking(move || {
@@ -227,6 +309,24 @@ impl RemoteTuf {
         .await
         .map_err(|e| format!("TUF update task failed: {e}"))?
     }
+}
+
+/// When `trust`'s metadata expired, if it has by `now`.
+fn expired(trust: &TufTrust, now: i64) -> Option<String> {
+    trust
+        .expires
+        .filter(|e| e.expired(now))
+        .map(|e| e.describe())
+}
+
+fn expired_reason(at: &str, last_error: Option<&str>) -> String {
+    let mut reason = format!(
+        "the verified TUF metadata expired at {at} and no refresh has succeeded since"
+    );
+    if let Some(e) = last_error {
+        reason.push_str(&format!(" (last attempt: {e})"));
+    }
+    reason
 }
 
 /// The mirror URL: `https://`, or `http://` on a loopback address only (TUF metadata is signed,

@@ -182,6 +182,34 @@ pub struct TufTrust {
     /// Versions of the verified metadata (root, timestamp, snapshot, targets), for rollback
     /// checks on the next update.
     pub versions: Versions,
+    /// When the verified metadata stops being valid; `None` for trust not read through TUF.
+    pub expires: Option<Expiry>,
+}
+
+/// When verified TUF metadata expires: the trust it yields may be used until then only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Expiry {
+    /// `timestamp.json`'s expiry (Unix seconds), usually the first to come.
+    pub timestamp: i64,
+    /// The earliest expiry of root, timestamp, snapshot and targets (Unix seconds) …
+    pub earliest: i64,
+    /// … and the role it belongs to.
+    pub earliest_role: &'static str,
+}
+
+impl Expiry {
+    /// Whether the metadata is expired at `now` (Unix seconds).
+    pub fn expired(&self, now: i64) -> bool {
+        self.earliest <= now
+    }
+
+    /// `2026-12-08T00:00:00Z (snapshot.json)`.
+    pub fn describe(&self) -> String {
+        let at = jiff::Timestamp::from_second(self.earliest)
+            .map(|t| t.to_string())
+            .unwrap_or_else(|_| self.earliest.to_string());
+        format!("{at} ({}.json)", self.earliest_role)
+    }
 }
 
 /// Versions of the metadata a client trusted.
@@ -228,8 +256,10 @@ pub fn update(
     let mut client = Client::new(repo, trusted_root_json, now, previous)?;
     client.refresh()?;
     let versions = client.versions();
+    let expires = client.expiry()?;
     let mut trust = client.sigstore_trust(targets_dir, trusted_root_target)?;
     trust.versions = versions;
+    trust.expires = Some(expires);
     Ok(trust)
 }
 
@@ -448,9 +478,19 @@ fn parse_key(k: Value) -> Option<Key> {
     let public = k.get("keyval")?.get("public")?.as_str()?;
     match (keytype, scheme) {
         ("ecdsa-sha2-nistp256" | "ecdsa", "ecdsa-sha2-nistp256") => {
+            use p256::elliptic_curve::sec1::ToEncodedPoint as _;
+            use p256::pkcs8::DecodePublicKey as _;
             let key = PublicKey::from_pem(public).ok()?;
-            (key.algorithm() == "ecdsa-p256").then(|| Key {
-                identity: key.spki_der().to_vec(),
+            if key.algorithm() != "ecdsa-p256" {
+                return None;
+            }
+            // The same point can be written compressed or uncompressed: the identity is the
+            // uncompressed point, so one key never counts twice whatever its encodings.
+            let point = p256::PublicKey::from_public_key_der(key.spki_der())
+                .ok()?
+                .to_encoded_point(false);
+            Some(Key {
+                identity: point.as_bytes().to_vec(),
                 public: key,
             })
         }
@@ -634,6 +674,8 @@ struct Client<'a> {
     previous: Option<Versions>,
     timestamp_version: u64,
     snapshot_version: u64,
+    timestamp_expires: i64,
+    snapshot_expires: i64,
     snapshot_meta: Option<MetaFile>,
     targets_meta: Option<MetaFile>,
     targets: Option<Signed>,
@@ -664,6 +706,8 @@ impl<'a> Client<'a> {
             previous,
             timestamp_version: 0,
             snapshot_version: 0,
+            timestamp_expires: 0,
+            snapshot_expires: 0,
             snapshot_meta: None,
             targets_meta: None,
             targets: None,
@@ -700,6 +744,29 @@ impl<'a> Client<'a> {
                 .and_then(|t| t.version().ok())
                 .unwrap_or(0),
         }
+    }
+
+    /// The expiry of the metadata verified by [`Client::refresh`].
+    fn expiry(&self) -> Result<Expiry> {
+        let targets = self
+            .targets
+            .as_ref()
+            .ok_or_else(|| malformed("targets.json", "not verified"))?
+            .expires()?;
+        let (earliest_role, earliest) = [
+            ("root", self.root.expires),
+            ("timestamp", self.timestamp_expires),
+            ("snapshot", self.snapshot_expires),
+            ("targets", targets),
+        ]
+        .into_iter()
+        .min_by_key(|(_, at)| *at)
+        .unwrap_or(("timestamp", self.timestamp_expires));
+        Ok(Expiry {
+            timestamp: self.timestamp_expires,
+            earliest,
+            earliest_role,
+        })
     }
 
     fn refresh(&mut self) -> Result<()> {
@@ -767,6 +834,7 @@ impl<'a> Client<'a> {
             }
         }
         signed.check_expiry(self.now)?;
+        self.timestamp_expires = signed.expires()?;
         let snap = meta_entry(&signed, "snapshot.json")?;
         if let Some(prev) = self.previous {
             if snap.version < prev.snapshot {
@@ -823,6 +891,7 @@ impl<'a> Client<'a> {
             .take()
             .ok_or_else(|| malformed("timestamp.json", "no snapshot record"))?;
         let snapshot = self.fetch_meta("snapshot", &meta, "timestamp.json")?;
+        self.snapshot_expires = snapshot.expires()?;
         let targets = meta_entry(&snapshot, "targets.json")?;
         if let Some(prev) = self.previous {
             if targets.version < prev.targets {
@@ -1028,6 +1097,7 @@ pub fn parse_trusted_root(text: &str) -> std::result::Result<TufTrust, String> {
         material,
         tlogs,
         versions: Versions::default(),
+        expires: None,
     })
 }
 
@@ -1321,6 +1391,73 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("1 valid signature(s)"), "{e}");
+    }
+
+    #[test]
+    fn one_key_under_two_encodings_counts_once() {
+        use base64::Engine as _;
+        let f = Fixture::new();
+        let key = p256::ecdsa::SigningKey::from_bytes(&[31; 32].into()).unwrap();
+        // The same point, as an uncompressed and as a compressed SubjectPublicKeyInfo.
+        let uncompressed = key
+            .verifying_key()
+            .to_public_key_pem(p256::pkcs8::LineEnding::LF)
+            .unwrap();
+        let mut der = hex::decode("3039301306072a8648ce3d020106082a8648ce3d030107032200").unwrap();
+        der.extend_from_slice(key.verifying_key().to_encoded_point(true).as_bytes());
+        let compressed = format!(
+            "-----BEGIN PUBLIC KEY-----\n{}\n-----END PUBLIC KEY-----\n",
+            base64::engine::general_purpose::STANDARD.encode(&der)
+        );
+        assert!(PublicKey::from_pem(&compressed).is_ok(), "both encodings parse");
+        let entry = |pem: &str| {
+            json!({"keytype": "ecdsa", "scheme": "ecdsa-sha2-nistp256", "keyval": {"public": pem}})
+        };
+        let id = |v: &Value| hex::encode(sha2::Sha256::digest(canonical_json(v).unwrap()));
+        let (a, b) = (entry(&uncompressed), entry(&compressed));
+        let (id_a, id_b) = (id(&a), id(&b));
+        assert_ne!(id_a, id_b);
+        let mut signed = root(1, &[], 2, &f.others(), true);
+        signed["keys"][&id_a] = a;
+        signed["keys"][&id_b] = b;
+        signed["roles"]["root"] = json!({"keyids": [id_a, id_b], "threshold": 2});
+        let canonical = canonical_json(&signed).unwrap();
+        let sign = || {
+            let sig: p256::ecdsa::Signature = p256::ecdsa::signature::Signer::sign(&key, &canonical);
+            hex::encode(sig.to_der().as_bytes())
+        };
+        let trusted = serde_json::to_vec(&json!({"signed": signed, "signatures": [
+            {"keyid": id_a, "sig": sign()}, {"keyid": id_b, "sig": sign()}]}))
+        .unwrap();
+        let e = update(
+            &mut f.build(),
+            &trusted,
+            "targets",
+            DEFAULT_TRUSTED_ROOT_TARGET,
+            NOW,
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("1 valid signature(s) from the root role, 2 required"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn verified_trust_records_the_earliest_expiry() {
+        let mut f = Fixture::new();
+        f.timestamp_expires = "2030-01-01T00:00:00Z";
+        let trust = f.run(&mut f.build()).unwrap();
+        let expiry = trust.expires.unwrap();
+        let at: jiff::Timestamp = "2030-01-01T00:00:00Z".parse().unwrap();
+        assert_eq!(expiry.timestamp, at.as_second());
+        assert_eq!(expiry.earliest, at.as_second());
+        assert_eq!(expiry.earliest_role, "timestamp");
+        assert!(!expiry.expired(NOW));
+        assert!(expiry.expired(at.as_second()));
+        assert_eq!(expiry.describe(), "2030-01-01T00:00:00Z (timestamp.json)");
     }
 
     #[test]
