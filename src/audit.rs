@@ -199,7 +199,11 @@ impl Rotating {
             format!(
                 "only {written} of {} bytes could be written (disk full?); the partial line was {}",
                 line.len(),
-                if cut.is_ok() { "removed" } else { "ended with a newline" }
+                if cut.is_ok() {
+                    "removed"
+                } else {
+                    "ended with a newline"
+                }
             ),
         ))
     }

@@ -122,7 +122,11 @@ async fn full_disk_denies_counts_and_reports_without_half_lines() {
     let audit = AuditLog::open(Some(&path), 50 << 20, 5, false)
         .unwrap()
         .with_metrics(metrics.clone());
-    assert_eq!(audit.failure_policy(), AuditFailure::Deny, "deny is the default");
+    assert_eq!(
+        audit.failure_policy(),
+        AuditFailure::Deny,
+        "deny is the default"
+    );
     let engine = engine(audit);
     let prod = Request::new(Source::CriPull, Some("prod"));
 

@@ -41,7 +41,10 @@ async fn reload_applies_the_change_and_keeps_an_invalid_policy_denying() {
     let write = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
     write("ns.yaml", NAMESPACE);
     // `trusted` stands for a key authority: pass now, and "the key is removed" becomes fail.
-    write("trusted.yaml", &cip("trusted", "127.0.0.1:9/app/**", "pass"));
+    write(
+        "trusted.yaml",
+        &cip("trusted", "127.0.0.1:9/app/**", "pass"),
+    );
     write("other.yaml", &cip("other", "127.0.0.1:9/other/**", "pass"));
     write("free.yaml", &cip("free", "127.0.0.1:9/free/**", "pass"));
     let (source, problems) =
@@ -57,14 +60,25 @@ async fn reload_applies_the_change_and_keeps_an_invalid_policy_denying() {
         "other.yaml",
         &cip("other", "127.0.0.1:9/other/**", "maybe-not-valid"),
     );
-    write("trusted.yaml", &cip("trusted", "127.0.0.1:9/app/**", "fail"));
+    write(
+        "trusted.yaml",
+        &cip("trusted", "127.0.0.1:9/app/**", "fail"),
+    );
     let reloaded = source.reload_if_changed().await;
     assert_eq!(reloaded, Ok(true), "the change must apply");
 
     let (app, reasons) = verdict(&source, "127.0.0.1:9/app/x:1").await;
-    assert_eq!(app, Verdict::Deny, "the removed trust is in force: {reasons:?}");
+    assert_eq!(
+        app,
+        Verdict::Deny,
+        "the removed trust is in force: {reasons:?}"
+    );
     let (other, reasons) = verdict(&source, "127.0.0.1:9/other/x:1").await;
-    assert_eq!(other, Verdict::Deny, "the invalid policy denies: {reasons:?}");
+    assert_eq!(
+        other,
+        Verdict::Deny,
+        "the invalid policy denies: {reasons:?}"
+    );
     assert!(
         reasons.iter().any(|r| r.contains("other")),
         "the reason names the invalid policy: {reasons:?}"

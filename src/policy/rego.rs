@@ -109,9 +109,8 @@ impl RegoPolicy {
     /// tasks to another thread first: pass-through RPCs (`ImageStatus`, `ListImages`) and other
     /// decisions never wait behind a slow policy.
     pub fn evaluate(&self, input: &Value) -> Result<(), String> {
-        let multi_thread = tokio::runtime::Handle::try_current().is_ok_and(|h| {
-            h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
-        });
+        let multi_thread = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
         if multi_thread {
             tokio::task::block_in_place(|| self.evaluate_here(input))
         } else {

@@ -77,11 +77,15 @@ const REPOSITORY_CACHE_ENTRIES: usize = 32;
 
 /// Verified trust of `repository` TrustRoots by the SHA-256 of what they hold, so that a
 /// rebuild does not gunzip and verify an unchanged `mirrorFS` (up to 64 MiB) again.
-static REPOSITORY_CACHE: Mutex<Option<HashMap<String, Result<TufTrust, String>>>> = Mutex::new(None);
+static REPOSITORY_CACHE: Mutex<Option<HashMap<String, Result<TufTrust, String>>>> =
+    Mutex::new(None);
 
 /// The trust of a `repository` TrustRoot: verified once per content, then reused until its
 /// metadata expires (a failure stays a failure: expiry only comes closer).
-fn repository_trust(repo: &super::types::TrustRootRepository, now: i64) -> Result<TufTrust, String> {
+fn repository_trust(
+    repo: &super::types::TrustRootRepository,
+    now: i64,
+) -> Result<TufTrust, String> {
     let mut hasher = sha2::Sha256::new();
     for part in [
         repo.root.as_str(),
@@ -320,9 +324,8 @@ fn expired(trust: &TufTrust, now: i64) -> Option<String> {
 }
 
 fn expired_reason(at: &str, last_error: Option<&str>) -> String {
-    let mut reason = format!(
-        "the verified TUF metadata expired at {at} and no refresh has succeeded since"
-    );
+    let mut reason =
+        format!("the verified TUF metadata expired at {at} and no refresh has succeeded since");
     if let Some(e) = last_error {
         reason.push_str(&format!(" (last attempt: {e})"));
     }

@@ -1409,10 +1409,11 @@ mod tests {
             "-----BEGIN PUBLIC KEY-----\n{}\n-----END PUBLIC KEY-----\n",
             base64::engine::general_purpose::STANDARD.encode(&der)
         );
-        assert!(PublicKey::from_pem(&compressed).is_ok(), "both encodings parse");
-        let entry = |pem: &str| {
-            json!({"keytype": "ecdsa", "scheme": "ecdsa-sha2-nistp256", "keyval": {"public": pem}})
-        };
+        assert!(
+            PublicKey::from_pem(&compressed).is_ok(),
+            "both encodings parse"
+        );
+        let entry = |pem: &str| json!({"keytype": "ecdsa", "scheme": "ecdsa-sha2-nistp256", "keyval": {"public": pem}});
         let id = |v: &Value| hex::encode(sha2::Sha256::digest(canonical_json(v).unwrap()));
         let (a, b) = (entry(&uncompressed), entry(&compressed));
         let (id_a, id_b) = (id(&a), id(&b));
@@ -1423,7 +1424,8 @@ mod tests {
         signed["roles"]["root"] = json!({"keyids": [id_a, id_b], "threshold": 2});
         let canonical = canonical_json(&signed).unwrap();
         let sign = || {
-            let sig: p256::ecdsa::Signature = p256::ecdsa::signature::Signer::sign(&key, &canonical);
+            let sig: p256::ecdsa::Signature =
+                p256::ecdsa::signature::Signer::sign(&key, &canonical);
             hex::encode(sig.to_der().as_bytes())
         };
         let trusted = serde_json::to_vec(&json!({"signed": signed, "signatures": [
