@@ -75,8 +75,16 @@ impl VerdictCache {
             .entry(key.clone())
             .or_insert_with(|| Arc::new(OnceCell::new()))
             .clone();
+        // A caller cancelled mid-flight (kubelet gave up on the pull) must not leave its entry
+        // behind: the last holder removes it, whatever happens to this future.
+        let guard = InflightGuard {
+            inflight: &self.inflight,
+            key: &key,
+            cell,
+        };
         let mut ran = false;
-        let decision = cell
+        let decision = guard
+            .cell
             .get_or_init(|| {
                 ran = true;
                 compute()
@@ -85,6 +93,7 @@ impl VerdictCache {
             .clone();
         if ran {
             self.store(key.clone(), decision.clone());
+            drop(guard);
             lock(&self.inflight).remove(&key);
         }
         (decision, !ran)
@@ -126,6 +135,27 @@ impl VerdictCache {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// Removes an in-flight entry when its last caller is done with it (or was dropped).
+struct InflightGuard<'a> {
+    inflight: &'a Mutex<HashMap<CacheKey, Arc<OnceCell<Decision>>>>,
+    key: &'a CacheKey,
+    cell: Arc<OnceCell<Decision>>,
+}
+
+impl Drop for InflightGuard<'_> {
+    fn drop(&mut self) {
+        let mut inflight = lock(self.inflight);
+        // Under the lock, no new caller can take a clone: the map's and this guard's are the
+        // only ones left when no other caller waits.
+        let last = inflight
+            .get(self.key)
+            .is_some_and(|c| Arc::ptr_eq(c, &self.cell) && Arc::strong_count(&self.cell) == 2);
+        if last {
+            inflight.remove(self.key);
+        }
     }
 }
 
@@ -206,6 +236,59 @@ mod tests {
             .await;
         assert!(!hit, "a deny expires after the shorter deny TTL");
         assert_eq!(d.verdict, Verdict::Allow);
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_caller_leaves_no_in_flight_entry() {
+        let cache = Arc::new(VerdictCache::new(
+            Duration::from_secs(60),
+            Duration::from_secs(10),
+            Duration::from_secs(5),
+            100,
+        ));
+        for i in 0..20 {
+            let c = cache.clone();
+            let task = tokio::spawn(async move {
+                c.get_or_compute(key(&format!("gone-{i}")), || std::future::pending())
+                    .await
+            });
+            tokio::task::yield_now().await;
+            while lock(&cache.inflight).is_empty() {
+                tokio::task::yield_now().await;
+            }
+            task.abort();
+            assert!(task.await.unwrap_err().is_cancelled());
+        }
+        assert_eq!(
+            lock(&cache.inflight).len(),
+            0,
+            "cancelled pulls leak entries"
+        );
+
+        // Two callers, the computing one cancelled: the other finishes the work and nothing
+        // is left behind.
+        let first = {
+            let c = cache.clone();
+            tokio::spawn(async move {
+                c.get_or_compute(key("shared"), || std::future::pending())
+                    .await
+            })
+        };
+        while lock(&cache.inflight).is_empty() {
+            tokio::task::yield_now().await;
+        }
+        let second = {
+            let c = cache.clone();
+            tokio::spawn(async move {
+                c.get_or_compute(key("shared"), || async { decision(Verdict::Allow) })
+                    .await
+            })
+        };
+        tokio::task::yield_now().await;
+        first.abort();
+        let (d, _) = second.await.unwrap();
+        assert_eq!(d.verdict, Verdict::Allow);
+        assert_eq!(lock(&cache.inflight).len(), 0);
     }
 
     #[tokio::test(start_paused = true)]
