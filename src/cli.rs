@@ -841,7 +841,8 @@ async fn policy_source(
 
     let Some(client) = client else {
         let paths: Vec<PathBuf> = policy_dirs.iter().map(PathBuf::from).collect();
-        let (policies, problems) = PolicyDir::open(paths, settings).await;
+        // Remote policy sources are fetched by the watch task, not before serving.
+        let (policies, problems) = PolicyDir::open_deferred(paths, settings).await;
         let policies = policies.with_tuf_refresh(tuf_refresh);
         for p in &problems {
             tracing::error!(problem = %p, "policy problem: images it concerns are denied until it is fixed");

@@ -147,14 +147,43 @@ impl PolicyDir {
         settings: Settings,
         fetcher: Arc<RemoteFetcher>,
     ) -> (PolicyDir, Vec<String>) {
-        let last_stamp = stamp(&paths);
+        PolicyDir::open_inner(paths, settings, fetcher, true).await
+    }
+
+    /// [`PolicyDir::open`] without waiting on the network, for daemons: the first snapshot is
+    /// built from the files alone, and the policies naming a `remote` source fail closed as
+    /// not fetched yet (saying so) until [`PolicyDir::watch`]'s first round has fetched it.
+    /// Everything else is decided at once, however slow or silent the remote host is.
+    pub async fn open_deferred(
+        paths: Vec<PathBuf>,
+        settings: Settings,
+    ) -> (PolicyDir, Vec<String>) {
+        PolicyDir::open_inner(paths, settings, Arc::new(RemoteFetcher::default()), false).await
+    }
+
+    async fn open_inner(
+        paths: Vec<PathBuf>,
+        settings: Settings,
+        fetcher: Arc<RemoteFetcher>,
+        fetch_first: bool,
+    ) -> (PolicyDir, Vec<String>) {
+        // Deferred: an empty stamp makes the first watch round reload, fetching the remotes.
+        let last_stamp = if fetch_first {
+            stamp(&paths)
+        } else {
+            Stamp::new()
+        };
         let tuf = RemoteTuf::new(super::tuf_source::DEFAULT_REFRESH);
         let mut trust_roots = Objects::default();
         let (snapshot, problems, freshness) = match Objects::load_paths(&paths) {
             Ok(mut objects) => {
                 trust_roots.trust_roots = objects.trust_roots.clone();
                 tuf.fill(&mut objects);
-                let remote = fetcher.resolve(&objects).await;
+                let remote = if fetch_first {
+                    fetcher.resolve(&objects).await
+                } else {
+                    fetcher.cached(&objects)
+                };
                 let snapshot = Snapshot::build_with_remote(&objects, settings.clone(), &remote);
                 let problems = snapshot.problems.iter().map(ToString::to_string).collect();
                 (snapshot, problems, FreshnessCell::fresh())
