@@ -249,7 +249,7 @@ mod tests {
         for i in 0..20 {
             let c = cache.clone();
             let task = tokio::spawn(async move {
-                c.get_or_compute(key(&format!("gone-{i}")), || std::future::pending())
+                c.get_or_compute(key(&format!("gone-{i}")), std::future::pending)
                     .await
             });
             tokio::task::yield_now().await;
@@ -269,10 +269,7 @@ mod tests {
         // is left behind.
         let first = {
             let c = cache.clone();
-            tokio::spawn(async move {
-                c.get_or_compute(key("shared"), || std::future::pending())
-                    .await
-            })
+            tokio::spawn(async move { c.get_or_compute(key("shared"), std::future::pending).await })
         };
         while lock(&cache.inflight).is_empty() {
             tokio::task::yield_now().await;
