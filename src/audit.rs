@@ -314,6 +314,9 @@ impl AuditLog {
     /// stalled journal never holds a runtime worker (and every RPC behind it).
     pub async fn record_async(&self, line: &AuditLine<'_>) -> Result<(), String> {
         let text = self.prepare(line)?;
+        if self.sinks.file.is_none() && !self.sinks.stdout {
+            return Ok(());
+        }
         let sinks = self.sinks.clone();
         let result = tokio::task::spawn_blocking(move || sinks.write(&text))
             .await
