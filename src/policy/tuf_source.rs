@@ -105,6 +105,8 @@ fn repository_trust(
             _ => {}
         }
     }
+    #[cfg(test)]
+    tests::VERIFIED.with(|v| v.set(v.get() + 1));
     let trust = tuf::from_repository(
         &repo.root,
         &repo.mirror_fs,
@@ -406,6 +408,37 @@ impl Fetch for HttpRepo {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    thread_local! {
+        /// `repository` verifications run on this thread.
+        pub(super) static VERIFIED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    }
+
+    #[test]
+    fn a_repository_is_verified_once_per_content() {
+        let repo = |mirror_fs: &str| -> super::super::types::TrustRootRepository {
+            serde_json::from_value(serde_json::json!({
+                "root": "e30=", "mirrorFS": mirror_fs, "targets": "targets"
+            }))
+            .unwrap()
+        };
+        let now = jiff::Timestamp::now().as_second();
+        let before = VERIFIED.with(|v| v.get());
+        let first = repository_trust(&repo("bm90IGEgdGFyLmd6"), now).unwrap_err();
+        for _ in 0..5 {
+            assert_eq!(
+                repository_trust(&repo("bm90IGEgdGFyLmd6"), now).unwrap_err(),
+                first
+            );
+        }
+        assert_eq!(VERIFIED.with(|v| v.get()) - before, 1, "verified once");
+        let _ = repository_trust(&repo("b3RoZXIgY29udGVudA=="), now);
+        assert_eq!(
+            VERIFIED.with(|v| v.get()) - before,
+            2,
+            "new content is verified"
+        );
+    }
 
     #[test]
     fn mirror_must_be_https_or_loopback() {
