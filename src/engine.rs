@@ -362,7 +362,7 @@ async fn evaluate(
     // signaturePullSecrets live in the workload's namespace: read them only when needed.
     let signature_auth = match (request.pull_secrets, namespace) {
         (Some(reader), Some(ns)) if needed.iter().any(|a| a.pull_secrets) => {
-            let names = signature_pull_secret_names(snapshot, pinned);
+            let names = signature_pull_secret_names(snapshot, pinned, object);
             Some(reader.credentials(ns, &names).await)
         }
         _ => None,

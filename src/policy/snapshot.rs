@@ -10,7 +10,8 @@ use sha2::Digest as _;
 
 use super::glob::GlobIndex;
 use super::load::Objects;
-use super::object::Includes;
+use super::matching;
+use super::object::{AdmissionObject, Includes};
 use super::rego::RegoPolicy;
 use super::remote::{RemoteKey, RemoteTexts};
 use super::types::{Authority, ClusterImagePolicy, Labels, TrustRoot};
@@ -175,6 +176,8 @@ pub struct CompiledPolicy {
     pub policy: Option<AttestationPolicy>,
     /// What `spec.policy` reads besides the matches (image config, admission object parts).
     pub includes: Includes,
+    /// `spec.match`: the objects the CIP applies to (empty: every object).
+    pub match_: Vec<super::types::MatchResource>,
 }
 
 /// A problem found while building a snapshot, for `pullgate validate` and reload reports.
@@ -375,6 +378,7 @@ impl Snapshot {
             }]),
             policy: None,
             includes: Includes::default(),
+            match_: Vec::new(),
         };
         let settings = Settings {
             scope: Scope::OptOut,
@@ -426,6 +430,11 @@ impl Snapshot {
         self.settings.exempt_namespaces.contains(namespace)
     }
 
+    /// Whether some CIP has `spec.match`: then which policies apply depends on the object.
+    pub fn has_match_rules(&self) -> bool {
+        self.policies.iter().any(|p| !p.match_.is_empty())
+    }
+
     /// Whether some glob names a digest, so that a tag must be resolved before the policies
     /// covering it are known.
     pub fn has_digest_globs(&self) -> bool {
@@ -451,16 +460,20 @@ impl Snapshot {
         found
     }
 
-    /// The policies that apply to `image`: those covering it ([`Snapshot::applicable`]) and,
-    /// for a digest reference without a tag, those that cover some tag of its repository.
-    pub fn coverage(&self, image: &ImageRef) -> Coverage {
-        let covering = self.applicable(image);
+    /// The policies that apply to `image` for `object`: those covering it
+    /// ([`Snapshot::applicable`]) and, for a digest reference without a tag, those that cover
+    /// some tag of its repository; of these, the ones whose `spec.match` takes in `object`
+    /// (see [`super::matching`]).
+    pub fn coverage(&self, image: &ImageRef, object: Option<&AdmissionObject>) -> Coverage {
+        let matched = |i: &usize| matching::applies(&self.policies[*i].match_, object);
+        let mut covering = self.applicable(image);
+        covering.retain(matched);
         let by_repository = match (image.tag(), image.digest()) {
             (None, Some(_)) => self
                 .tag_scoped
                 .matching(&[image.name().as_str()])
                 .into_iter()
-                .filter(|i| !covering.contains(i))
+                .filter(|i| !covering.contains(i) && matched(i))
                 .collect(),
             _ => Vec::new(),
         };
@@ -615,6 +628,7 @@ fn compile(
         authorities,
         policy,
         includes,
+        match_: cip.spec.match_.clone(),
     }
 }
 

@@ -100,6 +100,11 @@ fn validate_spec(spec: &ClusterImagePolicySpec, rules: Rules<'_>, p: &mut Proble
                 ),
             );
         }
+        if let Some(selector) = &m.selector {
+            for problem in super::matching::selector_problems(selector) {
+                p.push(format!("{path}.selector"), problem);
+            }
+        }
         if m.selector.is_some() && (m.resource.is_empty() || m.version.is_empty()) {
             p.push(
                 format!("{path}.selector"),
@@ -274,10 +279,7 @@ fn validate_key(key: &KeyRef, path: &str, rules: Rules<'_>, p: &mut Problems) {
         if HashAlgorithm::parse(h).is_none() {
             p.push(
                 format!("{path}.hashAlgorithm"),
-                format!(
-                    "unknown hash algorithm {h:?}: expected sha224, sha256, sha384 or sha512 \
-                     (any case)"
-                ),
+                format!("unknown hash algorithm {h:?}: expected sha224, sha256, sha384 or sha512"),
             );
         }
     }
