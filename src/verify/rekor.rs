@@ -468,7 +468,7 @@ mod tests {
         assert_eq!(
             keys.promise.keys().collect::<Vec<_>>(),
             [
-                "b54813cb63d8859870a5e79c00cc6acfddf59723edae93ee8d25faf2475a0690",
+                "b54813cb63d8859870a5e78500cc6adcfdf59723edae93ee8d25faf2475a0690",
                 "c0d23d6ad406973f9559f3ba2d1ca01f84147d8ffc5b8445c224f98b9591801d"
             ]
         );
