@@ -351,7 +351,8 @@ async fn rekor_v2_entries_are_ctlog_evidence_only_when_their_proof_holds() {
     let log = TestLog::new(KeyKind::Ed25519);
     let other_key = TestKey::generate(KeyKind::Ed25519);
     let glob = format!("{}/**", reg.addr());
-    let files_for = |policy: String| vec![("tr.yaml", log.trust_root("v2log")), ("cip.yaml", policy)];
+    let files_for =
+        |policy: String| vec![("tr.yaml", log.trust_root("v2log")), ("cip.yaml", policy)];
     let policy = key_policy(&glob, &key);
 
     // (repo, expected reason or None for allowed, how the entry is built)
@@ -454,7 +455,9 @@ async fn rekor_v2_entries_are_ctlog_evidence_only_when_their_proof_holds() {
         ),
     ];
     for (repo, want, build) in &cases {
-        let digest = reg.push_image(repo, "v1", &format!("rekor-v2-{repo}")).await;
+        let digest = reg
+            .push_image(repo, "v1", &format!("rekor-v2-{repo}"))
+            .await;
         let stmt = statement(&digest);
         let (env, _, body) = key_signed(&stmt, &key);
         let mut material = json!({"publicKey": {"hint": "k"}});
@@ -480,7 +483,9 @@ async fn rekor_v2_entries_are_ctlog_evidence_only_when_their_proof_holds() {
     }
 
     // A log the TrustRoot does not list (same key, other URL): its entries are not evidence.
-    let digest = reg.push_image("unknown-log", "v1", "rekor-v2-unknown").await;
+    let digest = reg
+        .push_image("unknown-log", "v1", "rekor-v2-unknown")
+        .await;
     let stmt = statement(&digest);
     let (env, _, body) = key_signed(&stmt, &key);
     let stranger = TestLog {
@@ -492,7 +497,10 @@ async fn rekor_v2_entries_are_ctlog_evidence_only_when_their_proof_holds() {
         &reg,
         "unknown-log",
         &digest,
-        &bundle(env, json!({"publicKey": {"hint": "k"}, "tlogEntries": [entry]})),
+        &bundle(
+            env,
+            json!({"publicKey": {"hint": "k"}, "tlogEntries": [entry]}),
+        ),
     )
     .await;
     let files = files_for(policy.clone());
@@ -516,7 +524,10 @@ async fn rekor_v2_with_an_ecdsa_log_key() {
         &reg,
         "ecdsa",
         &digest,
-        &bundle(env, json!({"publicKey": {"hint": "k"}, "tlogEntries": [entry]})),
+        &bundle(
+            env,
+            json!({"publicKey": {"hint": "k"}, "tlogEntries": [entry]}),
+        ),
     )
     .await;
     let tr = log.trust_root("v2log");
@@ -555,7 +566,9 @@ async fn keyless_rekor_v2_needs_a_trusted_timestamp() {
     let signer = TestKey::generate(KeyKind::EcdsaP256);
     let cert = pem_der(&fulcio.issue(&signer, &Leaf::default()));
     for (repo, stamped) in [("stamped", true), ("unstamped", false)] {
-        let digest = reg.push_image(repo, "v1", &format!("v2-keyless-{repo}")).await;
+        let digest = reg
+            .push_image(repo, "v1", &format!("v2-keyless-{repo}"))
+            .await;
         let stmt = statement(&digest);
         let (env, sig) = envelope(&stmt, &signer);
         let body = dsse_body(&stmt, &sig, &Verifier::Certificate(cert.clone()));
@@ -565,8 +578,7 @@ async fn keyless_rekor_v2_needs_a_trusted_timestamp() {
             "tlogEntries": [entry],
         });
         if stamped {
-            material["timestampVerificationData"] =
-                json!({"rfc3161Timestamps": [{"signedTimestamp": B64.encode(tsa.stamp_der(&sig))}]});
+            material["timestampVerificationData"] = json!({"rfc3161Timestamps": [{"signedTimestamp": B64.encode(tsa.stamp_der(&sig))}]});
         }
         attach(&reg, repo, &digest, &bundle(env, material)).await;
     }

@@ -413,12 +413,19 @@ pub fn verify_inclusion(
     }
     let tree_size = checkpoint.tree_size();
     let root = checkpoint.root_hash();
-    if proof.root_hash.as_deref().is_some_and(|r| r != root.as_bytes()) {
+    if proof
+        .root_hash
+        .as_deref()
+        .is_some_and(|r| r != root.as_bytes())
+    {
         return Err(BundleError::Proof(
             "its rootHash differs from the checkpoint's root".into(),
         ));
     }
-    if proof.tree_size.is_some_and(|n| u64::try_from(n).ok() != Some(tree_size)) {
+    if proof
+        .tree_size
+        .is_some_and(|n| u64::try_from(n).ok() != Some(tree_size))
+    {
         return Err(BundleError::Proof(
             "its treeSize differs from the checkpoint's tree size".into(),
         ));
