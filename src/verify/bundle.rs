@@ -590,6 +590,42 @@ mod tests {
     }
 
     #[test]
+    fn malformed_inclusion_proofs_are_reasons() {
+        let bundle = |proof: &str| {
+            format!(
+                r#"{{"mediaType":"{BUNDLE_MEDIA_TYPE}","dsseEnvelope":{{"payload":"e30=","payloadType":"x","signatures":[{{"sig":"AA=="}}]}},"verificationMaterial":{{"tlogEntries":[{{"logIndex":"1","logId":{{"keyId":"qg=="}},"kindVersion":{{"kind":"dsse","version":"0.0.2"}},"inclusionProof":{proof},"canonicalizedBody":"e30="}}]}}}}"#
+            )
+        };
+        let many = vec![r#""AA==""#; MAX_PROOF_HASHES + 1].join(",");
+        let cases = [
+            (
+                format!(r#"{{"logIndex":"1","hashes":[{many}],"checkpoint":{{"envelope":"x"}}}}"#),
+                "more than 64",
+            ),
+            (
+                r#"{"logIndex":"1","hashes":["%%"],"checkpoint":{"envelope":"x"}}"#.into(),
+                "inclusionProof hash is not base64",
+            ),
+            (
+                r#"{"logIndex":"1","hashes":[]}"#.into(),
+                "missing field `checkpoint`",
+            ),
+        ];
+        for (proof, want) in cases {
+            let err = Bundle::parse(bundle(&proof).as_bytes()).unwrap_err();
+            assert!(err.contains(want), "{proof}: {err}");
+        }
+        let ok = Bundle::parse(
+            bundle(r#"{"logIndex":"1","treeSize":"2","rootHash":"AA==","hashes":["AA=="],"checkpoint":{"envelope":"x"}}"#)
+                .as_bytes(),
+        )
+        .unwrap();
+        let entry = &ok.tlog[0];
+        assert!(entry.is_v2() && entry.logged.integrated_time.is_none());
+        assert_eq!(entry.proof.as_ref().unwrap().tree_size, Some(2));
+    }
+
+    #[test]
     fn int64_fields_take_strings_and_numbers() {
         let raw = format!(
             r#"{{"mediaType":"{BUNDLE_MEDIA_TYPE}","dsseEnvelope":{{"payload":"e30=","payloadType":"x","signatures":[{{"sig":"AA=="}}]}},"verificationMaterial":{{"tlogEntries":[{{"logIndex":"7","logId":{{"keyId":"qg=="}},"kindVersion":{{"kind":"dsse"}},"integratedTime":9,"canonicalizedBody":"e30="}}]}}}}"#

@@ -5,7 +5,8 @@
 //!
 //! When the signature was made is taken only from verified evidence: the integrated time of a
 //! Rekor bundle whose signed entry timestamp verifies and whose entry logs this certificate,
-//! and/or an RFC 3161 timestamp from a trusted timestamp authority over the signature. The
+//! and/or an RFC 3161 timestamp from a trusted timestamp authority over the signature. A Rekor
+//! v2 entry proves inclusion but carries no time: with one, the timestamp is required. The
 //! certificate must have been valid at every such moment. With no evidence the certificate is
 //! judged now: a Fulcio certificate lives ten minutes, so an expired one without a log entry
 //! or timestamp is denied, never trusted on its word. An authority with `ctlog` requires the
