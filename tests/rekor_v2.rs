@@ -449,6 +449,27 @@ async fn rekor_v2_entries_are_ctlog_evidence_only_when_their_proof_holds() {
             }),
         ),
         (
+            "hashedrekord-entry",
+            Some("ctlog: a hashedrekord entry cannot log a DSSE envelope"),
+            Box::new(|body, _| {
+                // A message-signature entry, validly logged, offered for a DSSE envelope.
+                let logged: Value = serde_json::from_slice(body).unwrap();
+                let sig = &logged["spec"]["dsseV002"]["signatures"][0];
+                let hashed = serde_json::to_vec(&json!({
+                    "apiVersion": "0.0.2",
+                    "kind": "hashedrekord",
+                    "spec": {"hashedRekordV002": {
+                        "data": logged["spec"]["dsseV002"]["payloadHash"],
+                        "signature": sig,
+                    }},
+                }))
+                .unwrap();
+                let mut v = Entry::new(&log, leaves_with(hashed, 3, 7), 3).json();
+                v["kindVersion"]["kind"] = "hashedrekord".into();
+                Some(v)
+            }),
+        ),
+        (
             "no-entry",
             Some("ctlog is required but the bundle has no transparency log entry"),
             Box::new(|_, _| None),
