@@ -142,7 +142,8 @@ fn checkpoint_origin(base_url: &str) -> Option<String> {
 /// A log's key ID in the signed-note format (C2SP signed-note), which Rekor v2 uses as its log
 /// ID and whose first four bytes prefix each checkpoint signature: SHA-256 of the origin, a
 /// newline, a signature-type byte and the key. Ed25519 keys are type 0x01 with the raw 32-byte
-/// key; other keys (ECDSA) are sigstore's type 0xff with the DER SPKI.
+/// key (checked against sigstore's published public-good v2 log ID in the tests below); other
+/// keys (ECDSA) are type 0xff with the DER SPKI, not yet checked against a real ECDSA log.
 ///
 /// This is pullgate's code: sigstore-crypto's `compute_key_hint` hashes the DER SPKI alone,
 /// which is not the hint a Rekor v2 log writes (sigstore-verify instead takes the log ID from
