@@ -904,8 +904,8 @@ fn keyless_check(
         (Some(ctlog), _) => log_keys(ctlog, resolver)?,
         (None, Some(name)) => {
             let mut keys = LogKeys::default();
-            for (_, key) in tuf_tlogs(name, resolver)? {
-                keys.insert(key.clone());
+            for (base_url, key) in tuf_tlogs(name, resolver)? {
+                keys.insert(key.clone(), base_url);
             }
             let root = resolver.trust_roots.get(name);
             for log in root
@@ -916,6 +916,7 @@ fn keyless_check(
                 keys.insert(
                     decode_log_key(&log.public_key)
                         .map_err(|e| format!("TrustRoot tLog key: {e}"))?,
+                    &log.base_url,
                 );
             }
             keys
@@ -1093,6 +1094,7 @@ fn log_keys(ctlog: &super::types::TLog, resolver: &Resolver) -> Result<LogKeys, 
                 keys.insert(
                     decode_log_key(&tlog.public_key)
                         .map_err(|e| format!("TrustRoot tLog key: {e}"))?,
+                    &tlog.base_url,
                 );
             }
         }
@@ -1112,7 +1114,7 @@ fn log_keys(ctlog: &super::types::TLog, resolver: &Resolver) -> Result<LogKeys, 
         };
         for (base_url, key) in logs {
             if ctlog.trust_root_ref.is_some() || base_url.trim_end_matches('/') == url {
-                keys.insert(key.clone());
+                keys.insert(key.clone(), base_url);
             }
         }
     }
