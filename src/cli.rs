@@ -730,6 +730,12 @@ async fn admission(args: AdmissionArgs) -> ExitCode {
     let pull_secrets = client
         .clone()
         .map(crate::admission::pull_secrets::PullSecrets::new);
+    // Cluster mode: project the public keys of CIP key Secrets for the nodes, which read no
+    // Secret (see crate::kube::keys).
+    let projector = client.clone().map(|c| {
+        let namespace = args.scope.settings().controller_namespace;
+        tokio::spawn(crate::kube::keys::KeyProjector::new(c, namespace, Some(metrics.clone())).run())
+    });
     let (policies, watcher) = match policy_source(
         client,
         &args.policy_dirs,
@@ -805,6 +811,9 @@ async fn admission(args: AdmissionArgs) -> ExitCode {
     }
     watcher.abort();
     cert_watcher.abort();
+    if let Some(p) = projector {
+        p.abort();
+    }
     if let Some(admin) = admin {
         admin.abort();
     }
