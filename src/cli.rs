@@ -734,7 +734,9 @@ async fn admission(args: AdmissionArgs) -> ExitCode {
     // Secret (see crate::kube::keys).
     let projector = client.clone().map(|c| {
         let namespace = args.scope.settings().controller_namespace;
-        tokio::spawn(crate::kube::keys::KeyProjector::new(c, namespace, Some(metrics.clone())).run())
+        tokio::spawn(
+            crate::kube::keys::KeyProjector::new(c, namespace, Some(metrics.clone())).run(),
+        )
     });
     let (policies, watcher) = match policy_source(
         client,

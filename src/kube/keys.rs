@@ -195,7 +195,11 @@ fn pem_encode(label: &str, der: &[u8]) -> String {
 pub fn referenced_secrets(cips: &[Arc<DynamicObject>]) -> BTreeSet<String> {
     let mut names = BTreeSet::new();
     for cip in cips {
-        for authority in cip.data["spec"]["authorities"].as_array().into_iter().flatten() {
+        for authority in cip.data["spec"]["authorities"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
             for r in [
                 &authority["key"]["secretRef"],
                 &authority["keyless"]["ca-cert"]["secretRef"],
@@ -338,7 +342,9 @@ impl KeyProjector {
             while let Some(event) = stream.next().await {
                 match event {
                     Ok(_) => notify.notify_one(),
-                    Err(e) => tracing::warn!(error = %e, "key projector: ClusterImagePolicy watch failed; retrying"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "key projector: ClusterImagePolicy watch failed; retrying")
+                    }
                 }
             }
         });
@@ -382,7 +388,9 @@ impl KeyProjector {
                             notify.notify_one();
                         }
                     }
-                    Err(e) => tracing::warn!(error = %e, "key projector: Secret watch failed; retrying"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "key projector: Secret watch failed; retrying")
+                    }
                 }
             }
         });
@@ -411,7 +419,12 @@ impl KeyProjector {
                     .map(|(n, p)| (n.clone(), p.private_entries.clone()))
                     .collect();
                 for name in &referenced {
-                    for p in projected.get(name).map(|p| &p.problems).into_iter().flatten() {
+                    for p in projected
+                        .get(name)
+                        .map(|p| &p.problems)
+                        .into_iter()
+                        .flatten()
+                    {
                         tracing::warn!(secret = %format!("{}/{name}", self.namespace), problem = %p, "key Secret entry not projected");
                     }
                 }
@@ -521,7 +534,9 @@ mod tests {
         assert_eq!(p.private_entries, vec!["cosign.key", "cosign.pub"]);
         assert_eq!(p.entries.len(), 1, "{p:?}");
         let kept = &p.entries["cosign.pub"];
-        assert!(!kept.contains("PRIVATE") && !kept.contains("hunter2") && !kept.contains("comment"));
+        assert!(
+            !kept.contains("PRIVATE") && !kept.contains("hunter2") && !kept.contains("comment")
+        );
         assert_eq!(
             crate::verify::keys::parse_pem_keys(kept).unwrap(),
             crate::verify::keys::parse_pem_keys(&pubkey).unwrap()
@@ -581,13 +596,13 @@ mod tests {
     fn projection_is_bounded() {
         let referenced: BTreeSet<String> = (0..40).map(|i| format!("s{i:02}")).collect();
         let big = Projected {
-            entries: (0..250)
-                .map(|i| (format!("e{i}"), public()))
-                .collect(),
+            entries: (0..250).map(|i| (format!("e{i}"), public())).collect(),
             ..Projected::default()
         };
-        let projected: BTreeMap<String, Projected> =
-            referenced.iter().map(|n| (n.clone(), big.clone())).collect();
+        let projected: BTreeMap<String, Projected> = referenced
+            .iter()
+            .map(|n| (n.clone(), big.clone()))
+            .collect();
         let (data, problems) = projection_data("ns", &referenced, &projected);
         let total: usize = data.iter().map(|(k, v)| k.len() + v.len()).sum();
         assert!(total <= MAX_PROJECTION_BYTES, "{total}");
