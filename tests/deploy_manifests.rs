@@ -394,7 +394,13 @@ fn permissions(grants: &[(String, PolicyRule)]) -> Vec<String> {
         for group in rule.api_groups.iter().flatten() {
             for res in rule.resources.iter().flatten() {
                 for verb in &rule.verbs {
-                    out.push(format!("{ns} {group}/{res} {verb}"));
+                    match &rule.resource_names {
+                        Some(names) => out.push(format!(
+                            "{ns} {group}/{res} {verb} [{}]",
+                            names.join(",")
+                        )),
+                        None => out.push(format!("{ns} {group}/{res} {verb}")),
+                    }
                 }
             }
         }
@@ -418,8 +424,6 @@ fn nodes_get_list_and_watch_on_only_what_they_need() {
             "* policy.sigstore.dev/trustroots watch",
             "cosign-system /configmaps list",
             "cosign-system /configmaps watch",
-            "cosign-system /secrets list",
-            "cosign-system /secrets watch",
         ]
     );
     let admission = permissions(&grants(&m, "pullgate-admission"));
@@ -433,10 +437,26 @@ fn nodes_get_list_and_watch_on_only_what_they_need() {
             .any(|p| p.starts_with("* /secrets list") || p.starts_with("* /secrets watch")),
         "{admission:?}"
     );
+    // The key projector: the controller namespace's Secrets, and writes to one ConfigMap.
+    for wanted in [
+        "cosign-system /secrets list",
+        "cosign-system /secrets watch",
+        "cosign-system /configmaps get [pullgate-public-keys]",
+        "cosign-system /configmaps update [pullgate-public-keys]",
+    ] {
+        assert!(admission.contains(&wanted.to_string()), "{admission:?}");
+    }
     for p in admission.iter().chain(&node) {
-        let verb = p.rsplit(' ').next().unwrap();
+        if p == "cosign-system /configmaps update [pullgate-public-keys]" {
+            continue;
+        }
+        let verb = p.split(' ').nth(2).unwrap();
         assert!(["get", "list", "watch"].contains(&verb), "read-only: {p}");
     }
+    // The ConfigMap it updates is created by the manifests.
+    assert!(m.config_maps.iter().any(|c| name_of(&c.metadata)
+        == pullgate::kube::keys::PROJECTION_NAME
+        && c.metadata.namespace.as_deref() == Some("cosign-system")));
     // The workloads run as the accounts granted.
     assert_eq!(
         m.daemon_sets[0]
@@ -464,6 +484,86 @@ fn nodes_get_list_and_watch_on_only_what_they_need() {
             .as_deref(),
         Some("pullgate-admission")
     );
+}
+
+/// Whether `rule` lets its holder read Secrets (any read verb, wildcards included).
+fn reads_secrets(rule: &PolicyRule) -> bool {
+    let core = rule
+        .api_groups
+        .iter()
+        .flatten()
+        .any(|g| g.is_empty() || g == "*");
+    let secrets = rule
+        .resources
+        .iter()
+        .flatten()
+        .any(|r| r == "secrets" || r == "*");
+    let reads = rule
+        .verbs
+        .iter()
+        .any(|v| ["get", "list", "watch", "*"].contains(&v.as_str()));
+    core && secrets && reads
+}
+
+/// Nodes never hold private keys: no role bound to the node account reads any Secret
+/// (`cosign generate-key-pair k8s://` stores cosign.key beside cosign.pub, and RBAC grants a
+/// Secret whole). A ClusterRole reading Secrets cluster-wide must say why in the
+/// `pullgate.dev/secrets-justification` annotation, and must not be bound to nodes.
+#[test]
+fn no_node_role_reads_a_secret_and_cluster_wide_secret_reads_are_justified() {
+    let m = load();
+    let node = grants(&m, "pullgate-node");
+    assert!(!node.is_empty());
+    for (ns, rule) in &node {
+        assert!(!reads_secrets(rule), "the node reads Secrets in {ns}: {rule:?}");
+    }
+    let mut secret_readers = Vec::new();
+    for role in &m.cluster_roles {
+        if !role.rules.iter().flatten().any(reads_secrets) {
+            continue;
+        }
+        let name = name_of(&role.metadata).to_string();
+        let why = role
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get("pullgate.dev/secrets-justification"))
+            .map(|w| w.trim().to_string())
+            .unwrap_or_default();
+        assert!(
+            why.len() >= 40,
+            "ClusterRole {name} reads Secrets cluster-wide without a justification"
+        );
+        for b in &m.cluster_role_bindings {
+            if b.role_ref.name == name {
+                for s in b.subjects.iter().flatten() {
+                    assert_eq!(
+                        (s.kind.as_str(), s.name.as_str()),
+                        ("ServiceAccount", "pullgate-admission"),
+                        "ClusterRole {name} bound to {s:?}"
+                    );
+                }
+            }
+        }
+        secret_readers.push(name);
+    }
+    // Honest about what is there today: the shim's imagePullSecrets reader.
+    assert!(
+        secret_readers.len() <= 1,
+        "more ClusterRoles read Secrets: {secret_readers:?}"
+    );
+    // Roles reading Secrets: only the key projector's, in the controller namespace.
+    for role in &m.roles {
+        if role.rules.iter().flatten().any(reads_secrets) {
+            assert_eq!(
+                (
+                    name_of(&role.metadata),
+                    role.metadata.namespace.as_deref()
+                ),
+                ("pullgate-key-projector", Some("cosign-system"))
+            );
+        }
+    }
 }
 
 fn crd<'a>(m: &'a Manifests, name: &str) -> &'a CustomResourceDefinition {
