@@ -407,12 +407,13 @@ if ! answers_within; then
   log "pullgate does not answer CRI calls on $SOCKET within ${START_TIMEOUT_SECONDS}s"
   host systemctl status --no-pager pullgate.service || true
   if [ "$ROLLBACK" = true ]; then
-    sha256 "$BINARY" > "$FAILED"
     log "rolling back to the previous release"
     install -m 0755 "$PREVIOUS" "$HOST/usr/local/bin/pullgate.new"
     mv -f "$HOST/usr/local/bin/pullgate.new" "$HOST/usr/local/bin/pullgate"
     host systemctl restart pullgate.service
     if answers_within; then
+      # Only now is the new release to blame (not containerd, not the node).
+      sha256 "$BINARY" > "$FAILED"
       log "INSTALL FAILED: the previous release serves again; the new one (sha256 $(cat "$FAILED"))"
       log "is not installed, and this pod stays unready"
       ROLLBACK=done

@@ -2394,10 +2394,22 @@ async fn node_installer_rolls_kubelet_back_to_containerd_when_pullgate_stops_ans
             "systemctl enable pullgate.service",
             "systemctl restart pullgate.service",
             "systemctl status --no-pager pullgate.service",
+            // The release it replaced is tried first; nothing answers either.
+            "systemctl restart pullgate.service",
             "systemctl daemon-reload",
             "systemctl restart kubelet.service"
         ]
     );
+    assert!(
+        node.log()
+            .contains("the previous release does not answer either"),
+        "{}",
+        node.log()
+    );
+    // Not the release's fault as far as anyone can tell: not remembered as failed.
+    assert!(!node
+        .host("var/lib/pullgate/pullgate.failed-sha256")
+        .exists());
     // Everything the installer wrote for kubelet is undone; kubelet runs as before.
     assert!(!node
         .host("etc/kubernetes/kubelet.conf.d/90-pullgate.conf")
