@@ -145,7 +145,8 @@ PROJECTION=$(K -n cosign-system get configmap pullgate-public-keys -o json)
 echo "$PROJECTION" | grep -q 'BEGIN PUBLIC KEY' || die "no public key projected: $PROJECTION"
 if echo "$PROJECTION" | grep -q 'PRIVATE KEY\|not-a-real-password'; then die "private material projected: $PROJECTION"; fi
 if grep -q 'PRIVATE KEY\|not-a-real-password' "$D/snapshot.json"; then die "private material on the node's disk"; fi
-log "key Secret: only cosign.pub projected; the node account cannot read Secrets"
+grep -q 'SIGNING KEY EXPOSED' "$D/logs/admission.log" || die "no warning for the private key in demo-signing-key"
+log "key Secret: only cosign.pub projected, the private key warned about; the node account cannot read Secrets"
 pod unsigned demo "$REGISTRY/signed/app:v1" | K apply -f - >/dev/null
 expect_event unsigned demo 'Error: SignatureValidationFailed' "unsigned image refused by the node"
 DIGEST=$(curl -sfI -H 'Accept: application/vnd.oci.image.manifest.v1+json' \
