@@ -486,7 +486,9 @@ async fn key_secret_reaches_the_node_only_as_projected_public_keys() {
     // The shim's projector runs: the node now has the public key, and only that.
     let metrics = Arc::new(pullgate::metrics::Metrics::new());
     let projector = tokio::spawn(
-        KeyProjector::new(client, "cosign-system".to_string(), Some(metrics.clone())).run(),
+        KeyProjector::new(client, "cosign-system".to_string(), Some(metrics.clone()))
+            .with_resync(Duration::from_millis(300))
+            .run(),
     );
     eventually(&source, NGINX, "demo", "needs-signatures").await;
     assert!(
@@ -527,6 +529,34 @@ async fn key_secret_reaches_the_node_only_as_projected_public_keys() {
     for leaked in [PRIVATE_BODY, "PRIVATE KEY", "hunter2", "cosign.key"] {
         assert!(!persisted.contains(leaked), "{leaked} persisted");
     }
+
+    // Someone else rewrites the projection (another key under k's name, an extra entry): the
+    // projector puts back what the Secrets say at its next pass.
+    let projected = cm["data"]["k"].as_str().unwrap().to_string();
+    let other = common::TestKey::generate(common::KeyKind::EcdsaP256);
+    let forged =
+        json!({"secret": "cosign-system/k", "entries": {"cosign.pub": other.public_pem()}});
+    fake.apply(
+        CONFIG_MAPS,
+        config_map(
+            PROJECTION_NAME,
+            json!({"k": forged.to_string(), "extra": forged.to_string()}),
+        ),
+    );
+    let mut restored = false;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let data = fake.get(CONFIG_MAPS, PROJECTION_NAME).unwrap()["data"].clone();
+        if data == json!({"k": projected}) {
+            restored = true;
+            break;
+        }
+    }
+    assert!(
+        restored,
+        "{}",
+        fake.get(CONFIG_MAPS, PROJECTION_NAME).unwrap()
+    );
 
     task.abort();
     projector.abort();

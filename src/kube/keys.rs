@@ -310,6 +310,7 @@ pub struct KeyProjector {
     client: Client,
     namespace: String,
     metrics: Option<Arc<Metrics>>,
+    resync: Duration,
 }
 
 impl KeyProjector {
@@ -318,7 +319,14 @@ impl KeyProjector {
             client,
             namespace,
             metrics,
+            resync: RESYNC,
         }
+    }
+
+    /// How often the ConfigMap is compared with what it should hold (default 60 s).
+    pub fn with_resync(mut self, every: Duration) -> KeyProjector {
+        self.resync = every.max(Duration::from_millis(100));
+        self
     }
 
     /// Watches until dropped; errors are logged and retried.
@@ -395,8 +403,17 @@ impl KeyProjector {
             }
         });
 
+        // The ConfigMap is not watched: a periodic pass puts back what someone else changed.
+        let (notify, every) = (changed.clone(), self.resync);
+        let resync_task = tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(every);
+            loop {
+                ticker.tick().await;
+                notify.notify_one();
+            }
+        });
         let api = Api::<ConfigMap>::namespaced(self.client.clone(), &self.namespace);
-        let mut written: Option<BTreeMap<String, String>> = None;
+        let mut reported: Option<Report> = None;
         loop {
             changed.notified().await;
             // Coalesce bursts (a relist, many applies).
@@ -409,85 +426,98 @@ impl KeyProjector {
                 continue;
             }
             let referenced = referenced_secrets(&cips.state());
-            let (data, problems, private) = {
+            let (data, report) = {
                 let projected = projected.lock().unwrap_or_else(|p| p.into_inner());
-                let (data, problems) = projection_data(&self.namespace, &referenced, &projected);
-                let private: Vec<(String, Vec<String>)> = referenced
-                    .iter()
-                    .filter_map(|n| projected.get(n).map(|p| (n, p)))
-                    .filter(|(_, p)| !p.private_entries.is_empty())
-                    .map(|(n, p)| (n.clone(), p.private_entries.clone()))
-                    .collect();
+                let (data, mut problems) =
+                    projection_data(&self.namespace, &referenced, &projected);
+                let mut private = Vec::new();
                 for name in &referenced {
-                    for p in projected
-                        .get(name)
-                        .map(|p| &p.problems)
-                        .into_iter()
-                        .flatten()
-                    {
-                        tracing::warn!(secret = %format!("{}/{name}", self.namespace), problem = %p, "key Secret entry not projected");
+                    let Some(p) = projected.get(name) else {
+                        continue;
+                    };
+                    if !p.private_entries.is_empty() {
+                        private.push((name.clone(), p.private_entries.join(",")));
                     }
+                    problems.extend(
+                        p.problems
+                            .iter()
+                            .map(|problem| format!("Secret {}/{name}: {problem}", self.namespace)),
+                    );
                 }
-                (data, problems, private)
+                (data, Report { private, problems })
             };
-            for (name, entries) in &private {
-                tracing::warn!(
-                    secret = %format!("{}/{name}", self.namespace),
-                    entries = %entries.join(","),
-                    "SIGNING KEY EXPOSED: a Secret named by a ClusterImagePolicy holds a private key; \
-                     only its public key is projected to nodes, but anyone who can read this Secret can sign \
-                     images. Keep private keys out of the cluster (e.g. `cosign public-key` into a separate Secret)"
-                );
-            }
             if let Some(m) = &self.metrics {
-                m.set_key_secrets_with_private_keys(private.len());
+                m.set_key_secrets_with_private_keys(report.private.len());
             }
-            for p in &problems {
-                tracing::warn!(problem = %p, "key Secret not projected; policies naming it deny until it is");
-            }
-            if written.as_ref() == Some(&data) {
-                continue;
+            // Logged when what there is to say changes, not on every pass.
+            if reported.as_ref() != Some(&report) {
+                for (name, entries) in &report.private {
+                    tracing::warn!(
+                        secret = %format!("{}/{name}", self.namespace),
+                        entries = %entries,
+                        "SIGNING KEY EXPOSED: a Secret named by a ClusterImagePolicy holds a private key; \
+                         only its public key is projected to nodes, but anyone who can read this Secret can sign \
+                         images. Keep private keys out of the cluster (e.g. `cosign public-key` into a separate Secret)"
+                    );
+                }
+                for p in &report.problems {
+                    tracing::warn!(problem = %p, "key Secret not (fully) projected; policies naming it deny until it is");
+                }
+                reported = Some(report);
             }
             match write(&api, &data).await {
-                Ok(()) => {
-                    tracing::info!(
-                        secrets = data.len(),
-                        configmap = %format!("{}/{PROJECTION_NAME}", self.namespace),
-                        "public keys projected"
-                    );
-                    written = Some(data);
-                }
+                Ok(false) => {}
+                Ok(true) => tracing::info!(
+                    secrets = data.len(),
+                    configmap = %format!("{}/{PROJECTION_NAME}", self.namespace),
+                    "public keys projected"
+                ),
                 Err(e) => {
-                    tracing::error!(error = %e, configmap = %format!("{}/{PROJECTION_NAME}", self.namespace), "public keys not projected; retrying");
+                    tracing::warn!(error = %e, configmap = %format!("{}/{PROJECTION_NAME}", self.namespace), "public keys not projected; retrying");
                     let notify = changed.clone();
                     tokio::spawn(async move {
-                        tokio::time::sleep(Duration::from_secs(5)).await;
+                        tokio::time::sleep(Duration::from_secs(2)).await;
                         notify.notify_one();
                     });
                 }
             }
         }
+        resync_task.abort();
         cip_task.abort();
         secret_task.abort();
     }
 }
 
-/// Replaces the projection's data (read-modify-write; a conflict is retried by the caller).
-async fn write(api: &Api<ConfigMap>, data: &BTreeMap<String, String>) -> Result<(), String> {
+/// What the projector warns about; logged again only when it changes.
+#[derive(PartialEq)]
+struct Report {
+    /// (Secret name, entries holding private keys).
+    private: Vec<(String, String)>,
+    problems: Vec<String>,
+}
+
+/// How often the projection is compared with what it should hold even without a change.
+const RESYNC: Duration = Duration::from_secs(60);
+
+/// Replaces the projection's data when it differs (read-modify-write with the resourceVersion
+/// read: a concurrent writer, such as the other replica, makes it fail with a conflict and the
+/// caller retries); whether it wrote.
+async fn write(api: &Api<ConfigMap>, data: &BTreeMap<String, String>) -> Result<bool, String> {
     let mut cm = api.get(PROJECTION_NAME).await.map_err(|e| match e {
         ::kube::Error::Api(s) if s.code == 404 => format!(
             "ConfigMap {PROJECTION_NAME} does not exist: apply deploy/ (the projector only updates it)"
         ),
         e => e.to_string(),
     })?;
-    if cm.data.as_ref() == Some(data) {
-        return Ok(());
+    let current = cm.data.clone().unwrap_or_default();
+    if &current == data && cm.binary_data.as_ref().is_none_or(|b| b.is_empty()) {
+        return Ok(false);
     }
     cm.data = Some(data.clone());
     cm.binary_data = None;
     api.replace(PROJECTION_NAME, &PostParams::default(), &cm)
         .await
-        .map(|_| ())
+        .map(|_| true)
         .map_err(|e| e.to_string())
 }
 
