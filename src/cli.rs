@@ -193,7 +193,8 @@ pub struct ValidateArgs {
 /// Where policies come from in cluster mode (instead of `--policy-dir`).
 #[derive(Args, Debug, Clone)]
 pub struct ClusterArgs {
-    /// Cluster mode: policies, namespaces, key Secrets, the config ConfigMap and TrustRoots
+    /// Cluster mode: policies, namespaces, the config ConfigMap, the projected public keys of
+    /// key Secrets (no Secret is read by `serve`; `admission` projects them) and TrustRoots
     /// watched from the API server this kubeconfig points at (instead of --policy-dir).
     #[arg(
         long,
