@@ -193,7 +193,8 @@ pub struct ValidateArgs {
 /// Where policies come from in cluster mode (instead of `--policy-dir`).
 #[derive(Args, Debug, Clone)]
 pub struct ClusterArgs {
-    /// Cluster mode: policies, namespaces, key Secrets, the config ConfigMap and TrustRoots
+    /// Cluster mode: policies, namespaces, the config ConfigMap, the projected public keys of
+    /// key Secrets (no Secret is read by `serve`; `admission` projects them) and TrustRoots
     /// watched from the API server this kubeconfig points at (instead of --policy-dir).
     #[arg(
         long,
@@ -730,6 +731,14 @@ async fn admission(args: AdmissionArgs) -> ExitCode {
     let pull_secrets = client
         .clone()
         .map(crate::admission::pull_secrets::PullSecrets::new);
+    // Cluster mode: project the public keys of CIP key Secrets for the nodes, which read no
+    // Secret (see crate::kube::keys).
+    let projector = client.clone().map(|c| {
+        let namespace = args.scope.settings().controller_namespace;
+        tokio::spawn(
+            crate::kube::keys::KeyProjector::new(c, namespace, Some(metrics.clone())).run(),
+        )
+    });
     let (policies, watcher) = match policy_source(
         client,
         &args.policy_dirs,
@@ -805,6 +814,9 @@ async fn admission(args: AdmissionArgs) -> ExitCode {
     }
     watcher.abort();
     cert_watcher.abort();
+    if let Some(p) = projector {
+        p.abort();
+    }
     if let Some(admin) = admin {
         admin.abort();
     }

@@ -11,6 +11,7 @@
 //! | `pullgate_snapshot_state_since_timestamp_seconds` | gauge | when fresh/stale began |
 //! | `pullgate_snapshot_last_sync_timestamp_seconds` | gauge | last confirmation (0: never) |
 //! | `pullgate_snapshot_policies` | gauge | ClusterImagePolicies in force |
+//! | `pullgate_key_secrets_with_private_keys` | gauge | key Secrets named by CIPs that hold a private key (admission shim) |
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -108,6 +109,7 @@ pub struct Metrics {
     state_since: Gauge<f64, AtomicU64>,
     last_sync: Gauge<f64, AtomicU64>,
     policies: Gauge,
+    key_secrets_with_private_keys: Gauge,
 }
 
 impl Default for Metrics {
@@ -158,6 +160,12 @@ impl Metrics {
             "ClusterImagePolicies in the snapshot in force",
             policies.clone(),
         );
+        let key_secrets_with_private_keys = Gauge::default();
+        registry.register(
+            "key_secrets_with_private_keys",
+            "Key Secrets named by ClusterImagePolicies that also hold a private key (admission shim's key projector)",
+            key_secrets_with_private_keys.clone(),
+        );
         Metrics {
             registry,
             decisions,
@@ -166,7 +174,14 @@ impl Metrics {
             state_since,
             last_sync,
             policies,
+            key_secrets_with_private_keys,
         }
+    }
+
+    /// Set by the key projector ([`crate::kube::keys`]).
+    pub fn set_key_secrets_with_private_keys(&self, count: usize) {
+        self.key_secrets_with_private_keys
+            .set(i64::try_from(count).unwrap_or(i64::MAX));
     }
 
     /// Counts one decision (called with each audit line).
