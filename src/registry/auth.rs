@@ -448,6 +448,42 @@ mod tests {
     }
 
     #[test]
+    fn a_credential_is_for_its_host_only() {
+        let mut creds = Credentials::default();
+        let c = Credential::Basic {
+            username: "u".into(),
+            password: "p".into(),
+        };
+        creds.insert("127.0.0.1:5000", c.clone());
+        assert_eq!(creds.for_host("127.0.0.1:5000"), Some(&c));
+        // The port is part of the host.
+        assert_eq!(creds.for_host("127.0.0.1:5001"), None);
+        assert_eq!(creds.for_host("127.0.0.1"), None);
+        assert_eq!(creds.for_host("ghcr.io"), None);
+        creds.insert("docker.io", c.clone());
+        assert_eq!(creds.for_host("index.docker.io"), Some(&c));
+    }
+
+    #[test]
+    fn identities_hide_the_secret_and_tell_credentials_apart() {
+        let basic = |u: &str, p: &str| Credential::Basic {
+            username: u.into(),
+            password: p.into(),
+        };
+        let a = basic("user", "secret-password");
+        assert_eq!(a.identity(), basic("user", "secret-password").identity());
+        assert_ne!(a.identity(), basic("user", "other").identity());
+        // The split between user and password is part of the identity.
+        assert_ne!(basic("ab", "c").identity(), basic("a", "bc").identity());
+        assert_ne!(
+            Credential::Bearer("t".into()).identity(),
+            basic("t", "").identity()
+        );
+        assert!(!a.identity().contains("secret"));
+        assert_eq!(a.identity().len(), 32);
+    }
+
+    #[test]
     fn docker_config_errors_are_clear() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("config.json");

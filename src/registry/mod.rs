@@ -1297,6 +1297,107 @@ mod tests {
         assert_eq!(signature_tag("sha256:zz"), None);
     }
 
+    fn client(insecure: &[&str]) -> RegistryClient {
+        RegistryClient::new(RegistryConfig {
+            insecure: insecure.iter().map(|h| h.to_string()).collect(),
+            ..RegistryConfig::default()
+        })
+        .unwrap()
+    }
+
+    fn target<'a>(host: &'a str, plain_http: bool) -> Target<'a> {
+        Target {
+            host,
+            api_host: host,
+            repository: "app",
+            plain_http,
+            credential: None,
+            budget: None,
+        }
+    }
+
+    #[test]
+    fn token_realms_must_be_https_and_not_local_for_a_remote_registry() {
+        let c = client(&["reg.internal:5000"]);
+        let refused =
+            |t: &Target<'_>, realm: &str| c.realm_refusal(t, &reqwest::Url::parse(realm).unwrap());
+        let remote = target("ghcr.io", false);
+        assert_eq!(refused(&remote, "https://ghcr.io/token"), None);
+        assert_eq!(refused(&remote, "https://auth.docker.io/token"), None);
+        for bad in [
+            "http://ghcr.io/token",
+            "ftp://ghcr.io/token",
+            "https://127.0.0.1:8080/token",
+            "https://169.254.169.254/latest/meta-data",
+            "https://[::1]/token",
+            "https://localhost/token",
+        ] {
+            assert!(refused(&remote, bad).is_some(), "{bad} was allowed");
+        }
+        // A loopback registry spoken to over plain HTTP may name a plain-HTTP loopback realm.
+        let local = target("127.0.0.1:5000", true);
+        assert_eq!(refused(&local, "http://127.0.0.1:5001/token"), None);
+        assert!(refused(&local, "http://auth.example.com/token").is_some());
+        // An --insecure-registry may name a realm on an insecure-listed host.
+        let insecure = target("reg.internal:5000", true);
+        assert_eq!(refused(&insecure, "http://reg.internal:5000/token"), None);
+        assert!(refused(&insecure, "http://reg.internal:5001/token").is_some());
+    }
+
+    #[test]
+    fn redirects_never_go_from_https_to_http() {
+        let url = |u: &str| reqwest::Url::parse(u).unwrap();
+        assert!(redirect_refusal(&[url("https://a/v2/")], &url("http://b/blob")).is_some());
+        assert!(redirect_refusal(
+            &[url("https://a/v2/"), url("https://cdn/x")],
+            &url("http://cdn/y")
+        )
+        .is_some());
+        assert_eq!(
+            redirect_refusal(&[url("https://a/v2/")], &url("https://b/blob")),
+            None
+        );
+        assert_eq!(
+            redirect_refusal(
+                &[url("http://127.0.0.1:5000/v2/")],
+                &url("http://127.0.0.1:9/b")
+            ),
+            None
+        );
+        let many: Vec<_> = (0..5).map(|i| url(&format!("https://a/{i}"))).collect();
+        assert!(redirect_refusal(&many, &url("https://a/x")).is_some());
+    }
+
+    #[test]
+    fn token_cache_is_bounded_and_drops_the_oldest() {
+        let mut cache = TokenCache::default();
+        for i in 0..10 {
+            cache.insert(format!("k{i}"), "t".into(), 4);
+        }
+        assert_eq!(cache.len(), 4);
+        assert!(cache.get("k5").is_none());
+        assert!(cache.get("k9").is_some());
+        // Replacing a key keeps one entry for it.
+        cache.insert("k9".into(), "u".into(), 4);
+        assert_eq!(cache.len(), 4);
+        assert_eq!(cache.get("k9").map(String::as_str), Some("u"));
+    }
+
+    #[test]
+    fn the_budget_counts_every_byte_and_fails_past_its_limit() {
+        let budget = Budget::new(10, 1);
+        assert!(budget.charge(6, "h").is_ok());
+        assert!(budget.charge(4, "h").is_ok());
+        let err = budget.charge(1, "h").unwrap_err();
+        assert!(
+            err.to_string().contains("more than this decision may read"),
+            "{err}"
+        );
+        // Once over, every later read fails too.
+        assert!(budget.charge(0, "h").is_err());
+        assert_eq!(budget.remaining(), 0);
+    }
+
     #[test]
     fn platform_keys_as_policy_controller_writes_them() {
         let key = |v: serde_json::Value| platform_key(&v);
