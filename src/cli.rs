@@ -392,6 +392,33 @@ impl RegistryArgs {
         RegistryClient::new(self.config(image_host)?).map_err(|e| e.to_string())
     }
 
+    /// `--username/--password` or `--token` and the one host they are for: `--auth-host`, else
+    /// `image_host`. A credential answered to whichever registry asks would reach every
+    /// registry a policy or an image names, so one without a host is refused.
+    pub fn explicit_credential(
+        &self,
+        image_host: Option<&str>,
+    ) -> Result<Option<(String, Credential)>, String> {
+        let credential = match (&self.username, &self.password, &self.token) {
+            (Some(username), Some(password), _) => Credential::Basic {
+                username: username.clone(),
+                password: password.clone(),
+            },
+            (_, _, Some(token)) => Credential::Bearer(token.clone()),
+            _ => return Ok(None),
+        };
+        let host = self
+            .auth_host
+            .as_deref()
+            .or(image_host)
+            .filter(|h| !h.is_empty())
+            .ok_or(
+                "--username/--password and --token need --auth-host HOST[:PORT], the registry \
+                 they are for",
+            )?;
+        Ok(Some((host.to_string(), credential)))
+    }
+
     /// See [`RegistryArgs::client`].
     pub fn config(&self, image_host: Option<&str>) -> Result<RegistryConfig, String> {
         let path = self
@@ -402,27 +429,8 @@ impl RegistryArgs {
             Some(p) => Credentials::from_docker_config(&p).map_err(|e| e.to_string())?,
             None => Credentials::default(),
         };
-        let explicit = match (&self.username, &self.password, &self.token) {
-            (Some(username), Some(password), _) => Some(Credential::Basic {
-                username: username.clone(),
-                password: password.clone(),
-            }),
-            (_, _, Some(token)) => Some(Credential::Bearer(token.clone())),
-            _ => None,
-        };
-        if let Some(credential) = explicit {
-            // A credential answered to whichever registry asks would reach every registry a
-            // policy or an image names: it is filed under one host only.
-            let host = self
-                .auth_host
-                .as_deref()
-                .or(image_host)
-                .filter(|h| !h.is_empty())
-                .ok_or(
-                    "--username/--password and --token need --auth-host HOST[:PORT], the \
-                     registry they are for",
-                )?;
-            credentials.insert(host, credential);
+        if let Some((host, credential)) = self.explicit_credential(image_host)? {
+            credentials.insert(&host, credential);
         }
         Ok(RegistryConfig {
             insecure: self.insecure_registries.clone(),
@@ -614,6 +622,9 @@ async fn serve(args: ServeArgs) -> ExitCode {
     use crate::cri::{bind, containerd_channel, Proxy, ServeError};
     use std::sync::Arc;
 
+    if let Err(e) = args.registry.explicit_credential(None) {
+        return error_exit(&e);
+    }
     if !args.containerd.exists() {
         return error_exit(&ServeError::NoContainerd(args.containerd.clone()).to_string());
     }
@@ -728,6 +739,9 @@ async fn admission(args: AdmissionArgs) -> ExitCode {
     use crate::admission::{bind, serve, CertFiles, Shim};
     use std::sync::Arc;
 
+    if let Err(e) = args.registry.explicit_credential(None) {
+        return error_exit(&e);
+    }
     let tls = match CertFiles::open(&args.tls_cert, &args.tls_key) {
         Ok(t) => t,
         Err(e) => return error_exit(&e.to_string()),
