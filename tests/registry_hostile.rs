@@ -68,8 +68,8 @@ async fn verify_measured(policy: &str, image: &str) -> Run {
     let peak = std::fs::read_to_string(&time_out).unwrap_or_default();
     let peak_kib = peak
         .lines()
-        .filter_map(|l| l.trim().parse::<u64>().ok())
-        .last()
+        .rev()
+        .find_map(|l| l.trim().parse::<u64>().ok())
         .unwrap_or_else(|| panic!("no peak RSS from GNU time: {peak:?}\n{}", out.stderr));
     Run {
         code: out.code,
