@@ -14,7 +14,7 @@ use super::object::Includes;
 use super::rego::RegoPolicy;
 use super::remote::{RemoteKey, RemoteTexts};
 use super::types::{Authority, ClusterImagePolicy, Labels, TrustRoot};
-use super::validate::{validate_cip, validate_trust_root, Problem};
+use super::validate::{validate_cip, validate_trust_root, Problem, Rules};
 use crate::image_ref::ImageRef;
 use crate::verify::attest::{predicate_type_uri, AttestationCheck, AttestationPolicy};
 use crate::verify::keyless::KeylessCheck;
@@ -571,7 +571,13 @@ fn compile(
         _ => Mode::Enforce,
     };
     let globs = cip.spec.images.iter().map(|i| i.glob.clone()).collect();
-    let mut problems = validate_cip(cip, config.fail_on_empty_authorities);
+    let mut problems = validate_cip(
+        cip,
+        Rules {
+            fail_on_empty_authorities: config.fail_on_empty_authorities,
+            controller_namespace: resolver.controller_namespace,
+        },
+    );
     if cip.spec.authorities.is_empty() && problems.is_empty() {
         // Allowed only with fail-on-empty-authorities=false; still never a silent pass.
         problems.push(Problem {
