@@ -4,7 +4,7 @@
 //! reason, with its peak memory (read by GNU time from the kernel's accounting of the
 //! `pullgate` process) bounded; and a signature that passes stops the fetching.
 //!
-//! `PULLGATE_HOSTILE_BIN=/path/to/pullgate` runs another build (to measure an older one); the
+//! `PULLGATE_TEST_BIN=/path/to/pullgate` runs another build (to measure an older one); the
 //! figures are printed with `--nocapture`.
 
 mod common;
@@ -47,9 +47,7 @@ async fn verify_measured(policy: &str, image: &str) -> Run {
     let dir = write_policy_dir(&[("cip.yaml", policy)]);
     let home = tempfile::tempdir().unwrap();
     let time_out = home.path().join("peak");
-    let bin = std::env::var("PULLGATE_HOSTILE_BIN")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|_| pullgate_bin());
+    let bin = pullgate_bin();
     let mut cmd = Command::new("/usr/bin/time");
     cmd.arg("-f")
         .arg("%M")
