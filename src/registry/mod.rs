@@ -573,49 +573,6 @@ impl RegistryClient {
         }
     }
 
-    /// Every layer [`RegistryClient::list_attached`] lists, fetched in order within `budget`.
-    pub async fn fetch_attached(
-        &self,
-        repo: &ImageRef,
-        tag: &str,
-        media_type: &str,
-        auth: Option<&Credential>,
-        budget: &Budget,
-    ) -> Result<Vec<SignatureLayer>> {
-        let listed = self
-            .list_attached(repo, tag, media_type, auth, budget)
-            .await?;
-        self.fetch_all(repo, listed, auth, budget).await
-    }
-
-    /// Every bundle [`RegistryClient::list_referrers`] lists, fetched in order within `budget`.
-    pub async fn fetch_referrers(
-        &self,
-        repo: &ImageRef,
-        digest: &str,
-        auth: Option<&Credential>,
-        budget: &Budget,
-    ) -> Result<Vec<SignatureLayer>> {
-        let listed = self.list_referrers(repo, digest, auth, budget).await?;
-        self.fetch_all(repo, listed, auth, budget).await
-    }
-
-    async fn fetch_all(
-        &self,
-        repo: &ImageRef,
-        listed: Vec<PendingLayer>,
-        auth: Option<&Credential>,
-        budget: &Budget,
-    ) -> Result<Vec<SignatureLayer>> {
-        use futures_util::{StreamExt as _, TryStreamExt as _};
-        let fetched: Vec<Option<SignatureLayer>> = futures_util::stream::iter(listed)
-            .map(|l| self.fetch_pending(repo, l, auth, budget))
-            .buffered(self.config.limits.decision_fetches.max(1))
-            .try_collect()
-            .await?;
-        Ok(fetched.into_iter().flatten().collect())
-    }
-
     /// One referrer manifest and its bundle layer; `None` when it is gone or refers to
     /// another image.
     async fn fetch_referrer(
