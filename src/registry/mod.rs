@@ -1,5 +1,8 @@
 //! Registry access for verification: resolve a tag to a digest and fetch cosign signature
-//! manifests and blobs, with hard size limits, timeouts and the fewest requests possible.
+//! manifests and blobs, with hard size limits, timeouts, a per-decision [`Budget`] of bytes and
+//! requests in flight, and the fewest requests possible. Signatures are listed first and
+//! fetched one by one ([`RegistryClient::fetch_pending`]) so the caller can check each as it
+//! arrives and stop early. Credentials go only to the host they were given for.
 //!
 //! One long-lived [`RegistryClient`] serves every verification. Authentication is lazy: a
 //! request goes out anonymously (or with a cached token) and only a `401` triggers the
