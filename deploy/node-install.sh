@@ -159,8 +159,19 @@ kubelet_wired() {
   fi
 }
 
+FAILED=$HOST/var/lib/pullgate/pullgate.failed-sha256
+sha256() { sha256sum "$1" | cut -d' ' -f1; }
+# release_failed: true when the release in this image is one that did not answer on this node.
+release_failed() {
+  [ -f "$FAILED" ] && [ "$(cat "$FAILED")" = "$(sha256 "$BINARY")" ]
+}
+
 # Readiness probe (node.yaml): `install.sh check`.
 if [ "${1:-}" = check ]; then
+  if release_failed; then
+    echo "this release (sha256 $(cat "$FAILED")) did not answer CRI calls on this node; the previous release serves"
+    exit 1
+  fi
   if ! pullgate_answers; then
     echo "pullgate does not answer CRI calls on $SOCKET"
     exit 1
@@ -314,7 +325,26 @@ put() {
 }
 
 # 1. The binary, the unit and the kubelet drop-in (the same files as systemd/ in the repository).
-put "$BINARY" "$HOST/usr/local/bin/pullgate" 0755
+#    The binary it replaces is kept in $PREVIOUS: a release that does not answer within the
+#    start timeout is replaced by it again (step 3), its digest is written to $FAILED, and later
+#    runs of this installer (a pod restart) leave the previous release in place while that
+#    release is the one on offer. The readiness probe fails meanwhile, so a rolling update of
+#    the DaemonSet stops at the first node instead of spreading a broken release.
+PREVIOUS=$HOST/var/lib/pullgate/pullgate.previous
+install -d -m 0700 "$HOST/var/lib/pullgate"
+ROLLBACK=false
+if release_failed; then
+  log "INSTALL FAILED: this release (sha256 $(sha256 "$BINARY")) did not answer CRI calls when it"
+  log "was installed on this node; the previous release stays. Roll the DaemonSet back, or delete"
+  log "${FAILED#"$HOST"} on the node to try this release again"
+else
+  if [ -f "$HOST/usr/local/bin/pullgate" ] && ! cmp -s "$BINARY" "$HOST/usr/local/bin/pullgate"; then
+    install -m 0755 "$HOST/usr/local/bin/pullgate" "$PREVIOUS.new"
+    mv -f "$PREVIOUS.new" "$PREVIOUS"
+    ROLLBACK=true
+  fi
+  put "$BINARY" "$HOST/usr/local/bin/pullgate" 0755
+fi
 put "$FILES/pullgate.service" "$HOST/etc/systemd/system/pullgate.service" 0644
 put "$FILES/10-pullgate.conf" "$HOST/etc/systemd/system/kubelet.service.d/10-pullgate.conf" 0644
 
@@ -322,7 +352,7 @@ put "$FILES/10-pullgate.conf" "$HOST/etc/systemd/system/kubelet.service.d/10-pul
 #    kubernetes.default.svc, so the Service's address from the environment is used; the token
 #    file is rewritten below as the kubelet rotates the projected token, and pullgate's client
 #    re-reads it, so only a changed server or CA needs a restart.
-install -d -m 0700 "$HOST/etc/pullgate" "$HOST/var/lib/pullgate"
+install -d -m 0700 "$HOST/etc/pullgate"
 put "$SA/ca.crt" "$HOST/etc/pullgate/ca.crt" 0644
 install -m 0600 "$SA/token" "$HOST/var/lib/pullgate/token.new"
 mv -f "$HOST/var/lib/pullgate/token.new" "$HOST/var/lib/pullgate/token"
@@ -365,11 +395,33 @@ else
 fi
 # Answering, not just a socket file: a CRI Version call through pullgate (which forwards it to
 # containerd) must succeed before kubelet is pointed at it.
-deadline=$(($(date +%s) + START_TIMEOUT_SECONDS))
-until pullgate_answers; do
-  if [ "$(date +%s)" -ge "$deadline" ]; then
-    log "pullgate does not answer CRI calls on $SOCKET within ${START_TIMEOUT_SECONDS}s"
-    host systemctl status --no-pager pullgate.service || true
+# answers_within: true when pullgate answers within START_TIMEOUT_SECONDS.
+answers_within() {
+  deadline=$(($(date +%s) + START_TIMEOUT_SECONDS))
+  until pullgate_answers; do
+    if [ "$(date +%s)" -ge "$deadline" ]; then return 1; fi
+    sleep 0.2
+  done
+}
+if ! answers_within; then
+  log "pullgate does not answer CRI calls on $SOCKET within ${START_TIMEOUT_SECONDS}s"
+  host systemctl status --no-pager pullgate.service || true
+  if [ "$ROLLBACK" = true ]; then
+    log "rolling back to the previous release"
+    install -m 0755 "$PREVIOUS" "$HOST/usr/local/bin/pullgate.new"
+    mv -f "$HOST/usr/local/bin/pullgate.new" "$HOST/usr/local/bin/pullgate"
+    host systemctl restart pullgate.service
+    if answers_within; then
+      # Only now is the new release to blame (not containerd, not the node).
+      sha256 "$BINARY" > "$FAILED"
+      log "INSTALL FAILED: the previous release serves again; the new one (sha256 $(cat "$FAILED"))"
+      log "is not installed, and this pod stays unready"
+      ROLLBACK=done
+    else
+      log "the previous release does not answer either"
+    fi
+  fi
+  if [ "$ROLLBACK" != done ]; then
     # kubelet needs pullgate for every container operation: never leave it on a dead socket.
     if unwire_kubelet; then
       log "rolled kubelet back to containerd ($CONTAINERD_ENDPOINT); this node is not enforced"
@@ -378,9 +430,11 @@ until pullgate_answers; do
     fi
     exit 1
   fi
-  sleep 0.2
-done
-log "pullgate is serving on $SOCKET"
+fi
+if [ "$ROLLBACK" != done ] && ! release_failed; then
+  rm -f "$FAILED"
+  log "pullgate is serving on $SOCKET"
+fi
 
 # 4. Optional: point kubelet at pullgate. Off by default: a kubelet restart is the cluster
 #    operator's call (kind-config/ sets both endpoints at node creation).

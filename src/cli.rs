@@ -193,7 +193,8 @@ pub struct ValidateArgs {
 /// Where policies come from in cluster mode (instead of `--policy-dir`).
 #[derive(Args, Debug, Clone)]
 pub struct ClusterArgs {
-    /// Cluster mode: policies, namespaces, key Secrets, the config ConfigMap and TrustRoots
+    /// Cluster mode: policies, namespaces, the config ConfigMap, the projected public keys of
+    /// key Secrets (no Secret is read by `serve`; `admission` projects them) and TrustRoots
     /// watched from the API server this kubeconfig points at (instead of --policy-dir).
     #[arg(
         long,
@@ -335,11 +336,13 @@ pub struct RegistryArgs {
     /// Docker config.json with registry credentials (default: $DOCKER_CONFIG or ~/.docker).
     #[arg(long, value_name = "PATH")]
     pub docker_config: Option<PathBuf>,
+    /// Username for the registry `--auth-host` names (in `pullgate verify`, by default the
+    /// image's registry).
     #[arg(long, env = "PULLGATE_REGISTRY_USERNAME", requires = "password")]
     pub username: Option<String>,
     #[arg(long, env = "PULLGATE_REGISTRY_PASSWORD", hide_env_values = true)]
     pub password: Option<String>,
-    /// Registry bearer token.
+    /// Registry bearer token for the registry `--auth-host` names.
     #[arg(
         long,
         env = "PULLGATE_REGISTRY_TOKEN",
@@ -347,6 +350,10 @@ pub struct RegistryArgs {
         conflicts_with = "username"
     )]
     pub token: Option<String>,
+    /// The one registry (host[:port], the port included) `--username/--password` or `--token`
+    /// are sent to. Required by `serve` and `admission`; `verify` defaults to the image's.
+    #[arg(long, value_name = "HOST[:PORT]", env = "PULLGATE_REGISTRY_AUTH_HOST")]
+    pub auth_host: Option<String>,
     /// Registry (host[:port]) to reach over plain HTTP (repeatable). Loopback always is.
     #[arg(long = "insecure-registry", value_name = "HOST")]
     pub insecure_registries: Vec<String>,
@@ -386,12 +393,42 @@ impl ScopeArgs {
 }
 
 impl RegistryArgs {
-    /// A registry client built from these flags.
-    pub fn client(&self) -> Result<RegistryClient, String> {
-        RegistryClient::new(self.config()?).map_err(|e| e.to_string())
+    /// A registry client built from these flags. `image_host` is the registry of the one image
+    /// a command verifies (`pullgate verify`), where an explicit credential without
+    /// `--auth-host` applies.
+    pub fn client(&self, image_host: Option<&str>) -> Result<RegistryClient, String> {
+        RegistryClient::new(self.config(image_host)?).map_err(|e| e.to_string())
     }
 
-    pub fn config(&self) -> Result<RegistryConfig, String> {
+    /// `--username/--password` or `--token` and the one host they are for: `--auth-host`, else
+    /// `image_host`. A credential answered to whichever registry asks would reach every
+    /// registry a policy or an image names, so one without a host is refused.
+    pub fn explicit_credential(
+        &self,
+        image_host: Option<&str>,
+    ) -> Result<Option<(String, Credential)>, String> {
+        let credential = match (&self.username, &self.password, &self.token) {
+            (Some(username), Some(password), _) => Credential::Basic {
+                username: username.clone(),
+                password: password.clone(),
+            },
+            (_, _, Some(token)) => Credential::Bearer(token.clone()),
+            _ => return Ok(None),
+        };
+        let host = self
+            .auth_host
+            .as_deref()
+            .or(image_host)
+            .filter(|h| !h.is_empty())
+            .ok_or(
+                "--username/--password and --token need --auth-host HOST[:PORT], the registry \
+                 they are for",
+            )?;
+        Ok(Some((host.to_string(), credential)))
+    }
+
+    /// See [`RegistryArgs::client`].
+    pub fn config(&self, image_host: Option<&str>) -> Result<RegistryConfig, String> {
         let path = self
             .docker_config
             .clone()
@@ -400,14 +437,8 @@ impl RegistryArgs {
             Some(p) => Credentials::from_docker_config(&p).map_err(|e| e.to_string())?,
             None => Credentials::default(),
         };
-        if let (Some(username), Some(password)) = (&self.username, &self.password) {
-            credentials = credentials.with_fallback(Credential::Basic {
-                username: username.clone(),
-                password: password.clone(),
-            });
-        }
-        if let Some(token) = &self.token {
-            credentials = credentials.with_fallback(Credential::Bearer(token.clone()));
+        if let Some((host, credential)) = self.explicit_credential(image_host)? {
+            credentials.insert(&host, credential);
         }
         Ok(RegistryConfig {
             insecure: self.insecure_registries.clone(),
@@ -434,9 +465,10 @@ fn error_exit(message: &str) -> ExitCode {
 }
 
 async fn verify(args: VerifyArgs) -> ExitCode {
-    if let Err(e) = ImageRef::parse(&args.image) {
-        return error_exit(&e.to_string());
-    }
+    let image_host = match ImageRef::parse(&args.image) {
+        Ok(image) => image.registry().to_string(),
+        Err(e) => return error_exit(&e.to_string()),
+    };
     // A one-shot check fetches what the policies name (remote policy texts, `remote` TUF
     // TrustRoots) before it decides.
     let fetcher = crate::policy::remote::RemoteFetcher::default();
@@ -454,7 +486,8 @@ async fn verify(args: VerifyArgs) -> ExitCode {
                 ));
             }
         };
-    let registry = match args.registry.client() {
+    // An explicit credential without --auth-host is for the registry of the image verified.
+    let registry = match args.registry.client(Some(&image_host)) {
         Ok(r) => r,
         Err(e) => return error_exit(&e),
     };
@@ -597,6 +630,9 @@ async fn serve(args: ServeArgs) -> ExitCode {
     use crate::cri::{bind, containerd_channel, Proxy, ServeError};
     use std::sync::Arc;
 
+    if let Err(e) = args.registry.explicit_credential(None) {
+        return error_exit(&e);
+    }
     if !args.containerd.exists() {
         return error_exit(&ServeError::NoContainerd(args.containerd.clone()).to_string());
     }
@@ -644,7 +680,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
     tokio::pin!(server);
 
     let startup = async {
-        let registry = args.registry.client()?;
+        let registry = args.registry.client(None)?;
         let metrics = Arc::new(crate::metrics::Metrics::new());
         let audit = audit.with_metrics(metrics.clone());
         let client = args.cluster.client().await?;
@@ -711,6 +747,9 @@ async fn admission(args: AdmissionArgs) -> ExitCode {
     use crate::admission::{bind, serve, CertFiles, Shim};
     use std::sync::Arc;
 
+    if let Err(e) = args.registry.explicit_credential(None) {
+        return error_exit(&e);
+    }
     let tls = match CertFiles::open(&args.tls_cert, &args.tls_key) {
         Ok(t) => t,
         Err(e) => return error_exit(&e.to_string()),
@@ -719,7 +758,7 @@ async fn admission(args: AdmissionArgs) -> ExitCode {
         Ok(c) => c,
         Err(e) => return error_exit(&e.to_string()),
     };
-    let registry = match args.registry.client() {
+    let registry = match args.registry.client(None) {
         Ok(r) => r,
         Err(e) => return error_exit(&e),
     };
@@ -737,6 +776,14 @@ async fn admission(args: AdmissionArgs) -> ExitCode {
     let pull_secrets = client
         .clone()
         .map(crate::admission::pull_secrets::PullSecrets::new);
+    // Cluster mode: project the public keys of CIP key Secrets for the nodes, which read no
+    // Secret (see crate::kube::keys).
+    let projector = client.clone().map(|c| {
+        let namespace = args.scope.settings().controller_namespace;
+        tokio::spawn(
+            crate::kube::keys::KeyProjector::new(c, namespace, Some(metrics.clone())).run(),
+        )
+    });
     let (policies, watcher) = match policy_source(
         client,
         &args.policy_dirs,
@@ -812,6 +859,9 @@ async fn admission(args: AdmissionArgs) -> ExitCode {
     }
     watcher.abort();
     cert_watcher.abort();
+    if let Some(p) = projector {
+        p.abort();
+    }
     if let Some(admin) = admin {
         admin.abort();
     }

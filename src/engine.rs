@@ -19,14 +19,15 @@ use std::time::Instant;
 use crate::audit::{AuditFailure, AuditLine, AuditLog, Source};
 use crate::image_ref::{is_digest, ImageRef};
 use crate::policy::eval::{
-    attached_needed, check_authorities, conclude, decide_offline_enforced, judge_policy,
-    object_cache_key, signature_pull_secret_names, AttachedKind, Decision, Offline, PolicyInputs,
-    Signatures, Verdict,
+    attached_for, attached_needed, check_authorities, conclude, decide_offline_enforced,
+    judge_policy, object_cache_key, signature_pull_secret_names, Attached, AttachedKind,
+    AuthorityOutcome, Decision, Offline, PolicyInputs, Signatures, Verdict,
 };
 use crate::policy::object::AdmissionObject;
+use crate::policy::snapshot::CompiledPolicy;
 use crate::policy::source::PolicySource;
 use crate::policy::Snapshot;
-use crate::registry::{Credential, Credentials, RegistryClient};
+use crate::registry::{Budget, Credential, Credentials, RegistryClient};
 use crate::verify::cache::{CacheKey, VerdictCache};
 
 type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -50,8 +51,9 @@ pub struct Request<'a> {
     pub namespace: Option<&'a str>,
     /// The pod (or `Kind/name` of a workload), for the audit line.
     pub pod: Option<&'a str>,
-    /// The caller's registry credential (e.g. the one kubelet resolved for the pull), used for
-    /// the tag lookup, signature and config fetches.
+    /// The caller's registry credential for the image's own host (e.g. the one kubelet
+    /// resolved for the pull), used for the tag lookup, config fetches and signature fetches
+    /// from that host only: never sent to a signature repository on another host.
     pub auth: Option<&'a Credential>,
     /// Reads the authorities' `signaturePullSecrets`, used first for what those authorities
     /// fetch. Asked only when a policy applying to the image names some.
@@ -361,6 +363,7 @@ async fn decide_pinned(
                 enforced: true,
                 fingerprint: snapshot.fingerprint().to_string(),
                 object: object_cache_key(snapshot, pinned, request.object),
+                credentials: credential_identity(request),
             };
             cache.get_or_compute(key, compute).await
         }
@@ -403,55 +406,39 @@ async fn evaluate(
     // signaturePullSecrets live in the workload's namespace: read them only when needed.
     let signature_auth = match (request.pull_secrets, namespace) {
         (Some(reader), Some(ns)) if needed.iter().any(|a| a.pull_secrets) => {
-            let names = signature_pull_secret_names(snapshot, pinned);
+            let names = signature_pull_secret_names(snapshot, pinned, object);
             Some(reader.credentials(ns, &names).await)
         }
         _ => None,
     };
     let signature_auth = signature_auth.as_ref();
-    let fetches = needed.iter().map(|att| async move {
-        let credential = signature_auth
-            .filter(|_| att.pull_secrets)
-            .and_then(|c| c.for_host(att.repo.registry()))
-            .or(auth);
-        (
-            att.key(),
-            match &att.kind {
-                AttachedKind::Tag { tag, media_type } => {
-                    registry
-                        .fetch_attached(&att.repo, tag, media_type, credential)
-                        .await
-                }
-                AttachedKind::Referrers { digest } => {
-                    registry
-                        .fetch_referrers(&att.repo, digest, credential)
-                        .await
-                }
-            },
-        )
-    });
-    let mut signatures = Signatures::new();
-    for (name, fetched) in futures_util::future::join_all(fetches).await {
-        match fetched {
-            Ok(layers) => {
-                signatures.insert(name, layers);
-            }
-            Err(e) => {
-                return could_not_decide(decision, format!("fetching signatures from {name}: {e}"))
-            }
-        }
-    }
-    let checked: Vec<_> = undecided
+    let credentials: Vec<Option<&Credential>> = needed
         .iter()
-        .map(|&(i, by_repository)| {
-            let p = &snapshot.policies[i];
-            (
-                p,
-                by_repository,
-                check_authorities(p, pinned, digest, &signatures),
-            )
+        .map(|att| {
+            signature_auth
+                .filter(|_| att.pull_secrets)
+                .and_then(|c| c.for_host(att.repo.registry()))
+                // The caller's credential was given for the image's host only.
+                .or(auth.filter(|_| att.repo.registry() == pinned.registry()))
         })
         .collect();
+    let budget = registry.budget();
+    let fetched = FetchPlan {
+        registry,
+        budget: &budget,
+        needed: &needed,
+        credentials: &credentials,
+        pinned,
+        digest,
+    };
+    let policies: Vec<(&CompiledPolicy, bool)> = undecided
+        .iter()
+        .map(|&(i, by_repository)| (&snapshot.policies[i], by_repository))
+        .collect();
+    let checked = match fetched.check_as_fetched(&policies).await {
+        Ok(checked) => checked,
+        Err(reason) => return could_not_decide(decision, reason),
+    };
     // As policy-controller: the config is fetched only for a CIP whose authorities passed.
     let wants_config = checked.iter().any(|(p, _, authorities)| {
         p.policy.is_some() && p.includes.config && authorities.iter().any(|a| a.passed)
@@ -459,7 +446,7 @@ async fn evaluate(
     let config = match wants_config {
         true => Some(
             registry
-                .fetch_configs(pinned, auth)
+                .fetch_configs(pinned, auth, &budget)
                 .await
                 .map_err(|e| format!("cannot fetch the image config: {e}")),
         ),
@@ -476,6 +463,165 @@ async fn evaluate(
     }
     conclude(&mut decision, snapshot.config.no_match_policy);
     decision
+}
+
+/// Who is asking, for the verdict cache: the caller's credential and, when `signaturePullSecrets`
+/// can be read, the namespace they are read in. Empty when neither. Only refusals are kept by
+/// it ([`CacheKey::credentials`]).
+fn credential_identity(request: &Request<'_>) -> String {
+    let mut who = request.auth.map(Credential::identity).unwrap_or_default();
+    if request.pull_secrets.is_some() {
+        who.push_str("|ns=");
+        who.push_str(request.namespace.unwrap_or_default());
+    }
+    who
+}
+
+/// One decision's signature fetches: what to fetch, with which credential, within which budget.
+struct FetchPlan<'a> {
+    registry: &'a RegistryClient,
+    budget: &'a Budget,
+    needed: &'a [Attached],
+    /// By index of `needed`.
+    credentials: &'a [Option<&'a Credential>],
+    pinned: &'a ImageRef,
+    digest: &'a str,
+}
+
+/// A policy with its authorities checked, and whether it applies by repository.
+type Checked<'s> = (&'s CompiledPolicy, bool, Vec<AuthorityOutcome>);
+
+/// Signature fetches one repository keeps in flight (the budget bounds them per decision too).
+const FETCHES_PER_REPOSITORY: usize = 4;
+
+impl FetchPlan<'_> {
+    /// Lists what `needed` names, then fetches the signatures in each list's order and checks
+    /// `policies` as they arrive (after 1, 2, 4, 8, … of them, so checking costs at most about
+    /// twice checking them all once), stopping as soon as no further signature can change the
+    /// outcome: every policy has an authority that passed, or, for a policy with a CIP-level
+    /// `policy` (which reads every authority's matches), all its authorities passed. Each
+    /// check takes the first signature in order that satisfies it, so an authority that passed
+    /// on the signatures read so far has the outcome it would have on all of them. Otherwise
+    /// everything is read and checked once more. `Err`: the could-not-decide reason (a fetch
+    /// failed, or the decision's budget ran out, before the outcome was settled).
+    async fn check_as_fetched<'s>(
+        &self,
+        policies: &[(&'s CompiledPolicy, bool)],
+    ) -> Result<Vec<Checked<'s>>, String> {
+        use futures_util::StreamExt as _;
+        let Self {
+            registry,
+            budget,
+            needed,
+            credentials,
+            pinned,
+            digest,
+        } = *self;
+        let listings = futures_util::future::join_all(needed.iter().zip(credentials).map(
+            |(att, &credential)| async move {
+                match &att.kind {
+                    AttachedKind::Tag { tag, media_type } => {
+                        registry
+                            .list_attached(&att.repo, tag, media_type, credential, budget)
+                            .await
+                    }
+                    AttachedKind::Referrers { digest } => {
+                        registry
+                            .list_referrers(&att.repo, digest, credential, budget)
+                            .await
+                    }
+                }
+            },
+        ))
+        .await;
+        let mut signatures = Signatures::new();
+        let mut left = Vec::with_capacity(needed.len());
+        let mut streams = Vec::with_capacity(needed.len());
+        for (i, (att, listed)) in needed.iter().zip(listings).enumerate() {
+            let listed =
+                listed.map_err(|e| format!("fetching signatures from {}: {e}", att.key()))?;
+            signatures.insert(att.key(), Vec::new());
+            left.push(listed.len());
+            let credential = credentials[i];
+            let stream = futures_util::stream::iter(listed)
+                .map(move |l| registry.fetch_pending(&att.repo, l, credential, budget))
+                .buffered(FETCHES_PER_REPOSITORY)
+                .map(move |fetched| (i, fetched));
+            streams.push(stream.boxed());
+        }
+        let check = |signatures: &Signatures| -> Vec<Checked<'s>> {
+            policies
+                .iter()
+                .map(|&(p, by_repository)| {
+                    (
+                        p,
+                        by_repository,
+                        check_authorities(p, pinned, digest, signatures),
+                    )
+                })
+                .collect()
+        };
+        let mut merged = futures_util::stream::select_all(streams);
+        let (mut arrived, mut next_check) = (0usize, 1usize);
+        while let Some((i, fetched)) = merged.next().await {
+            let key = needed[i].key();
+            left[i] -= 1;
+            let layer = match fetched {
+                Ok(layer) => layer,
+                Err(e) => {
+                    // What was read before the failure may already settle the outcome.
+                    let checked = check(&signatures);
+                    if settled(&checked) {
+                        return Ok(self.unfinished(checked, &left));
+                    }
+                    return Err(format!("fetching signatures from {key}: {e}"));
+                }
+            };
+            if let (Some(layer), Some(list)) = (layer, signatures.get_mut(&key)) {
+                list.push(layer);
+            }
+            arrived += 1;
+            if arrived == next_check && left.iter().any(|&n| n > 0) {
+                next_check *= 2;
+                let checked = check(&signatures);
+                if settled(&checked) {
+                    return Ok(self.unfinished(checked, &left));
+                }
+            }
+        }
+        Ok(check(&signatures))
+    }
+
+    /// Says so in the outcome of each authority that failed on signatures not all read (its
+    /// policy passed by another authority first).
+    fn unfinished<'s>(&self, mut checked: Vec<Checked<'s>>, left: &[usize]) -> Vec<Checked<'s>> {
+        for (p, _, outcomes) in &mut checked {
+            for (a, outcome) in p.authorities.iter().flatten().zip(outcomes.iter_mut()) {
+                let unread = attached_for(a, self.pinned, self.digest).is_some_and(|att| {
+                    self.needed
+                        .iter()
+                        .zip(left)
+                        .any(|(n, &l)| l > 0 && n.key() == att.key())
+                });
+                if !outcome.passed && unread {
+                    outcome.reason = Some(format!(
+                        "not checked against every signature: another authority of policy {} \
+                         passed first",
+                        p.name
+                    ));
+                }
+            }
+        }
+        checked
+    }
+}
+
+/// No signature still unread can change these outcomes (see [`FetchPlan::check_as_fetched`]).
+fn settled(checked: &[Checked<'_>]) -> bool {
+    checked.iter().all(|(p, _, authorities)| match p.policy {
+        None => authorities.iter().any(|a| a.passed),
+        Some(_) => authorities.iter().all(|a| a.passed),
+    })
 }
 
 fn not_enforced(image: &str, namespace: Option<&str>) -> Decision {

@@ -15,6 +15,7 @@
 //! | `pullgate_snapshot_policy_invalid` | gauge | `policy`: 1 for each invalid ClusterImagePolicy |
 //! | `pullgate_audit_write_errors_total` | counter | audit lines that could not be written |
 //! | `pullgate_audit_failing` | gauge | 1 while the latest audit write failed |
+//! | `pullgate_key_secrets_with_private_keys` | gauge | key Secrets named by CIPs that hold a private key (admission shim) |
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -160,6 +161,7 @@ pub struct Metrics {
     audit_errors: Counter,
     audit_failing: Gauge,
     audit: std::sync::Mutex<AuditHealth>,
+    key_secrets_with_private_keys: Gauge,
 }
 
 impl Default for Metrics {
@@ -234,6 +236,12 @@ impl Metrics {
             "1 while the latest audit write failed, 0 once one succeeds",
             audit_failing.clone(),
         );
+        let key_secrets_with_private_keys = Gauge::default();
+        registry.register(
+            "key_secrets_with_private_keys",
+            "Key Secrets named by ClusterImagePolicies that also hold a private key (admission shim's key projector)",
+            key_secrets_with_private_keys.clone(),
+        );
         Metrics {
             registry,
             decisions,
@@ -247,6 +255,7 @@ impl Metrics {
             audit_errors,
             audit_failing,
             audit: std::sync::Mutex::new(AuditHealth::default()),
+            key_secrets_with_private_keys,
         }
     }
 
@@ -272,6 +281,12 @@ impl Metrics {
     /// Whether audit lines are being written.
     pub fn audit_health(&self) -> AuditHealth {
         self.audit.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Set by the key projector ([`crate::kube::keys`]).
+    pub fn set_key_secrets_with_private_keys(&self, count: usize) {
+        self.key_secrets_with_private_keys
+            .set(i64::try_from(count).unwrap_or(i64::MAX));
     }
 
     /// Counts one decision (called with each audit line).

@@ -249,13 +249,13 @@ async fn missing_key_secret_fails_closed() {
 
 #[tokio::test]
 async fn features_not_built_fail_closed_with_a_reason() {
-    let kms = "[{key: {kms: \"awskms:///alias/signer\"}}]";
+    let kms = "[{key: {kms: \"awskms:///arn:aws:kms:us-east-1:111122223333:alias/signer\"}}]";
     let s = snapshot(&cip("kms", "**", kms, ""), Settings::default());
     let (v, reasons) = verdict(&s, "ghcr.io/a/b:1", None).await;
     assert_eq!(v, Verdict::Deny);
     assert!(
         reasons[0].contains(
-            "a KMS key (awskms:///alias/signer) is not supported by this version of pullgate"
+            "a KMS key (awskms:///arn:aws:kms:us-east-1:111122223333:alias/signer) is not supported by this version of pullgate"
         ),
         "{reasons:?}"
     );

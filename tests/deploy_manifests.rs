@@ -113,49 +113,55 @@ fn first_difference(a: &Value, b: &Value, at: String) -> Option<String> {
     }
 }
 
+/// The objects of deploy/ (kustomizations and the cert-manager option aside).
 fn load() -> Manifests {
     let mut m = Manifests::default();
-    let files = yaml_files(&root().join("deploy"));
+    let files: Vec<PathBuf> = yaml_files(&root().join("deploy"))
+        .into_iter()
+        .filter(|f| {
+            f.file_name().is_some_and(|n| n != "kustomization.yaml")
+                && !f.starts_with(root().join("deploy/cert-manager"))
+        })
+        .collect();
     assert!(files.len() >= 5, "{files:?}");
     for file in files {
         for (i, doc) in documents(&file).into_iter().enumerate() {
             let origin = format!("{} document {}", file.display(), i + 1);
-            let kind = doc["kind"].as_str().unwrap_or_default().to_string();
-            match (
-                doc["apiVersion"].as_str().unwrap_or_default(),
-                kind.as_str(),
-            ) {
-                ("v1", "Namespace") => m.namespaces.push(typed(&doc, &origin)),
-                ("v1", "ServiceAccount") => m.service_accounts.push(typed(&doc, &origin)),
-                ("v1", "Service") => m.services.push(typed(&doc, &origin)),
-                ("v1", "ConfigMap") => m.config_maps.push(typed(&doc, &origin)),
-                ("rbac.authorization.k8s.io/v1", "ClusterRole") => {
-                    m.cluster_roles.push(typed(&doc, &origin))
-                }
-                ("rbac.authorization.k8s.io/v1", "Role") => m.roles.push(typed(&doc, &origin)),
-                ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding") => {
-                    m.cluster_role_bindings.push(typed(&doc, &origin))
-                }
-                ("rbac.authorization.k8s.io/v1", "RoleBinding") => {
-                    m.role_bindings.push(typed(&doc, &origin))
-                }
-                ("apiextensions.k8s.io/v1", "CustomResourceDefinition") => {
-                    m.crds.push(typed(&doc, &origin))
-                }
-                ("apps/v1", "Deployment") => m.deployments.push(typed(&doc, &origin)),
-                ("apps/v1", "DaemonSet") => m.daemon_sets.push(typed(&doc, &origin)),
-                ("policy/v1", "PodDisruptionBudget") => m.pdbs.push(typed(&doc, &origin)),
-                ("admissionregistration.k8s.io/v1", "ValidatingWebhookConfiguration") => {
-                    m.validating.push(typed(&doc, &origin))
-                }
-                ("admissionregistration.k8s.io/v1", "MutatingWebhookConfiguration") => {
-                    m.mutating.push(typed(&doc, &origin))
-                }
-                (api_version, kind) => panic!("{origin}: unexpected {api_version} {kind}"),
-            }
+            add(&mut m, &doc, &origin);
         }
     }
     m
+}
+
+/// Files `doc` (from `origin`) under its kind, typed; panics on a kind deploy/ should not hold.
+fn add(m: &mut Manifests, doc: &Value, origin: &str) {
+    let kind = doc["kind"].as_str().unwrap_or_default().to_string();
+    match (
+        doc["apiVersion"].as_str().unwrap_or_default(),
+        kind.as_str(),
+    ) {
+        ("v1", "Namespace") => m.namespaces.push(typed(doc, origin)),
+        ("v1", "ServiceAccount") => m.service_accounts.push(typed(doc, origin)),
+        ("v1", "Service") => m.services.push(typed(doc, origin)),
+        ("v1", "ConfigMap") => m.config_maps.push(typed(doc, origin)),
+        ("rbac.authorization.k8s.io/v1", "ClusterRole") => m.cluster_roles.push(typed(doc, origin)),
+        ("rbac.authorization.k8s.io/v1", "Role") => m.roles.push(typed(doc, origin)),
+        ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding") => {
+            m.cluster_role_bindings.push(typed(doc, origin))
+        }
+        ("rbac.authorization.k8s.io/v1", "RoleBinding") => m.role_bindings.push(typed(doc, origin)),
+        ("apiextensions.k8s.io/v1", "CustomResourceDefinition") => m.crds.push(typed(doc, origin)),
+        ("apps/v1", "Deployment") => m.deployments.push(typed(doc, origin)),
+        ("apps/v1", "DaemonSet") => m.daemon_sets.push(typed(doc, origin)),
+        ("policy/v1", "PodDisruptionBudget") => m.pdbs.push(typed(doc, origin)),
+        ("admissionregistration.k8s.io/v1", "ValidatingWebhookConfiguration") => {
+            m.validating.push(typed(doc, origin))
+        }
+        ("admissionregistration.k8s.io/v1", "MutatingWebhookConfiguration") => {
+            m.mutating.push(typed(doc, origin))
+        }
+        (api_version, kind) => panic!("{origin}: unexpected {api_version} {kind}"),
+    }
 }
 
 fn name_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> &str {
@@ -394,7 +400,12 @@ fn permissions(grants: &[(String, PolicyRule)]) -> Vec<String> {
         for group in rule.api_groups.iter().flatten() {
             for res in rule.resources.iter().flatten() {
                 for verb in &rule.verbs {
-                    out.push(format!("{ns} {group}/{res} {verb}"));
+                    match &rule.resource_names {
+                        Some(names) => {
+                            out.push(format!("{ns} {group}/{res} {verb} [{}]", names.join(",")))
+                        }
+                        None => out.push(format!("{ns} {group}/{res} {verb}")),
+                    }
                 }
             }
         }
@@ -418,8 +429,6 @@ fn nodes_get_list_and_watch_on_only_what_they_need() {
             "* policy.sigstore.dev/trustroots watch",
             "cosign-system /configmaps list",
             "cosign-system /configmaps watch",
-            "cosign-system /secrets list",
-            "cosign-system /secrets watch",
         ]
     );
     let admission = permissions(&grants(&m, "pullgate-admission"));
@@ -433,10 +442,26 @@ fn nodes_get_list_and_watch_on_only_what_they_need() {
             .any(|p| p.starts_with("* /secrets list") || p.starts_with("* /secrets watch")),
         "{admission:?}"
     );
+    // The key projector: the controller namespace's Secrets, and writes to one ConfigMap.
+    for wanted in [
+        "cosign-system /secrets list",
+        "cosign-system /secrets watch",
+        "cosign-system /configmaps get [pullgate-public-keys]",
+        "cosign-system /configmaps update [pullgate-public-keys]",
+    ] {
+        assert!(admission.contains(&wanted.to_string()), "{admission:?}");
+    }
     for p in admission.iter().chain(&node) {
-        let verb = p.rsplit(' ').next().unwrap();
+        if p == "cosign-system /configmaps update [pullgate-public-keys]" {
+            continue;
+        }
+        let verb = p.split(' ').nth(2).unwrap();
         assert!(["get", "list", "watch"].contains(&verb), "read-only: {p}");
     }
+    // The ConfigMap it updates is created by the manifests.
+    assert!(m.config_maps.iter().any(|c| name_of(&c.metadata)
+        == pullgate::kube::keys::PROJECTION_NAME
+        && c.metadata.namespace.as_deref() == Some("cosign-system")));
     // The workloads run as the accounts granted.
     assert_eq!(
         m.daemon_sets[0]
@@ -464,6 +489,86 @@ fn nodes_get_list_and_watch_on_only_what_they_need() {
             .as_deref(),
         Some("pullgate-admission")
     );
+}
+
+/// Whether `rule` lets its holder read Secrets (any read verb, wildcards included).
+fn reads_secrets(rule: &PolicyRule) -> bool {
+    let core = rule
+        .api_groups
+        .iter()
+        .flatten()
+        .any(|g| g.is_empty() || g == "*");
+    let secrets = rule
+        .resources
+        .iter()
+        .flatten()
+        .any(|r| r == "secrets" || r == "*");
+    let reads = rule
+        .verbs
+        .iter()
+        .any(|v| ["get", "list", "watch", "*"].contains(&v.as_str()));
+    core && secrets && reads
+}
+
+/// Nodes never hold private keys: no role bound to the node account reads any Secret
+/// (`cosign generate-key-pair k8s://` stores cosign.key beside cosign.pub, and RBAC grants a
+/// Secret whole). A ClusterRole reading Secrets cluster-wide must say why in the
+/// `pullgate.dev/secrets-justification` annotation, and must not be bound to nodes.
+#[test]
+fn no_node_role_reads_a_secret_and_cluster_wide_secret_reads_are_justified() {
+    let m = load();
+    let node = grants(&m, "pullgate-node");
+    assert!(!node.is_empty());
+    for (ns, rule) in &node {
+        assert!(
+            !reads_secrets(rule),
+            "the node reads Secrets in {ns}: {rule:?}"
+        );
+    }
+    let mut secret_readers = Vec::new();
+    for role in &m.cluster_roles {
+        if !role.rules.iter().flatten().any(reads_secrets) {
+            continue;
+        }
+        let name = name_of(&role.metadata).to_string();
+        let why = role
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get("pullgate.dev/secrets-justification"))
+            .map(|w| w.trim().to_string())
+            .unwrap_or_default();
+        assert!(
+            why.len() >= 40,
+            "ClusterRole {name} reads Secrets cluster-wide without a justification"
+        );
+        for b in &m.cluster_role_bindings {
+            if b.role_ref.name == name {
+                for s in b.subjects.iter().flatten() {
+                    assert_eq!(
+                        (s.kind.as_str(), s.name.as_str()),
+                        ("ServiceAccount", "pullgate-admission"),
+                        "ClusterRole {name} bound to {s:?}"
+                    );
+                }
+            }
+        }
+        secret_readers.push(name);
+    }
+    // Honest about what is there today: the shim's imagePullSecrets reader.
+    assert!(
+        secret_readers.len() <= 1,
+        "more ClusterRoles read Secrets: {secret_readers:?}"
+    );
+    // Roles reading Secrets: only the key projector's, in the controller namespace.
+    for role in &m.roles {
+        if role.rules.iter().flatten().any(reads_secrets) {
+            assert_eq!(
+                (name_of(&role.metadata), role.metadata.namespace.as_deref()),
+                ("pullgate-key-projector", Some("cosign-system"))
+            );
+        }
+    }
 }
 
 fn crd<'a>(m: &'a Manifests, name: &str) -> &'a CustomResourceDefinition {
@@ -1363,6 +1468,7 @@ impl ScratchNode {
             .env("NODE_NAME", "node-a")
             .env("NSENTER_CALLS", self.path("calls"))
             .env("NSENTER_HOOK", self.path("bin/systemd-hook"))
+            .env("PULLGATE_SERVICE_STATE", self.path("service-state"))
             .stdin(Stdio::null());
         cmd
     }
@@ -1441,7 +1547,16 @@ fn unix_now() -> u64 {
 /// `kubelet $KUBELET_KUBECONFIG_ARGS $KUBELET_CONFIG_ARGS $KUBELET_KUBEADM_ARGS
 /// $KUBELET_EXTRA_ARGS`, KUBELET_CONFIG_ARGS set there and overridable by a later drop-in,
 /// KUBELET_KUBEADM_ARGS from /var/lib/kubelet/kubeadm-flags.env).
+///
+/// `systemctl restart|start pullgate.service` runs the installed binary once and writes
+/// "running OUTPUT" or "failed OUTPUT" to $PULLGATE_SERVICE_STATE (a test then serves CRI or not).
 const SYSTEMD_HOOK: &str = r#"
+case "$*" in "systemctl restart pullgate.service"|"systemctl start pullgate.service")
+  if out=$("$INSTALL_HOST_ROOT/usr/local/bin/pullgate" 2>&1); then state=running; else state=failed; fi
+  echo "$state $out" > "$PULLGATE_SERVICE_STATE.new"
+  mv -f "$PULLGATE_SERVICE_STATE.new" "$PULLGATE_SERVICE_STATE"
+  exit 0;;
+esac
 [ "$*" = "systemctl restart kubelet.service" ] || [ "$*" = boot ] || exit 0
 H=$INSTALL_HOST_ROOT
 P=$INSTALL_PROC
@@ -2111,6 +2226,123 @@ async fn node_installer_leaves_kubelet_alone_when_pullgate_does_not_come_up() {
     );
 }
 
+/// A release that exits at start: the installer puts the binary it replaced back, which
+/// serves again; the install reports failure (its log, and a readiness probe that fails so a
+/// rolling update stops at this node), and a later run (a pod restart) does not retry it.
+#[tokio::test(flavor = "multi_thread")]
+async fn node_installer_rolls_back_to_the_previous_release_when_the_new_one_does_not_answer() {
+    const OLD: &str = "#!/bin/sh\necho release-old\n";
+    const NEW: &str = "#!/bin/sh\necho 'release-new: cannot start' >&2\nexit 1\n";
+    let m = load();
+    let node = ScratchNode::new(&m, "t", "ca", None);
+    let installed = node.host("usr/local/bin/pullgate");
+    write(&installed, OLD);
+    std::fs::set_permissions(&installed, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let image = node.path("image/pullgate");
+    write(&image, NEW);
+    std::fs::set_permissions(&image, std::fs::Permissions::from_mode(0o755)).unwrap();
+    // systemd's pullgate.service: CRI answered while the last start of the installed binary
+    // succeeded, nothing answering while it failed.
+    let state = node.path("service-state");
+    let socket = node.host("run/pullgate/pullgate.sock");
+    let served = Arc::new(Mutex::new(Vec::<String>::new()));
+    let log = served.clone();
+    let supervisor = tokio::spawn(async move {
+        let mut server: Option<FakeCri> = None;
+        loop {
+            let now = read_or_empty(&state);
+            match (now.starts_with("running "), &server) {
+                (true, None) => {
+                    let _ = std::fs::remove_file(&socket);
+                    server = Some(FakeCri::serve(&socket));
+                    log.lock().unwrap().push(now);
+                }
+                (false, Some(_)) => server = None,
+                _ => {}
+            }
+            if let Some(s) = &server {
+                let n = s.requests().len();
+                log.lock().unwrap().push(format!("requests {n}"));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+
+    let mut installer = node.install("10.96.0.1", 443, false);
+    wait_for(&node, "the rollback", || {
+        node.log().contains("the previous release serves again") || installer.exited().is_some()
+    })
+    .await;
+    assert_eq!(installer.exited(), None, "{}", node.log());
+    let log = node.log();
+    assert!(
+        log.contains("does not answer CRI calls on /run/pullgate/pullgate.sock within 2s")
+            && log.contains("INSTALL FAILED"),
+        "{log}"
+    );
+    assert_eq!(std::fs::read_to_string(&installed).unwrap(), OLD);
+    assert_eq!(mode(&installed), 0o755);
+    assert!(read_or_empty(&node.path("service-state")).starts_with("running release-old"));
+    // The old release served the installer's CRI Version call after the rollback.
+    assert!(
+        served
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.starts_with("requests ") && l != "requests 0"),
+        "{:?}",
+        served.lock().unwrap()
+    );
+    let (code, out) = node.check();
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("did not answer CRI calls on this node"),
+        "{out}"
+    );
+    let restarts = |node: &ScratchNode| {
+        node.calls()
+            .iter()
+            .filter(|c| c.as_str() == "systemctl restart pullgate.service")
+            .count()
+    };
+    assert_eq!(restarts(&node), 2, "{:?}", node.calls());
+    drop(installer);
+
+    // The pod restarts with the same release: it is not tried again.
+    let mut again = node.install("10.96.0.1", 443, false);
+    wait_for(&node, "the second run to settle", || {
+        node.log().contains("INSTALL FAILED: this release") || again.exited().is_some()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(again.exited(), None, "{}", node.log());
+    assert_eq!(std::fs::read_to_string(&installed).unwrap(), OLD);
+    assert_eq!(restarts(&node), 2, "{:?}", node.calls());
+    assert_eq!(node.check().0, 1);
+    drop(again);
+
+    // A fixed release (another binary) is installed normally, and the probe passes again as
+    // far as the release goes.
+    write(&image, "#!/bin/sh\necho release-fixed\n");
+    std::fs::remove_file(node.path("service-state")).unwrap();
+    let mut fixed = node.install("10.96.0.1", 443, false);
+    wait_for(&node, "the fixed release", || {
+        node.log().contains("pullgate is serving on") || fixed.exited().is_some()
+    })
+    .await;
+    assert_eq!(fixed.exited(), None, "{}", node.log());
+    assert!(!node
+        .host("var/lib/pullgate/pullgate.failed-sha256")
+        .exists());
+    assert_eq!(
+        std::fs::read_to_string(node.host("var/lib/pullgate/pullgate.previous")).unwrap(),
+        OLD
+    );
+    let (_, out) = node.check();
+    assert!(!out.contains("did not answer"), "{out}");
+    supervisor.abort();
+}
+
 /// kubelet needs pullgate for every container operation: a release that does not answer
 /// must not leave a wired kubelet on a dead socket.
 #[tokio::test(flavor = "multi_thread")]
@@ -2162,10 +2394,22 @@ async fn node_installer_rolls_kubelet_back_to_containerd_when_pullgate_stops_ans
             "systemctl enable pullgate.service",
             "systemctl restart pullgate.service",
             "systemctl status --no-pager pullgate.service",
+            // The release it replaced is tried first; nothing answers either.
+            "systemctl restart pullgate.service",
             "systemctl daemon-reload",
             "systemctl restart kubelet.service"
         ]
     );
+    assert!(
+        node.log()
+            .contains("the previous release does not answer either"),
+        "{}",
+        node.log()
+    );
+    // Not the release's fault as far as anyone can tell: not remembered as failed.
+    assert!(!node
+        .host("var/lib/pullgate/pullgate.failed-sha256")
+        .exists());
     // Everything the installer wrote for kubelet is undone; kubelet runs as before.
     assert!(!node
         .host("etc/kubernetes/kubelet.conf.d/90-pullgate.conf")
@@ -2253,4 +2497,363 @@ fn kind_cluster_for_cluster_mode_starts_plain_with_the_walkthrough_nodes() {
     assert!(cluster.get("kubeadmConfigPatches").is_none());
     let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
     assert!(readme.contains("kind create cluster --config kind-config/cluster-mode.yaml"));
+}
+
+/// kubectl for rendering kustomizations (offline): the test bed's, else the system one.
+fn kubectl() -> Option<PathBuf> {
+    let testbed = PathBuf::from("/var/cache/pullgate-testbed/bin/kubectl");
+    if testbed.exists() {
+        return Some(testbed);
+    }
+    let status = std::process::Command::new("kubectl")
+        .args(["version", "--client"])
+        .output();
+    status
+        .is_ok_and(|o| o.status.success())
+        .then(|| PathBuf::from("kubectl"))
+}
+
+/// The documents `kubectl kustomize DIR` renders.
+fn kustomize(kubectl: &Path, dir: &str) -> Vec<Value> {
+    let out = std::process::Command::new(kubectl)
+        .args(["kustomize", dir])
+        .current_dir(root())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "kubectl kustomize {dir}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    serde_yaml::Deserializer::from_str(&text)
+        .map(|doc| {
+            let v: serde_yaml::Value = serde::Deserialize::deserialize(doc).unwrap();
+            serde_json::to_value(v).unwrap()
+        })
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+fn pod_images(m: &Manifests) -> Vec<String> {
+    let specs = m
+        .deployments
+        .iter()
+        .filter_map(|d| d.spec.as_ref()?.template.spec.clone())
+        .chain(
+            m.daemon_sets
+                .iter()
+                .filter_map(|d| d.spec.as_ref()?.template.spec.clone()),
+        );
+    let mut images = Vec::new();
+    for spec in specs {
+        for c in spec
+            .containers
+            .iter()
+            .chain(spec.init_containers.iter().flatten())
+        {
+            images.push(c.image.clone().unwrap_or_default());
+        }
+    }
+    images
+}
+
+fn by_digest(image: &str) -> bool {
+    image.rsplit_once("@sha256:").is_some_and(|(_, d)| {
+        d.len() == 64
+            && d.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    })
+}
+
+/// `kubectl apply -k deploy/` installs everything: the kustomization names every manifest in
+/// deploy/, renders offline, every rendered object parses as its typed kind, and every
+/// container image is referenced by digest (in the files and as rendered). The cert-manager
+/// option renders too and issues the Secret the shim mounts.
+#[test]
+fn kustomization_renders_everything_with_images_by_digest() {
+    let Some(kubectl) = kubectl() else {
+        assert!(std::env::var_os("CI").is_none(), "no kubectl in CI");
+        eprintln!("SKIPPED: no kubectl to render deploy/kustomization.yaml");
+        return;
+    };
+    // Every top-level manifest is a resource of the kustomization (CRDs by path).
+    let kustomization: Value = serde_json::to_value(
+        serde_yaml::from_str::<serde_yaml::Value>(
+            &std::fs::read_to_string(root().join("deploy/kustomization.yaml")).unwrap(),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let resources: Vec<&str> = kustomization["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_str().unwrap())
+        .collect();
+    for file in yaml_files(&root().join("deploy")) {
+        let rel = file.strip_prefix(root().join("deploy")).unwrap();
+        let rel = rel.to_str().unwrap();
+        if rel.ends_with("kustomization.yaml") || rel.starts_with("cert-manager/") {
+            continue;
+        }
+        assert!(
+            resources.contains(&rel),
+            "deploy/{rel} is not in deploy/kustomization.yaml's resources"
+        );
+    }
+
+    let raw = load();
+    let rendered_docs = kustomize(&kubectl, "deploy");
+    let mut rendered = Manifests::default();
+    for (i, doc) in rendered_docs.iter().enumerate() {
+        add(
+            &mut rendered,
+            doc,
+            &format!("kubectl kustomize deploy/ document {}", i + 1),
+        );
+    }
+    let count = |m: &Manifests| {
+        m.namespaces.len()
+            + m.service_accounts.len()
+            + m.cluster_roles.len()
+            + m.roles.len()
+            + m.cluster_role_bindings.len()
+            + m.role_bindings.len()
+            + m.crds.len()
+            + m.deployments.len()
+            + m.daemon_sets.len()
+            + m.services.len()
+            + m.config_maps.len()
+            + m.pdbs.len()
+            + m.validating.len()
+            + m.mutating.len()
+    };
+    assert_eq!(count(&rendered), rendered_docs.len());
+    assert_eq!(
+        count(&rendered),
+        count(&raw),
+        "every object of deploy/ rendered"
+    );
+    for (what, m) in [
+        ("deploy/*.yaml", &raw),
+        ("kubectl kustomize deploy/", &rendered),
+    ] {
+        let images = pod_images(m);
+        assert!(images.len() >= 2, "{images:?}");
+        for image in images {
+            assert!(
+                by_digest(&image),
+                "{what}: {image} is not referenced by digest"
+            );
+        }
+    }
+    assert!(!by_digest("ghcr.io/pullgate/pullgate:0.1.0"));
+    assert!(!by_digest("ghcr.io/pullgate/pullgate@sha256:abc"));
+
+    // The cert-manager option: the Certificate the webhook configurations name issues the
+    // Secret the shim mounts, renewed 30 days ahead.
+    let cm = kustomize(&kubectl, "deploy/cert-manager");
+    let cert = cm
+        .iter()
+        .find(|d| d["kind"] == "Certificate" && d["metadata"]["name"] == "pullgate-admission")
+        .expect("Certificate pullgate-admission");
+    assert_eq!(cert["metadata"]["namespace"], "pullgate-system");
+    assert_eq!(cert["spec"]["renewBefore"], "720h");
+    let secret = cert["spec"]["secretName"].as_str().unwrap();
+    let mounted: Vec<String> = raw.deployments[0]
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap()
+        .volumes
+        .iter()
+        .flatten()
+        .filter_map(|v| v.secret.as_ref()?.secret_name.clone())
+        .collect();
+    assert!(mounted.iter().any(|s| s == secret), "{mounted:?}");
+    let dns: Vec<&str> = cert["spec"]["dnsNames"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d.as_str().unwrap())
+        .collect();
+    assert!(
+        dns.contains(&"pullgate-admission.pullgate-system.svc"),
+        "{dns:?}"
+    );
+    for annotations in raw
+        .validating
+        .iter()
+        .map(|v| &v.metadata.annotations)
+        .chain(raw.mutating.iter().map(|v| &v.metadata.annotations))
+    {
+        assert_eq!(
+            annotations
+                .as_ref()
+                .and_then(|a| a.get("cert-manager.io/inject-ca-from"))
+                .map(String::as_str),
+            Some("pullgate-system/pullgate-admission")
+        );
+    }
+}
+
+/// Stands in for kubectl in deploy/gen-certs.sh: the Secret's tls.crt and the webhooks'
+/// caBundle kept in files under $KUBECTL_STATE, every call recorded.
+const KUBECTL_STUB: &str = r#"#!/bin/sh
+S=$KUBECTL_STATE
+echo "$*" >> "$S/calls"
+case "$*" in
+  *"get validatingwebhookconfiguration pullgate -o jsonpath={.webhooks[0].clientConfig.caBundle}")
+    cat "$S/ca.b64" 2>/dev/null || true ;;
+  *"get secret pullgate-admission-tls -o jsonpath="*)
+    [ -f "$S/tls.crt" ] || { echo 'Error from server (NotFound)' >&2; exit 1; }
+    base64 -w0 < "$S/tls.crt" ;;
+  "get validatingwebhookconfiguration pullgate -o jsonpath={range .webhooks[*]}x{end}") printf xx ;;
+  "get mutatingwebhookconfiguration pullgate -o jsonpath={range .webhooks[*]}x{end}") printf x ;;
+  patch*) printf '%s' "$*" | sed 's/.*"value":"\([^"]*\)".*/\1/' > "$S/ca.b64" ;;
+  *"create secret tls pullgate-admission-tls --cert "*)
+    cp "$(printf '%s' "$*" | sed 's/.*--cert \([^ ]*\) .*/\1/')" "$S/tls.crt"; echo "kind: Secret" ;;
+  "apply -f -") cat > /dev/null ;;
+  *) echo "kubectl stub: unexpected: $*" >&2; exit 2 ;;
+esac
+"#;
+
+/// deploy/gen-certs.sh with the kubectl stub and `env`: (exit code, output).
+fn gen_certs(state: &Path, env: &[(&str, &str)]) -> (i32, String) {
+    let mut cmd = std::process::Command::new("sh");
+    cmd.arg(root().join("deploy/gen-certs.sh"))
+        .env("KUBECTL", state.join("kubectl"))
+        .env("KUBECTL_STATE", state);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+fn openssl(args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+    )
+}
+
+/// gen-certs.sh is safe to re-run: a certificate with more than 30 days left is left alone (no
+/// new CA, no patch); one expiring within 30 days is renewed, and the caBundle then accepts
+/// both the new and the previous CA so the shim's old certificate keeps working until reload.
+#[test]
+fn gen_certs_renews_only_when_due_and_keeps_the_previous_ca_during_rotation() {
+    if std::process::Command::new("openssl")
+        .arg("version")
+        .output()
+        .is_err()
+    {
+        assert!(std::env::var_os("CI").is_none(), "no openssl in CI");
+        eprintln!("SKIPPED: no openssl");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path();
+    write(&state.join("kubectl"), KUBECTL_STUB);
+    std::fs::set_permissions(
+        state.join("kubectl"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    let patches = || {
+        read_or_empty(&state.join("calls"))
+            .lines()
+            .filter(|l| l.starts_with("patch "))
+            .count()
+    };
+    let bundle = || {
+        use base64::Engine as _;
+        let b64 = read_or_empty(&state.join("ca.b64"));
+        let pem = base64::engine::general_purpose::STANDARD
+            .decode(b64.trim())
+            .unwrap();
+        let path = state.join("bundle.pem");
+        std::fs::write(&path, &pem).unwrap();
+        (String::from_utf8(pem).unwrap(), path)
+    };
+    let cert = state.join("tls.crt");
+    let cert_s = cert.to_str().unwrap().to_string();
+
+    // A certificate that expires in 10 days (as an old install would have one).
+    let (code, out) = gen_certs(state, &[("DAYS", "10")]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(patches(), 3, "every webhook's caBundle: {out}");
+    let first = std::fs::read(&cert).unwrap();
+    let (pem, path) = bundle();
+    assert_eq!(pem.matches("BEGIN CERTIFICATE").count(), 1);
+    assert!(openssl(&["verify", "-CAfile", path.to_str().unwrap(), &cert_s]).0);
+    let (_, san) = openssl(&["x509", "-in", &cert_s, "-noout", "-ext", "subjectAltName"]);
+    assert!(
+        san.contains("DNS:pullgate-admission.pullgate-system.svc"),
+        "{san}"
+    );
+
+    // Within 30 days of expiry: renewed, the bundle holds the new and the previous CA.
+    let (code, out) = gen_certs(state, &[]);
+    assert_eq!(code, 0, "{out}");
+    let second = std::fs::read(&cert).unwrap();
+    assert_ne!(first, second, "not renewed: {out}");
+    assert_eq!(patches(), 6);
+    let (pem, path) = bundle();
+    assert_eq!(pem.matches("BEGIN CERTIFICATE").count(), 2, "{pem}");
+    let path_s = path.to_str().unwrap().to_string();
+    assert!(openssl(&["verify", "-CAfile", &path_s, &cert_s]).0);
+    let old = state.join("old.crt");
+    std::fs::write(&old, &first).unwrap();
+    assert!(
+        openssl(&["verify", "-CAfile", &path_s, old.to_str().unwrap()]).0,
+        "the previous certificate must still verify during the rotation"
+    );
+    assert!(
+        openssl(&[
+            "x509",
+            "-in",
+            &cert_s,
+            "-noout",
+            "-checkend",
+            &(300 * 86400).to_string()
+        ])
+        .0
+    );
+
+    // Re-run with a year left: nothing changes.
+    let before_calls = read_or_empty(&state.join("calls"));
+    let (code, out) = gen_certs(state, &[]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("left as it is"), "{out}");
+    assert_eq!(std::fs::read(&cert).unwrap(), second);
+    assert_eq!(patches(), 6);
+    let new_calls = read_or_empty(&state.join("calls"))[before_calls.len()..].to_string();
+    assert!(
+        !new_calls.contains("create") && !new_calls.contains("apply"),
+        "{new_calls}"
+    );
+
+    // A caBundle that no longer verifies the certificate (someone replaced it): renewed.
+    std::fs::write(state.join("ca.b64"), "").unwrap();
+    let (code, out) = gen_certs(state, &[]);
+    assert_eq!(code, 0, "{out}");
+    assert_ne!(std::fs::read(&cert).unwrap(), second);
+    let (_, path) = bundle();
+    assert!(openssl(&["verify", "-CAfile", path.to_str().unwrap(), &cert_s]).0);
 }

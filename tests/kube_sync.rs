@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use common::fake_api::*;
 use pullgate::engine::decide;
+use pullgate::kube::keys::{KeyProjector, PROJECTION_NAME};
 use pullgate::kube::{client_from_kubeconfig, ClusterSource, Error};
 use pullgate::policy::eval::{decide_offline, Offline, Verdict};
 use pullgate::policy::snapshot::Settings;
@@ -385,6 +386,7 @@ async fn rotated_key_secret_stops_verifying() {
                "data": {"cosign.pub": base64(pem)}})
     };
     fake.apply(SECRETS, secret(old.public_pem()));
+    fake.apply(CONFIG_MAPS, config_map(PROJECTION_NAME, json!({})));
     fake.apply(
         CIPS,
         json!({"metadata": {"name": "signed"}, "spec": {"images": [{"glob": "**"}],
@@ -393,6 +395,9 @@ async fn rotated_key_secret_stops_verifying() {
     let client = client_from_kubeconfig(&fake.kubeconfig(dir.path()))
         .await
         .unwrap();
+    // The node reads the public keys the admission shim's projector writes.
+    let projector =
+        tokio::spawn(KeyProjector::new(client.clone(), "cosign-system".to_string(), None).run());
     let (source, _) = ClusterSource::open(Settings::default(), Some(dir.path().join("s.json")));
     let source = Arc::new(source);
     let task = tokio::spawn(source.clone().run(client));
@@ -427,6 +432,163 @@ async fn rotated_key_secret_stops_verifying() {
     reg.sign_append("app", &digest, &new).await;
     let decision = decide(&source.current(), &registry, &image, Some("demo")).await;
     assert_eq!(decision.verdict, Verdict::Allow, "{decision:?}");
+    task.abort();
+    projector.abort();
+}
+
+/// The node never reads a Secret: a `secretRef` CIP resolves through the public keys the
+/// admission shim projects into ConfigMap cosign-system/pullgate-public-keys. Until the
+/// projection is there the images are denied, with the Secret named; a private key beside the
+/// public one (as `cosign generate-key-pair k8s://` stores it) is counted and never copied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_secret_reaches_the_node_only_as_projected_public_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = common::TestKey::generate(common::KeyKind::EcdsaP256);
+    const PRIVATE_BODY: &str = "eyJrZGYiOnsibmFtZSI6InNjcnlwdCJ9fQ==";
+    let private = format!(
+        "-----BEGIN ENCRYPTED SIGSTORE PRIVATE KEY-----\n{PRIVATE_BODY}\n-----END ENCRYPTED SIGSTORE PRIVATE KEY-----\n"
+    );
+    let fake = FakeApi::start(true).await;
+    fake.apply(NAMESPACES, namespace("demo", true));
+    fake.apply(
+        SECRETS,
+        json!({"metadata": {"name": "k", "namespace": "cosign-system"},
+               "data": {"cosign.pub": base64(key.public_pem()),
+                        "cosign.key": base64(private.clone()),
+                        "cosign.password": base64("hunter2-password".to_string())}}),
+    );
+    fake.apply(CONFIG_MAPS, config_map(PROJECTION_NAME, json!({})));
+    fake.apply(
+        CIPS,
+        json!({"metadata": {"name": "signed"}, "spec": {"images": [{"glob": "**"}],
+               "authorities": [{"key": {"secretRef": {"name": "k"}}}]}}),
+    );
+    let client = client_from_kubeconfig(&fake.kubeconfig(dir.path()))
+        .await
+        .unwrap();
+    let file = dir.path().join("s.json");
+    let (source, _) = ClusterSource::open(Settings::default(), Some(file.clone()));
+    let source = Arc::new(source);
+    let task = tokio::spawn(source.clone().run(client.clone()));
+
+    // No projection yet: fail closed, naming the Secret.
+    for _ in 0..200 {
+        if source.freshness().fresh {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(source.freshness().fresh);
+    assert_eq!(verdict(&source, NGINX, "demo"), "deny");
+    let why = reasons(&source, NGINX, "demo");
+    assert!(why.contains("Secret cosign-system/k"), "{why}");
+
+    // The shim's projector runs: the node now has the public key, and only that.
+    let metrics = Arc::new(pullgate::metrics::Metrics::new());
+    let projector = tokio::spawn(
+        KeyProjector::new(client, "cosign-system".to_string(), Some(metrics.clone()))
+            .with_resync(Duration::from_millis(300))
+            .run(),
+    );
+    eventually(&source, NGINX, "demo", "needs-signatures").await;
+    assert!(
+        source.current().problems.is_empty(),
+        "{:?}",
+        source.current().problems
+    );
+    let cm = fake.get(CONFIG_MAPS, PROJECTION_NAME).unwrap();
+    let text = cm.to_string();
+    for leaked in [
+        PRIVATE_BODY,
+        "PRIVATE KEY",
+        "hunter2",
+        &base64(private.clone()),
+    ] {
+        assert!(!text.contains(leaked), "{leaked} in the projection: {text}");
+    }
+    let value: Value = serde_json::from_str(cm["data"]["k"].as_str().unwrap()).unwrap();
+    assert_eq!(value["secret"], "cosign-system/k");
+    assert_eq!(value["entries"].as_object().unwrap().len(), 1, "{value}");
+    assert_eq!(value["withheldPrivate"], json!(["cosign.key"]));
+    let rendered = metrics.render(source.as_ref());
+    assert!(
+        rendered.contains("pullgate_key_secrets_with_private_keys 1"),
+        "{rendered}"
+    );
+
+    // Nor does any private material reach the node's disk (persisted after the swap).
+    let mut persisted = String::new();
+    for _ in 0..100 {
+        persisted = std::fs::read_to_string(&file).unwrap_or_default();
+        if persisted.contains("cosign.pub") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(persisted.contains("cosign.pub"), "{persisted}");
+    for leaked in [PRIVATE_BODY, "PRIVATE KEY", "hunter2", "cosign.key"] {
+        assert!(!persisted.contains(leaked), "{leaked} persisted");
+    }
+
+    // Someone else rewrites the projection (another key under k's name, an extra entry): the
+    // projector puts back what the Secrets say at its next pass.
+    let projected = cm["data"]["k"].as_str().unwrap().to_string();
+    let other = common::TestKey::generate(common::KeyKind::EcdsaP256);
+    let forged =
+        json!({"secret": "cosign-system/k", "entries": {"cosign.pub": other.public_pem()}});
+    fake.apply(
+        CONFIG_MAPS,
+        config_map(
+            PROJECTION_NAME,
+            json!({"k": forged.to_string(), "extra": forged.to_string()}),
+        ),
+    );
+    let mut restored = false;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let data = fake.get(CONFIG_MAPS, PROJECTION_NAME).unwrap()["data"].clone();
+        if data == json!({"k": projected}) {
+            restored = true;
+            break;
+        }
+    }
+    assert!(
+        restored,
+        "{}",
+        fake.get(CONFIG_MAPS, PROJECTION_NAME).unwrap()
+    );
+
+    task.abort();
+    projector.abort();
+}
+
+/// A node alone (no projector) requests no Secret at all: the RBAC that grants it none is
+/// enough for it to run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_requests_no_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeApi::start(true).await;
+    fake.apply(NAMESPACES, namespace("demo", true));
+    fake.apply(
+        CIPS,
+        static_cip("allow-nginx", "index.docker.io/library/nginx*", "pass"),
+    );
+    let client = client_from_kubeconfig(&fake.kubeconfig(dir.path()))
+        .await
+        .unwrap();
+    let (source, _) = ClusterSource::open(Settings::default(), None);
+    let source = Arc::new(source.with_probe_interval(Duration::from_millis(200)));
+    let task = tokio::spawn(source.clone().run(client));
+    eventually(&source, NGINX, "demo", "allow").await;
+    // A few heartbeats too.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let paths = fake.state.lock().unwrap().paths.clone();
+    assert!(paths.contains(CONFIG_MAPS), "{paths:?}");
+    let secrets: Vec<_> = paths.iter().filter(|p| p.contains("/secrets")).collect();
+    assert!(
+        secrets.is_empty(),
+        "the node asked for Secrets: {secrets:?}"
+    );
     task.abort();
 }
 

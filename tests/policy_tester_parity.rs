@@ -91,7 +91,10 @@ fn run_tester(bin: &Path, home: &Path, cip_file: &Path, image: &str) -> Answer {
         .arg(cip_file)
         .args(["-image", image])
         .env_clear()
-        .env("PATH", "/usr/bin:/bin");
+        .env("PATH", "/usr/bin:/bin")
+        // The controller's namespace, which policy-controller reads from its pod's downward
+        // API: `secretRef.namespace` validation compares against it (pullgate's default).
+        .env("SYSTEM_NAMESPACE", "cosign-system");
     for (k, v) in offline_env(home) {
         cmd.env(k, v);
     }

@@ -27,7 +27,9 @@ use bytes::Bytes;
 use containerd_client::services::v1::images_client::ImagesClient;
 use containerd_client::services::v1::GetImageRequest;
 use containerd_client::with_namespace;
+use futures_util::future::join_all;
 use prost::Message as _;
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 use tracing::Instrument as _;
 
@@ -349,7 +351,17 @@ async fn image_on_node(
     image: &str,
     asked: Option<&ImageRef>,
 ) -> Result<Option<OnNode>, Status> {
-    let Some(found) = image_status(proxy, image).await? else {
+    let asked = asked.filter(|a| a.tag().is_some() && a.digest().is_none());
+    let images = ImagesClient::new(proxy.containerd.clone());
+    // The pod's own tag record is read while containerd looks the content up: a cached create
+    // then waits for one containerd round trip, not two.
+    let (found, asked_target) = tokio::join!(image_status(proxy, image), async {
+        match asked {
+            Some(tagged) => tag_target(images.clone(), tagged).await,
+            None => None,
+        }
+    });
+    let Some(found) = found? else {
         return Ok(None);
     };
     let mut held = OnNode::default();
@@ -360,51 +372,47 @@ async fn image_on_node(
             }
         }
     }
-    let mut tags: Vec<ImageRef> = found
+    let others: Vec<ImageRef> = found
         .repo_tags
         .iter()
         .filter_map(|t| ImageRef::parse(t).ok())
-        .filter(|t| t.tag().is_some())
+        .filter(|t| t.tag().is_some() && Some(t) != asked)
         .collect();
-    if let Some(asked) = asked.filter(|a| a.tag().is_some() && a.digest().is_none()) {
-        if !tags.contains(asked) {
-            tags.push(asked.clone());
-        }
-    }
-    let mut images = ImagesClient::new(proxy.containerd.clone());
-    for tagged in tags {
-        let name = format!(
-            "{}:{}",
-            containerd_name(&tagged),
-            tagged.tag().unwrap_or("latest")
-        );
-        let Ok(record) = images
-            .get(with_namespace!(GetImageRequest { name }, K8S_NAMESPACE))
-            .await
-        else {
+    let other_targets = join_all(others.iter().map(|t| tag_target(images.clone(), t))).await;
+    let records = asked
+        .map(|a| (a, asked_target))
+        .into_iter()
+        .chain(others.iter().zip(other_targets));
+    for (tagged, target) in records {
+        let Some(target) = target else {
             continue;
         };
-        let Some(target) = record.into_inner().image.and_then(|i| i.target) else {
-            continue;
-        };
-        if !is_digest(&target.digest) {
-            continue;
-        }
-        let known = held.digests.iter().any(|(_, d)| *d == target.digest);
+        let known = held.digests.iter().any(|(_, d)| *d == target);
         let same_content = known
-            || image_status(
-                proxy,
-                &format!("{}@{}", containerd_name(&tagged), target.digest),
-            )
-            .await
-            .ok()
-            .flatten()
-            .is_some_and(|i| i.id == found.id);
+            || image_status(proxy, &format!("{}@{}", containerd_name(tagged), target))
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|i| i.id == found.id);
         if same_content {
-            held.digests
-                .push((tagged.without_tag_or_digest(), target.digest));
-            held.tags.push(tagged);
+            held.digests.push((tagged.without_tag_or_digest(), target));
+            held.tags.push(tagged.clone());
         }
     }
     Ok(Some(held))
+}
+
+/// The manifest digest containerd's record of `tagged` points at, if it has such a record.
+async fn tag_target(mut images: ImagesClient<Channel>, tagged: &ImageRef) -> Option<String> {
+    let name = format!(
+        "{}:{}",
+        containerd_name(tagged),
+        tagged.tag().unwrap_or("latest")
+    );
+    let record = images
+        .get(with_namespace!(GetImageRequest { name }, K8S_NAMESPACE))
+        .await
+        .ok()?;
+    let target = record.into_inner().image?.target?;
+    is_digest(&target.digest).then_some(target.digest)
 }

@@ -115,11 +115,22 @@ pub fn containerd_channel(socket: &Path) -> Result<Channel, ServeError> {
         endpoint.connect_with_connector_lazy(tower::service_fn(move |_| {
             let path = path.clone();
             async move {
-                let stream = tokio::net::UnixStream::connect(path).await?;
+                let stream = connect_containerd(&path).await?;
                 Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
             }
         })),
     )
+}
+
+/// Connects to containerd's socket; the error names the socket (the bare OS error, "No such
+/// file or directory", does not say what was missing).
+async fn connect_containerd(path: &Path) -> std::io::Result<tokio::net::UnixStream> {
+    tokio::net::UnixStream::connect(path).await.map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("containerd socket {}: {e}", path.display()),
+        )
+    })
 }
 
 /// Binds the listening socket: parent created, a stale socket from a crash removed, a live
@@ -315,5 +326,20 @@ impl tonic::server::StreamingService<Bytes> for Forwarded {
         let proxy = self.proxy.clone();
         let path = std::mem::take(&mut self.path);
         Box::pin(async move { proxy.forward_streaming(&path, req).await })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[tokio::test]
+    async fn a_missing_containerd_socket_is_named_in_the_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("containerd.sock");
+        let err = super::connect_containerd(&path).await.unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::NotFound);
+        assert!(
+            err.to_string().contains(&path.display().to_string()),
+            "{err}"
+        );
     }
 }

@@ -1,10 +1,12 @@
 //! Cluster mode: the policy snapshot kept current from the Kubernetes API server.
 //!
 //! kube-rs watchers (bookmarks on, relist on 410 Gone, backoff on errors) feed reflector
-//! stores for ClusterImagePolicies, TrustRoots, Namespaces, and the key Secrets and ConfigMaps
-//! of the controller namespace. On every change the stores are written out as one `v1 List`
-//! document (of the ConfigMaps, only `config-policy-controller` and those a CIP's
-//! `configMapRef` names), loaded through the same code as a policy directory, `remote` policy
+//! stores for ClusterImagePolicies, TrustRoots, Namespaces, and the ConfigMaps of the
+//! controller namespace. No Secret is read: key Secrets reach the snapshot through the public
+//! keys the admission shim projects into a ConfigMap (see [`keys`]). On every change the stores
+//! are written out as one `v1 List` document (of the ConfigMaps, only `config-policy-controller`
+//! and those a CIP's `configMapRef` names; the projection as public-only Secrets), loaded
+//! through the same code as a policy directory, `remote` policy
 //! sources are fetched (once; see [`crate::policy::remote`]), and the result is compiled into a
 //! [`Snapshot`] and swapped in whole. Pulls read only that snapshot: no API call happens during
 //! a pull.
@@ -13,6 +15,8 @@
 //! texts it used, and loaded at start, so a node enforces its last known policies while the API
 //! server (or a policy's web server) is unreachable. A missing or corrupt snapshot file yields
 //! [`Snapshot::unusable`]: fail closed until the first sync.
+
+pub mod keys;
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
@@ -28,9 +32,7 @@ use ::kube::runtime::{watcher, WatchStreamExt};
 use ::kube::{Client, Config};
 use arc_swap::ArcSwap;
 use futures_util::{Stream, StreamExt};
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret};
-
-use crate::policy::snapshot::{holds_certificate, holds_public_key};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Serialize;
 
@@ -271,23 +273,13 @@ impl ClusterSource {
         );
         tasks.spawn(self.clone().drive(stream, "Namespace", changed.clone()));
 
-        let (secrets, w) = reflector::store::<Secret>();
-        let stream = reflector::reflector(
-            w,
-            watcher(
-                Api::<Secret>::namespaced(client.clone(), &ns),
-                watcher::Config::default(),
-            ),
-        );
-        tasks.spawn(self.clone().drive(stream, "Secret", changed.clone()));
-
         let (config_maps, w) = reflector::store::<ConfigMap>();
         let stream = reflector::reflector(
             w,
             watcher(
                 Api::<ConfigMap>::namespaced(client.clone(), &ns),
-                // All of them: `configMapRef` policies may name any ConfigMap of the namespace.
-                // The document keeps only the ones in use.
+                // All of them: `configMapRef` policies may name any ConfigMap of the namespace,
+                // and the projected public keys are one. The document keeps only those in use.
                 watcher::Config::default(),
             ),
         );
@@ -299,7 +291,6 @@ impl ClusterSource {
             trust_roots,
             tr_ar,
             namespaces,
-            secrets,
             config_maps,
             controller_namespace: ns.clone(),
         };
@@ -425,7 +416,6 @@ struct Stores {
     trust_roots: Store<DynamicObject>,
     tr_ar: ApiResource,
     namespaces: Store<Namespace>,
-    secrets: Store<Secret>,
     config_maps: Store<ConfigMap>,
     controller_namespace: String,
 }
@@ -438,11 +428,6 @@ impl Stores {
             ("TrustRoot", self.tr_ar.clone(), None),
             ("Namespace", ApiResource::erase::<Namespace>(&()), None),
             (
-                "Secret",
-                ApiResource::erase::<Secret>(&()),
-                Some(self.controller_namespace.clone()),
-            ),
-            (
                 "ConfigMap",
                 ApiResource::erase::<ConfigMap>(&()),
                 Some(self.controller_namespace.clone()),
@@ -454,7 +439,6 @@ impl Stores {
         self.cips.wait_until_ready().await?;
         self.trust_roots.wait_until_ready().await?;
         self.namespaces.wait_until_ready().await?;
-        self.secrets.wait_until_ready().await?;
         self.config_maps.wait_until_ready().await
     }
 
@@ -501,32 +485,28 @@ impl Stores {
         for o in namespaces {
             push(serde_json::to_value(o));
         }
-        let mut secrets: Vec<Secret> = self
-            .secrets
+        // Key Secrets: only the public keys the admission shim projected (see [`keys`]).
+        let mut secrets: Vec<_> = self
+            .config_maps
             .state()
             .iter()
-            .map(|s| Secret {
-                metadata: slim(&s.metadata),
-                // Only public keys reach the disk: private keys and passwords that share the
-                // Secret (as `cosign generate-key-pair k8s://` writes them) are dropped.
-                data: s.data.as_ref().map(|d| {
-                    d.iter()
-                        .filter(|(_, v)| holds_public_key(&v.0) || holds_certificate(&v.0))
-                        .map(|(k, v)| (k.clone(), v.clone()))
-                        .collect()
-                }),
-                string_data: s.string_data.as_ref().map(|d| {
-                    d.iter()
-                        .filter(|(_, v)| {
-                            holds_public_key(v.as_bytes()) || holds_certificate(v.as_bytes())
-                        })
-                        .map(|(k, v)| (k.clone(), v.clone()))
-                        .collect()
-                }),
-                ..Secret::clone(s)
-            })
+            .filter(|c| c.metadata.name.as_deref() == Some(keys::PROJECTION_NAME))
+            .flat_map(|c| keys::secrets_from_projection(c, &self.controller_namespace))
             .collect();
         secrets.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+        let projected: std::collections::BTreeSet<&str> = secrets
+            .iter()
+            .filter_map(|s| s.metadata.name.as_deref())
+            .collect();
+        for name in keys::referenced_secrets(&self.cips.state()) {
+            if !projected.contains(name.as_str()) {
+                tracing::warn!(
+                    secret = %format!("{}/{name}", self.controller_namespace),
+                    configmap = %format!("{}/{}", self.controller_namespace, keys::PROJECTION_NAME),
+                    "a ClusterImagePolicy names a key Secret whose public keys are not projected (yet): its images are denied. Is the admission shim running?"
+                );
+            }
+        }
         for o in secrets {
             push(serde_json::to_value(o));
         }

@@ -275,10 +275,15 @@ pub fn attached_for(a: &CompiledAuthority, image: &ImageRef, digest: &str) -> Op
     })
 }
 
-/// The `signaturePullSecrets` named by the authorities of the policies covering `image`.
-pub fn signature_pull_secret_names(snapshot: &Snapshot, image: &ImageRef) -> Vec<String> {
+/// The `signaturePullSecrets` named by the authorities of the policies applying to `image`
+/// for `object`.
+pub fn signature_pull_secret_names(
+    snapshot: &Snapshot,
+    image: &ImageRef,
+    object: Option<&AdmissionObject>,
+) -> Vec<String> {
     let mut names: Vec<String> = snapshot
-        .coverage(image)
+        .coverage(image, object)
         .all()
         .flat_map(|i| snapshot.policies[i].authorities.iter().flatten())
         .flat_map(|a| a.signature_pull_secrets.iter().cloned())
@@ -512,25 +517,40 @@ fn evaluate_cip_policy(
     }
 }
 
-/// What the CIP-level policies covering `image` read of the admission object, keyed for the
-/// verdict cache: a verdict that read parts of an object holds for that object only. Empty
-/// when none reads any part.
+/// What a verdict for `image` depends on in the object it was decided for, keyed for the
+/// verdict cache: the parts CIP-level policies read, and, when some CIP has `spec.match`,
+/// which policies applied. A verdict holds only for objects alike in both. Empty when the
+/// verdict depends on no part of the object.
 pub fn object_cache_key(
     snapshot: &Snapshot,
     image: &ImageRef,
     object: Option<&AdmissionObject>,
 ) -> String {
-    let wanted = snapshot
-        .coverage(image)
+    let coverage = snapshot.coverage(image, object);
+    let wanted = coverage
         .all()
         .map(|i| &snapshot.policies[i])
         .filter(|p| p.policy.is_some())
         .fold(Includes::default(), |acc, p| acc.union(p.includes));
-    match object {
+    let parts = match object {
         _ if !wanted.object() => String::new(),
         Some(o) => o.cache_key(wanted),
         None => "no object".to_string(),
+    };
+    if !snapshot.has_match_rules() {
+        return parts;
     }
+    let applied = |set: &[usize]| {
+        set.iter()
+            .map(usize::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    format!(
+        "{parts};applied={};by-repository={}",
+        applied(&coverage.covering),
+        applied(&coverage.by_repository)
+    )
 }
 
 /// How a failing CIP-level `spec.policy` is reported (in [`PolicyOutcome::problems`]).
@@ -648,7 +668,7 @@ pub fn decide_offline_enforced(
         ));
         return Offline::Decided(decision);
     }
-    let coverage = snapshot.coverage(image);
+    let coverage = snapshot.coverage(image, object);
     let mut undecided = Vec::new();
     for i in coverage.all() {
         match static_outcome(&snapshot.policies[i], object) {

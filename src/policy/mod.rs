@@ -3,6 +3,7 @@
 pub mod eval;
 pub mod glob;
 pub mod load;
+pub mod matching;
 pub mod object;
 pub mod rego;
 pub mod remote;

@@ -10,11 +10,12 @@ use sha2::Digest as _;
 
 use super::glob::GlobIndex;
 use super::load::Objects;
-use super::object::Includes;
+use super::matching;
+use super::object::{AdmissionObject, Includes};
 use super::rego::RegoPolicy;
 use super::remote::{RemoteKey, RemoteTexts};
 use super::types::{Authority, ClusterImagePolicy, Labels, TrustRoot};
-use super::validate::{validate_cip, validate_trust_root, Problem};
+use super::validate::{validate_cip, validate_trust_root, Problem, Rules};
 use crate::image_ref::ImageRef;
 use crate::verify::attest::{predicate_type_uri, AttestationCheck, AttestationPolicy};
 use crate::verify::keyless::KeylessCheck;
@@ -175,6 +176,8 @@ pub struct CompiledPolicy {
     pub policy: Option<AttestationPolicy>,
     /// What `spec.policy` reads besides the matches (image config, admission object parts).
     pub includes: Includes,
+    /// `spec.match`: the objects the CIP applies to (empty: every object).
+    pub match_: Vec<super::types::MatchResource>,
 }
 
 /// A problem found while building a snapshot, for `pullgate validate` and reload reports.
@@ -375,6 +378,7 @@ impl Snapshot {
             }]),
             policy: None,
             includes: Includes::default(),
+            match_: Vec::new(),
         };
         let settings = Settings {
             scope: Scope::OptOut,
@@ -426,6 +430,11 @@ impl Snapshot {
         self.settings.exempt_namespaces.contains(namespace)
     }
 
+    /// Whether some CIP has `spec.match`: then which policies apply depends on the object.
+    pub fn has_match_rules(&self) -> bool {
+        self.policies.iter().any(|p| !p.match_.is_empty())
+    }
+
     /// Whether some glob names a digest, so that a tag must be resolved before the policies
     /// covering it are known.
     pub fn has_digest_globs(&self) -> bool {
@@ -451,16 +460,20 @@ impl Snapshot {
         found
     }
 
-    /// The policies that apply to `image`: those covering it ([`Snapshot::applicable`]) and,
-    /// for a digest reference without a tag, those that cover some tag of its repository.
-    pub fn coverage(&self, image: &ImageRef) -> Coverage {
-        let covering = self.applicable(image);
+    /// The policies that apply to `image` for `object`: those covering it
+    /// ([`Snapshot::applicable`]) and, for a digest reference without a tag, those that cover
+    /// some tag of its repository; of these, the ones whose `spec.match` takes in `object`
+    /// (see [`super::matching`]).
+    pub fn coverage(&self, image: &ImageRef, object: Option<&AdmissionObject>) -> Coverage {
+        let matched = |i: &usize| matching::applies(&self.policies[*i].match_, object);
+        let mut covering = self.applicable(image);
+        covering.retain(matched);
         let by_repository = match (image.tag(), image.digest()) {
             (None, Some(_)) => self
                 .tag_scoped
                 .matching(&[image.name().as_str()])
                 .into_iter()
-                .filter(|i| !covering.contains(i))
+                .filter(|i| !covering.contains(i) && matched(i))
                 .collect(),
             _ => Vec::new(),
         };
@@ -571,7 +584,13 @@ fn compile(
         _ => Mode::Enforce,
     };
     let globs = cip.spec.images.iter().map(|i| i.glob.clone()).collect();
-    let mut problems = validate_cip(cip, config.fail_on_empty_authorities);
+    let mut problems = validate_cip(
+        cip,
+        Rules {
+            fail_on_empty_authorities: config.fail_on_empty_authorities,
+            controller_namespace: resolver.controller_namespace,
+        },
+    );
     if cip.spec.authorities.is_empty() && problems.is_empty() {
         // Allowed only with fail-on-empty-authorities=false; still never a silent pass.
         problems.push(Problem {
@@ -609,6 +628,7 @@ fn compile(
         authorities,
         policy,
         includes,
+        match_: cip.spec.match_.clone(),
     }
 }
 
@@ -884,8 +904,8 @@ fn keyless_check(
         (Some(ctlog), _) => log_keys(ctlog, resolver)?,
         (None, Some(name)) => {
             let mut keys = LogKeys::default();
-            for (_, key) in tuf_tlogs(name, resolver)? {
-                keys.insert(key.clone());
+            for (base_url, key) in tuf_tlogs(name, resolver)? {
+                keys.insert(key.clone(), base_url);
             }
             let root = resolver.trust_roots.get(name);
             for log in root
@@ -896,6 +916,7 @@ fn keyless_check(
                 keys.insert(
                     decode_log_key(&log.public_key)
                         .map_err(|e| format!("TrustRoot tLog key: {e}"))?,
+                    &log.base_url,
                 );
             }
             keys
@@ -1073,6 +1094,7 @@ fn log_keys(ctlog: &super::types::TLog, resolver: &Resolver) -> Result<LogKeys, 
                 keys.insert(
                     decode_log_key(&tlog.public_key)
                         .map_err(|e| format!("TrustRoot tLog key: {e}"))?,
+                    &tlog.base_url,
                 );
             }
         }
@@ -1092,7 +1114,7 @@ fn log_keys(ctlog: &super::types::TLog, resolver: &Resolver) -> Result<LogKeys, 
         };
         for (base_url, key) in logs {
             if ctlog.trust_root_ref.is_some() || base_url.trim_end_matches('/') == url {
-                keys.insert(key.clone());
+                keys.insert(key.clone(), base_url);
             }
         }
     }

@@ -46,17 +46,26 @@ impl Problems {
     }
 }
 
+/// What validation depends on beyond the object: the controller's settings.
+#[derive(Debug, Clone, Copy)]
+pub struct Rules<'a> {
+    /// `fail-on-empty-authorities` of the controller's ConfigMap.
+    pub fail_on_empty_authorities: bool,
+    /// The namespace key Secrets are read from; a `secretRef.namespace` must name it.
+    pub controller_namespace: &'a str,
+}
+
 /// Validates a whole ClusterImagePolicy object.
-pub fn validate_cip(cip: &ClusterImagePolicy, fail_on_empty_authorities: bool) -> Vec<Problem> {
+pub fn validate_cip(cip: &ClusterImagePolicy, rules: Rules<'_>) -> Vec<Problem> {
     let mut p = Problems::default();
     if cip.metadata.name.as_deref().unwrap_or("").is_empty() {
         p.push("metadata.name", "missing name");
     }
-    validate_spec(&cip.spec, fail_on_empty_authorities, &mut p);
+    validate_spec(&cip.spec, rules, &mut p);
     p.0
 }
 
-fn validate_spec(spec: &ClusterImagePolicySpec, fail_on_empty: bool, p: &mut Problems) {
+fn validate_spec(spec: &ClusterImagePolicySpec, rules: Rules<'_>, p: &mut Problems) {
     if spec.images.is_empty() {
         p.push("spec.images", "at least one image glob is required");
     }
@@ -65,11 +74,11 @@ fn validate_spec(spec: &ClusterImagePolicySpec, fail_on_empty: bool, p: &mut Pro
             p.push(format!("spec.images[{i}].glob"), e.to_string());
         }
     }
-    if spec.authorities.is_empty() && fail_on_empty {
+    if spec.authorities.is_empty() && rules.fail_on_empty_authorities {
         p.push("spec.authorities", "at least one authority is required");
     }
     for (i, authority) in spec.authorities.iter().enumerate() {
-        validate_authority(authority, &format!("spec.authorities[{i}]"), p);
+        validate_authority(authority, &format!("spec.authorities[{i}]"), rules, p);
     }
     if let Some(mode) = &spec.mode {
         if mode != "enforce" && mode != "warn" {
@@ -91,6 +100,11 @@ fn validate_spec(spec: &ClusterImagePolicySpec, fail_on_empty: bool, p: &mut Pro
                 ),
             );
         }
+        if let Some(selector) = &m.selector {
+            for problem in super::matching::selector_problems(selector) {
+                p.push(format!("{path}.selector"), problem);
+            }
+        }
         if m.selector.is_some() && (m.resource.is_empty() || m.version.is_empty()) {
             p.push(
                 format!("{path}.selector"),
@@ -103,7 +117,7 @@ fn validate_spec(spec: &ClusterImagePolicySpec, fail_on_empty: bool, p: &mut Pro
     }
 }
 
-fn validate_authority(a: &Authority, path: &str, p: &mut Problems) {
+fn validate_authority(a: &Authority, path: &str, rules: Rules<'_>, p: &mut Problems) {
     let kinds = [
         ("key", a.key.is_some()),
         ("keyless", a.keyless.is_some()),
@@ -125,7 +139,7 @@ fn validate_authority(a: &Authority, path: &str, p: &mut Problems) {
         ),
     }
     if let Some(key) = &a.key {
-        validate_key(key, &format!("{path}.key"), p);
+        validate_key(key, &format!("{path}.key"), rules, p);
     }
     if let Some(keyless) = &a.keyless {
         let kpath = format!("{path}.keyless");
@@ -187,6 +201,14 @@ fn validate_authority(a: &Authority, path: &str, p: &mut Problems) {
                 p.push(format!("{path}.source[{i}].oci"), e.to_string());
             }
         }
+        for (j, secret) in source.signature_pull_secrets.iter().enumerate() {
+            if secret.name.is_empty() {
+                p.push(
+                    format!("{path}.source[{i}].signaturePullSecrets[{j}].name"),
+                    "missing name",
+                );
+            }
+        }
     }
     for (i, att) in a.attestations.iter().enumerate() {
         let apath = format!("{path}.attestations[{i}]");
@@ -202,7 +224,7 @@ fn validate_authority(a: &Authority, path: &str, p: &mut Problems) {
     }
 }
 
-fn validate_key(key: &KeyRef, path: &str, p: &mut Problems) {
+fn validate_key(key: &KeyRef, path: &str, rules: Rules<'_>, p: &mut Problems) {
     let set = [
         key.data.is_some(),
         key.kms.is_some(),
@@ -231,11 +253,26 @@ fn validate_key(key: &KeyRef, path: &str, p: &mut Problems) {
                     KMS_SCHEMES.join(", ")
                 ),
             );
+        } else if kms.starts_with("awskms://") {
+            if let Err(e) = validate_aws_kms(kms) {
+                p.push(format!("{path}.kms"), format!("{kms:?}: {e}"));
+            }
         }
     }
     if let Some(secret) = &key.secret_ref {
         if secret.name.is_empty() {
             p.push(format!("{path}.secretRef.name"), "missing name");
+        }
+        match secret.namespace.as_deref() {
+            Some(ns) if !ns.is_empty() && ns != rules.controller_namespace => p.push(
+                format!("{path}.secretRef.namespace"),
+                format!(
+                    "{ns:?}: key Secrets are read from the controller's namespace only; leave \
+                     it out or set {:?}",
+                    rules.controller_namespace
+                ),
+            ),
+            _ => {}
         }
     }
     if let Some(h) = &key.hash_algorithm {
@@ -246,6 +283,59 @@ fn validate_key(key: &KeyRef, path: &str, p: &mut Problems) {
             );
         }
     }
+}
+
+/// An AWS KMS key reference as cosign's AWS provider and policy-controller accept it:
+/// `awskms://[ENDPOINT]/ARN`, the ARN naming a key (`…:key/<id>`) or an alias
+/// (`…:alias/<name>`). A bare key ID or alias name is refused, as policy-controller refuses it.
+fn validate_aws_kms(kms: &str) -> Result<(), String> {
+    const FORMAT: &str = "expected awskms://[ENDPOINT]/arn:aws:kms:REGION:ACCOUNT:key/ID or \
+                          …:alias/NAME (endpoint optional)";
+    static SHAPE: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
+        let uuid = "m?r?k?-?[A-Fa-f0-9]{8}-?[A-Fa-f0-9]{4}-?[A-Fa-f0-9]{4}-?[A-Fa-f0-9]{4}-?[A-Fa-f0-9]{12}";
+        let arn = r"arn:(?:aws|aws-us-gov|aws-cn):kms:[a-z0-9-]+:\d{12}:";
+        regex::Regex::new(&format!(
+            "^awskms://[^/]*/(?:{uuid}|{arn}key/{uuid}|alias/.*|{arn}alias/.*)$"
+        ))
+        .expect("static regex")
+    });
+    let parts: Vec<&str> = kms.split('/').collect();
+    if parts.len() < 4 || !SHAPE.is_match(kms) {
+        return Err(FORMAT.to_string());
+    }
+    let endpoint = parts[2];
+    if endpoint.starts_with("arn") || endpoint.starts_with("alias") {
+        return Err(FORMAT.to_string());
+    }
+    if !endpoint.is_empty() && !is_host_port(endpoint) {
+        return Err(format!("endpoint {endpoint:?} is not HOST:PORT"));
+    }
+    let resource = parts[3]
+        .strip_prefix("arn:")
+        .and_then(|rest| rest.splitn(5, ':').nth(4));
+    match resource {
+        Some("key" | "alias") => Ok(()),
+        Some(other) => Err(format!("the ARN names a {other:?}, not a key or an alias")),
+        None => Err(format!(
+            "{:?} is not a key or alias ARN; {FORMAT}",
+            parts[3]
+        )),
+    }
+}
+
+/// `host:port` or `[v6]:port`, the port non-empty.
+fn is_host_port(s: &str) -> bool {
+    let (host, port) = match s.strip_prefix('[') {
+        Some(rest) => match rest.split_once("]:") {
+            Some((h, p)) => (h, p),
+            None => return false,
+        },
+        None => match s.split_once(':') {
+            Some((h, p)) if !p.contains(':') => (h, p),
+            _ => return false,
+        },
+    };
+    !port.is_empty() && !host.contains('/') && port.chars().all(|c| c.is_ascii_alphanumeric())
 }
 
 fn validate_identity(id: &Identity, path: &str, p: &mut Problems) {

@@ -18,6 +18,40 @@ pub enum Credential {
     Bearer(String),
 }
 
+impl Credential {
+    /// Who this credential is, as a keyed hash: equal credentials give equal identities within
+    /// one process, and the secret cannot be read back from it (the key is random per process,
+    /// so the hash cannot be tried against guessed passwords elsewhere).
+    pub fn identity(&self) -> String {
+        let mut ctx = aws_lc_rs::hmac::Context::with_key(identity_key());
+        match self {
+            Credential::Basic { username, password } => {
+                ctx.update(b"basic\0");
+                ctx.update(&(username.len() as u64).to_be_bytes());
+                ctx.update(username.as_bytes());
+                ctx.update(password.as_bytes());
+            }
+            Credential::Bearer(token) => {
+                ctx.update(b"bearer\0");
+                ctx.update(token.as_bytes());
+            }
+        }
+        hex::encode(&ctx.sign().as_ref()[..16])
+    }
+}
+
+/// The per-process key of [`Credential::identity`].
+fn identity_key() -> &'static aws_lc_rs::hmac::Key {
+    static KEY: std::sync::OnceLock<aws_lc_rs::hmac::Key> = std::sync::OnceLock::new();
+    KEY.get_or_init(|| {
+        let rng = aws_lc_rs::rand::SystemRandom::new();
+        aws_lc_rs::hmac::Key::generate(aws_lc_rs::hmac::HMAC_SHA256, &rng).unwrap_or_else(|_| {
+            // No system randomness: a fixed key still hides the secret behind a hash.
+            aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, b"pullgate identity")
+        })
+    })
+}
+
 impl std::fmt::Debug for Credential {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -38,11 +72,12 @@ pub enum CredentialError {
     Invalid { path: PathBuf, message: String },
 }
 
-/// Credentials by registry host (`index.docker.io` for Docker Hub).
+/// Credentials by registry host (`index.docker.io` for Docker Hub). Each credential is
+/// answered only to the host (`host[:port]`, the port included) it is filed under: there is no
+/// credential for "any registry".
 #[derive(Debug, Clone, Default)]
 pub struct Credentials {
     by_host: HashMap<String, Credential>,
-    fallback: Option<Credential>,
 }
 
 #[derive(Deserialize)]
@@ -86,12 +121,6 @@ struct DockerAuth {
 const MAX_CONFIG_BYTES: u64 = 1 << 20;
 
 impl Credentials {
-    /// Credentials used for every registry (explicit `--username/--password` or `--token`).
-    pub fn with_fallback(mut self, credential: Credential) -> Self {
-        self.fallback = Some(credential);
-        self
-    }
-
     pub fn insert(&mut self, host: &str, credential: Credential) {
         self.by_host.insert(normalize_host(host), credential);
     }
@@ -197,8 +226,10 @@ impl Credentials {
         path.is_file().then_some(path)
     }
 
+    /// The credential filed for exactly `host` (`host[:port]`; Docker Hub's spellings are one
+    /// host), if any.
     pub fn for_host(&self, host: &str) -> Option<&Credential> {
-        self.by_host.get(host).or(self.fallback.as_ref())
+        self.by_host.get(&normalize_host(host))
     }
 }
 
@@ -414,6 +445,42 @@ mod tests {
             Some(&Credential::Bearer("tok".into()))
         );
         assert_eq!(creds.for_host("empty.example"), None);
+    }
+
+    #[test]
+    fn a_credential_is_for_its_host_only() {
+        let mut creds = Credentials::default();
+        let c = Credential::Basic {
+            username: "u".into(),
+            password: "p".into(),
+        };
+        creds.insert("127.0.0.1:5000", c.clone());
+        assert_eq!(creds.for_host("127.0.0.1:5000"), Some(&c));
+        // The port is part of the host.
+        assert_eq!(creds.for_host("127.0.0.1:5001"), None);
+        assert_eq!(creds.for_host("127.0.0.1"), None);
+        assert_eq!(creds.for_host("ghcr.io"), None);
+        creds.insert("docker.io", c.clone());
+        assert_eq!(creds.for_host("index.docker.io"), Some(&c));
+    }
+
+    #[test]
+    fn identities_hide_the_secret_and_tell_credentials_apart() {
+        let basic = |u: &str, p: &str| Credential::Basic {
+            username: u.into(),
+            password: p.into(),
+        };
+        let a = basic("user", "secret-password");
+        assert_eq!(a.identity(), basic("user", "secret-password").identity());
+        assert_ne!(a.identity(), basic("user", "other").identity());
+        // The split between user and password is part of the identity.
+        assert_ne!(basic("ab", "c").identity(), basic("a", "bc").identity());
+        assert_ne!(
+            Credential::Bearer("t".into()).identity(),
+            basic("t", "").identity()
+        );
+        assert!(!a.identity().contains("secret"));
+        assert_eq!(a.identity().len(), 32);
     }
 
     #[test]

@@ -1,5 +1,8 @@
 //! Registry access for verification: resolve a tag to a digest and fetch cosign signature
-//! manifests and blobs, with hard size limits, timeouts and the fewest requests possible.
+//! manifests and blobs, with hard size limits, timeouts, a per-decision [`Budget`] of bytes and
+//! requests in flight, and the fewest requests possible. Signatures are listed first and
+//! fetched one by one ([`RegistryClient::fetch_pending`]) so the caller can check each as it
+//! arrives and stop early. Credentials go only to the host they were given for.
 //!
 //! One long-lived [`RegistryClient`] serves every verification. Authentication is lazy: a
 //! request goes out anonymously (or with a cached token) and only a `401` triggers the
@@ -22,7 +25,7 @@ use crate::image_ref::ImageRef;
 use crate::verify::bundle::is_bundle_media_type;
 use crate::verify::cosign::{
     LayerFormat, SignatureLayer, BUNDLE_ANNOTATION, CERTIFICATE_ANNOTATION, CHAIN_ANNOTATION,
-    RFC3161_TIMESTAMP_ANNOTATION, SIGNATURE_ANNOTATION, SIMPLE_SIGNING_MEDIA_TYPE,
+    RFC3161_TIMESTAMP_ANNOTATION, SIGNATURE_ANNOTATION,
 };
 use auth::{parse_challenge, Challenge};
 pub use auth::{Credential, Credentials};
@@ -39,11 +42,21 @@ pub struct Limits {
     pub manifest_bytes: u64,
     pub signature_blob_bytes: u64,
     pub signature_layers: usize,
-    pub token_bytes: u64,
+    /// A token endpoint's whole answer.
+    pub token_response_bytes: u64,
+    /// One bearer token; a longer one is refused, never cached.
+    pub token_bytes: usize,
+    /// Bearer tokens kept (by host, repository and credential); the oldest go first.
+    pub token_cache_entries: usize,
     /// An image config blob (`fetchConfigFile`).
     pub config_blob_bytes: u64,
     /// Manifests of one image index whose configs are fetched.
     pub index_manifests: usize,
+    /// Bytes one decision may read from registries in all (manifests, signature blobs, token
+    /// answers, configs): a [`Budget`].
+    pub decision_bytes: u64,
+    /// Registry requests one decision keeps in flight at once.
+    pub decision_fetches: usize,
 }
 
 impl Default for Limits {
@@ -52,9 +65,58 @@ impl Default for Limits {
             manifest_bytes: 4 << 20,
             signature_blob_bytes: 1 << 20,
             signature_layers: 256,
-            token_bytes: 1 << 20,
+            token_response_bytes: 64 << 10,
+            token_bytes: 16 << 10,
+            token_cache_entries: 1024,
             config_blob_bytes: 4 << 20,
             index_manifests: 64,
+            decision_bytes: 16 << 20,
+            decision_fetches: 4,
+        }
+    }
+}
+
+/// What one decision may take from registries: bytes read in all and requests in flight at
+/// once. Every body byte read on its behalf is counted, kept or not, so a registry that serves
+/// too much costs at most the budget before the decision fails closed.
+pub struct Budget {
+    limit: u64,
+    used: AtomicU64,
+    fetches: tokio::sync::Semaphore,
+}
+
+impl Budget {
+    pub fn new(bytes: u64, concurrent_fetches: usize) -> Budget {
+        Budget {
+            limit: bytes,
+            used: AtomicU64::new(0),
+            fetches: tokio::sync::Semaphore::new(concurrent_fetches.max(1)),
+        }
+    }
+
+    /// Bytes counted so far.
+    pub fn used(&self) -> u64 {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    fn remaining(&self) -> u64 {
+        self.limit.saturating_sub(self.used())
+    }
+
+    /// Counts `n` more bytes; an error once the total would pass the limit (the bytes stay
+    /// counted, so every later read fails too).
+    fn charge(&self, n: u64, host: &str) -> Result<()> {
+        let before = self.used.fetch_add(n, Ordering::Relaxed);
+        if before.saturating_add(n) > self.limit {
+            return Err(self.exceeded(host));
+        }
+        Ok(())
+    }
+
+    fn exceeded(&self, host: &str) -> RegistryError {
+        RegistryError::OverBudget {
+            host: host.to_string(),
+            limit: self.limit,
         }
     }
 }
@@ -110,6 +172,11 @@ pub enum RegistryError {
         what: &'static str,
         message: String,
     },
+    #[error(
+        "registry {host} served more than this decision may read from registries ({limit} bytes \
+         in all), so it was not decided"
+    )]
+    OverBudget { host: String, limit: u64 },
     #[error("cannot build HTTP client: {0}")]
     Client(String),
 }
@@ -178,11 +245,52 @@ struct TokenResponse {
 pub struct RegistryClient {
     http: reqwest::Client,
     config: RegistryConfig,
-    /// Bearer tokens by `host/repository`.
-    tokens: Mutex<HashMap<String, String>>,
-    /// Hosts that answered with a Basic challenge.
+    /// Bearer tokens by `host/repository#credential identity`, at most
+    /// `limits.token_cache_entries`, each at most `limits.token_bytes`.
+    tokens: Mutex<TokenCache>,
+    /// Hosts that answered with a Basic challenge (bounded like the tokens).
     basic_hosts: Mutex<HashSet<String>>,
     requests: AtomicU64,
+}
+
+/// Bearer tokens in insertion order; the oldest is dropped when full.
+#[derive(Default)]
+struct TokenCache {
+    by_key: HashMap<String, String>,
+    order: std::collections::VecDeque<String>,
+}
+
+impl TokenCache {
+    fn get(&self, key: &str) -> Option<&String> {
+        self.by_key.get(key)
+    }
+
+    fn insert(&mut self, key: String, token: String, capacity: usize) {
+        if self.by_key.insert(key.clone(), token).is_none() {
+            self.order.push_back(key);
+        }
+        while self.by_key.len() > capacity.max(1) {
+            let Some(oldest) = self.order.pop_front() else {
+                break;
+            };
+            self.by_key.remove(&oldest);
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.by_key.len()
+    }
+}
+
+/// A signature listed in a signature manifest or referrers index, not fetched yet (see
+/// [`RegistryClient::fetch_pending`]).
+pub struct PendingLayer(Pending);
+
+enum Pending {
+    /// A layer of a cosign signature or attestation manifest.
+    Blob(Descriptor),
+    /// A referrer manifest whose bundle layer is the signature.
+    Referrer { manifest: String, subject: String },
 }
 
 /// One endpoint of a repository on a registry.
@@ -191,12 +299,14 @@ struct Target<'a> {
     api_host: &'a str,
     repository: &'a str,
     plain_http: bool,
-    /// The request's own credential (e.g. the one kubelet resolved for a pull), else the
-    /// configured one for the host.
+    /// The request's own credential for this host (e.g. the one kubelet resolved for a pull),
+    /// else the one configured for the host.
     credential: Option<&'a Credential>,
+    /// The decision's budget, when the caller has one.
+    budget: Option<&'a Budget>,
 }
 
-impl Target<'_> {
+impl<'a> Target<'a> {
     fn url(&self, path: &str) -> String {
         let scheme = if self.plain_http { "http" } else { "https" };
         format!("{scheme}://{}/v2/{}/{path}", self.api_host, self.repository)
@@ -205,14 +315,19 @@ impl Target<'_> {
     /// Tokens are cached per repository and per credential: a token obtained with one pod's
     /// pull secret is never presented for another's.
     fn cache_key(&self) -> String {
-        let who = match self.credential {
-            None => String::new(),
-            Some(Credential::Basic { username, password }) => {
-                hex::encode(sha2::Sha256::digest(format!("{username}\0{password}")))
-            }
-            Some(Credential::Bearer(token)) => hex::encode(sha2::Sha256::digest(token)),
-        };
+        let who = self
+            .credential
+            .map(Credential::identity)
+            .unwrap_or_default();
         format!("{}/{}#{who}", self.host, self.repository)
+    }
+
+    /// A place among the decision's requests in flight, held while a body is read.
+    async fn permit(&self) -> Option<tokio::sync::SemaphorePermit<'a>> {
+        match self.budget {
+            Some(budget) => budget.fetches.acquire().await.ok(),
+            None => None,
+        }
     }
 }
 
@@ -222,13 +337,18 @@ impl RegistryClient {
             .timeout(config.timeout)
             .connect_timeout(config.timeout.min(Duration::from_secs(5)))
             .user_agent(concat!("pullgate/", env!("CARGO_PKG_VERSION")))
-            .redirect(reqwest::redirect::Policy::limited(5))
+            .redirect(reqwest::redirect::Policy::custom(
+                |attempt| match redirect_refusal(attempt.previous(), attempt.url()) {
+                    Some(reason) => attempt.error(reason),
+                    None => attempt.follow(),
+                },
+            ))
             .build()
             .map_err(|e| RegistryError::Client(e.to_string()))?;
         Ok(RegistryClient {
             http,
             config,
-            tokens: Mutex::new(HashMap::new()),
+            tokens: Mutex::new(TokenCache::default()),
             basic_hosts: Mutex::new(HashSet::new()),
             requests: AtomicU64::new(0),
         })
@@ -239,25 +359,52 @@ impl RegistryClient {
         self.requests.load(Ordering::Relaxed)
     }
 
-    fn target<'a>(&'a self, image: &'a ImageRef, auth: Option<&'a Credential>) -> Target<'a> {
+    /// Bearer tokens cached now.
+    pub fn cached_tokens(&self) -> usize {
+        lock(&self.tokens).len()
+    }
+
+    /// A fresh budget for one decision, from the configured limits.
+    pub fn budget(&self) -> Budget {
+        Budget::new(
+            self.config.limits.decision_bytes,
+            self.config.limits.decision_fetches,
+        )
+    }
+
+    /// `auth` must be a credential given for `image`'s own host: it is never checked here.
+    fn target<'a>(
+        &'a self,
+        image: &'a ImageRef,
+        auth: Option<&'a Credential>,
+        budget: Option<&'a Budget>,
+    ) -> Target<'a> {
         let host = image.registry();
         Target {
             host,
             api_host: image.api_host(),
             repository: image.repository(),
-            plain_http: image.is_loopback() || self.config.insecure.iter().any(|h| h == host),
+            plain_http: image.is_loopback() || self.is_insecure(host),
             credential: auth.or_else(|| self.config.credentials.for_host(host)),
+            budget,
         }
     }
 
+    fn is_insecure(&self, host: &str) -> bool {
+        self.config
+            .insecure
+            .iter()
+            .any(|h| h.eq_ignore_ascii_case(host))
+    }
+
     /// The manifest digest `image` names: its digest when it carries one (no request), else
-    /// the digest the registry reports for its tag. `auth` overrides the configured
-    /// credentials for this call.
+    /// the digest the registry reports for its tag. `auth`, a credential for `image`'s host,
+    /// overrides the configured one for this call.
     pub async fn resolve(&self, image: &ImageRef, auth: Option<&Credential>) -> Result<String> {
         if let Some(digest) = image.digest() {
             return Ok(digest.to_string());
         }
-        let target = self.target(image, auth);
+        let target = self.target(image, auth, None);
         let tag = image.tag().unwrap_or("latest");
         let url = target.url(&format!("manifests/{tag}"));
         let resp = self
@@ -288,12 +435,7 @@ impl RegistryClient {
             return Err(status_error(&url, resp.status()));
         }
         let body = self
-            .read_limited(
-                resp,
-                self.config.limits.manifest_bytes,
-                "manifest",
-                target.host,
-            )
+            .read_limited(resp, self.config.limits.manifest_bytes, "manifest", &target)
             .await?;
         Ok(format!(
             "sha256:{}",
@@ -301,34 +443,18 @@ impl RegistryClient {
         ))
     }
 
-    /// Every cosign signature stored for `digest` in `repo` (`sha256-<hex>.sig`). An absent
-    /// signature tag is an empty list: "no signatures found" is a verdict, not an error.
-    pub async fn fetch_signatures(
-        &self,
-        repo: &ImageRef,
-        digest: &str,
-        auth: Option<&Credential>,
-    ) -> Result<Vec<SignatureLayer>> {
-        let tag = signature_tag(digest).ok_or_else(|| RegistryError::Invalid {
-            host: repo.registry().to_string(),
-            what: "digest",
-            message: format!("{digest:?} is not algorithm:hex"),
-        })?;
-        self.fetch_attached(repo, &tag, SIMPLE_SIGNING_MEDIA_TYPE, auth)
-            .await
-    }
-
-    /// The layers of media type `media_type` in the manifest at `repo:tag` (cosign's
-    /// signature or attestation tags), each blob read within limits and checked against its
-    /// digest. An absent tag is an empty list.
-    pub async fn fetch_attached(
+    /// The layers of media type `media_type` listed in the manifest at `repo:tag` (cosign's
+    /// signature or attestation tags), in manifest order, not fetched yet. An absent tag lists
+    /// nothing. `auth` is a credential for `repo`'s own host.
+    pub async fn list_attached(
         &self,
         repo: &ImageRef,
         tag: &str,
         media_type: &str,
         auth: Option<&Credential>,
-    ) -> Result<Vec<SignatureLayer>> {
-        let target = self.target(repo, auth);
+        budget: &Budget,
+    ) -> Result<Vec<PendingLayer>> {
+        let target = self.target(repo, auth, Some(budget));
         let valid_tag = !tag.is_empty()
             && tag.len() <= 128
             && tag
@@ -355,10 +481,11 @@ impl RegistryClient {
                 what: "signature manifest",
                 message: e.to_string(),
             })?;
-        let layers: Vec<Descriptor> = manifest
+        let layers: Vec<PendingLayer> = manifest
             .layers
             .into_iter()
             .filter(|l| l.media_type == media_type)
+            .map(|l| PendingLayer(Pending::Blob(l)))
             .collect();
         if layers.len() > self.config.limits.signature_layers {
             return Err(RegistryError::TooLarge {
@@ -367,24 +494,21 @@ impl RegistryClient {
                 limit: self.config.limits.signature_layers as u64,
             });
         }
-        let fetches = layers
-            .into_iter()
-            .map(|d| self.fetch_signature_layer(&target, d));
-        futures_util::future::try_join_all(fetches).await
+        Ok(layers)
     }
 
     /// The Sigstore bundles attached to `digest` in `repo` as OCI 1.1 referrers, as cosign v3
-    /// writes signatures and attestations: listed by the registry's referrers API, or where the
-    /// registry has none (it answers 404) by the `sha256-<hex>` referrers tag. Each referrer
-    /// manifest must name `digest` as its subject; one that is listed but gone is skipped, as
-    /// a stale referrers tag may list it. Nothing attached is an empty list.
-    pub async fn fetch_referrers(
+    /// writes signatures and attestations, not fetched yet: listed by the registry's referrers
+    /// API, or where the registry has none (it answers 404) by the `sha256-<hex>` referrers
+    /// tag. Nothing attached is an empty list.
+    pub async fn list_referrers(
         &self,
         repo: &ImageRef,
         digest: &str,
         auth: Option<&Credential>,
-    ) -> Result<Vec<SignatureLayer>> {
-        let target = self.target(repo, auth);
+        budget: &Budget,
+    ) -> Result<Vec<PendingLayer>> {
+        let target = self.target(repo, auth, Some(budget));
         if !is_digest(digest) {
             return Err(RegistryError::Invalid {
                 host: target.host.to_string(),
@@ -412,10 +536,16 @@ impl RegistryClient {
             what: "referrers index",
             message: e.to_string(),
         })?;
-        let bundles: Vec<IndexEntry> = index
+        let bundles: Vec<PendingLayer> = index
             .manifests
             .into_iter()
             .filter(|m| is_bundle_media_type(&m.artifact_type))
+            .map(|m| {
+                PendingLayer(Pending::Referrer {
+                    manifest: m.digest,
+                    subject: digest.to_string(),
+                })
+            })
             .collect();
         if bundles.len() > self.config.limits.signature_layers {
             return Err(RegistryError::TooLarge {
@@ -424,11 +554,26 @@ impl RegistryClient {
                 limit: self.config.limits.signature_layers as u64,
             });
         }
-        let fetches = bundles
-            .into_iter()
-            .map(|m| self.fetch_referrer(&target, m.digest, digest));
-        let found = futures_util::future::try_join_all(fetches).await?;
-        Ok(found.into_iter().flatten().collect())
+        Ok(bundles)
+    }
+
+    /// Fetches one listed signature from `repo` (the repository it was listed in), its blob
+    /// read within limits and checked against its digest. `None` for a referrer that is gone
+    /// or refers to another image (a stale referrers tag may list it).
+    pub async fn fetch_pending(
+        &self,
+        repo: &ImageRef,
+        layer: PendingLayer,
+        auth: Option<&Credential>,
+        budget: &Budget,
+    ) -> Result<Option<SignatureLayer>> {
+        let target = self.target(repo, auth, Some(budget));
+        match layer.0 {
+            Pending::Blob(desc) => self.fetch_signature_layer(&target, desc).await.map(Some),
+            Pending::Referrer { manifest, subject } => {
+                self.fetch_referrer(&target, manifest, &subject).await
+            }
+        }
     }
 
     /// One referrer manifest and its bundle layer; `None` when it is gone or refers to
@@ -480,6 +625,7 @@ impl RegistryClient {
         url: &str,
         what: &'static str,
     ) -> Result<Option<Vec<u8>>> {
+        let _permit = target.permit().await;
         let resp = self.send(target, Method::GET, url, MANIFEST_ACCEPT).await?;
         match resp.status() {
             StatusCode::OK => {}
@@ -487,22 +633,21 @@ impl RegistryClient {
             s => return Err(status_error(url, s)),
         }
         let limit = self.config.limits.manifest_bytes;
-        self.read_limited(resp, limit, what, target.host)
-            .await
-            .map(Some)
+        self.read_limited(resp, limit, what, target).await.map(Some)
     }
 
     /// The OCI config file of `image` (which must name its digest) per platform, keyed as
     /// policy-controller keys them: `os/arch[/variant][:osversion]` read from each config. An
     /// image gives one entry; an index one per manifest it lists (an index inside an index is
     /// refused). Every manifest is checked against the digest it was fetched by and every
-    /// config blob against its descriptor, within the size limits.
+    /// config blob against its descriptor, within the size limits and `budget`.
     pub async fn fetch_configs(
         &self,
         image: &ImageRef,
         auth: Option<&Credential>,
+        budget: &Budget,
     ) -> Result<serde_json::Map<String, serde_json::Value>> {
-        let target = self.target(image, auth);
+        let target = self.target(image, auth, Some(budget));
         let invalid = |what: &'static str, message: String| RegistryError::Invalid {
             host: target.host.to_string(),
             what,
@@ -616,6 +761,7 @@ impl RegistryClient {
             )));
         }
         let url = target.url(&format!("blobs/{}", desc.digest));
+        let _permit = target.permit().await;
         let resp = self.send(target, Method::GET, &url, "*/*").await?;
         match resp.status() {
             StatusCode::OK => {}
@@ -630,7 +776,7 @@ impl RegistryClient {
             s => return Err(status_error(&url, s)),
         }
         let body = self
-            .read_limited(resp, limit, "image config", target.host)
+            .read_limited(resp, limit, "image config", target)
             .await?;
         if format!("sha256:{}", hex::encode(sha2::Sha256::digest(&body))) != desc.digest {
             return Err(invalid(format!(
@@ -674,12 +820,13 @@ impl RegistryClient {
             )));
         };
         let url = target.url(&format!("blobs/{}", desc.digest));
+        let _permit = target.permit().await;
         let resp = self.send(target, Method::GET, &url, "*/*").await?;
         if resp.status() != StatusCode::OK {
             return Err(status_error(&url, resp.status()));
         }
         let payload = self
-            .read_limited(resp, limit, "signature blob", target.host)
+            .read_limited(resp, limit, "signature blob", target)
             .await?;
         if hex::encode(sha2::Sha256::digest(&payload)) != expected {
             return Err(invalid(format!(
@@ -735,7 +882,11 @@ impl RegistryClient {
                 let token = self
                     .fetch_token(target, &realm, service.as_deref(), &scope)
                     .await?;
-                lock(&self.tokens).insert(target.cache_key(), token.clone());
+                lock(&self.tokens).insert(
+                    target.cache_key(),
+                    token.clone(),
+                    self.config.limits.token_cache_entries,
+                );
                 format!("Bearer {token}")
             }
             Some(Challenge::Basic) => {
@@ -744,7 +895,12 @@ impl RegistryClient {
                         self.denied(target, "the registry requires a username and password")
                     );
                 };
-                lock(&self.basic_hosts).insert(target.host.to_string());
+                let mut hosts = lock(&self.basic_hosts);
+                if hosts.len() >= self.config.limits.token_cache_entries {
+                    hosts.clear();
+                }
+                hosts.insert(target.host.to_string());
+                drop(hosts);
                 basic_header(username, password)
             }
             None => {
@@ -800,24 +956,30 @@ impl RegistryClient {
         service: Option<&str>,
         scope: &str,
     ) -> Result<String> {
+        if let Some(Credential::Bearer(token)) = target.credential {
+            // A registry token is presented as is; the realm is not asked.
+            return Ok(token.clone());
+        }
         let mut params = vec![("scope", scope)];
         if let Some(service) = service {
             params.push(("service", service));
         }
-        let url = reqwest::Url::parse_with_params(realm, &params).map_err(|e| {
-            RegistryError::Invalid {
-                host: target.host.to_string(),
-                what: "token realm",
-                message: format!("{realm:?}: {e}"),
-            }
-        })?;
+        let invalid_realm = |message: String| RegistryError::Invalid {
+            host: target.host.to_string(),
+            what: "token realm",
+            message: format!("{realm:?}: {message}"),
+        };
+        let url = reqwest::Url::parse_with_params(realm, &params)
+            .map_err(|e| invalid_realm(e.to_string()))?;
+        if let Some(reason) = self.realm_refusal(target, &url) {
+            return Err(invalid_realm(reason));
+        }
         let mut req = self.http.get(url);
-        match target.credential {
-            Some(Credential::Basic { username, password }) => {
-                req = req.basic_auth(username, Some(password));
-            }
-            Some(Credential::Bearer(token)) => return Ok(token.clone()),
-            None => {}
+        // As the docker CLI does, the registry's credential goes to the realm it names, which
+        // may be another host (Docker Hub's is auth.docker.io): the realm passed the checks
+        // above, and it was named by the registry the credential is for.
+        if let Some(Credential::Basic { username, password }) = target.credential {
+            req = req.basic_auth(username, Some(password));
         }
         self.requests.fetch_add(1, Ordering::Relaxed);
         let resp = req
@@ -833,9 +995,9 @@ impl RegistryClient {
         let body = self
             .read_limited(
                 resp,
-                self.config.limits.token_bytes,
+                self.config.limits.token_response_bytes,
                 "token response",
-                target.host,
+                target,
             )
             .await?;
         let token: TokenResponse =
@@ -844,7 +1006,7 @@ impl RegistryClient {
                 what: "token response",
                 message: e.to_string(),
             })?;
-        token
+        let token = token
             .token
             .or(token.access_token)
             .filter(|t| !t.is_empty())
@@ -852,7 +1014,53 @@ impl RegistryClient {
                 host: target.host.to_string(),
                 what: "token response",
                 message: "no token in the answer".into(),
-            })
+            })?;
+        if token.len() > self.config.limits.token_bytes {
+            return Err(RegistryError::TooLarge {
+                what: "bearer token",
+                host: target.host.to_string(),
+                limit: self.config.limits.token_bytes as u64,
+            });
+        }
+        Ok(token)
+    }
+
+    /// Why the token `realm` a registry named must not be asked, if it must not: plain HTTP
+    /// only to a registry itself reached over plain HTTP (loopback, `--insecure-registry`)
+    /// and only at a loopback or insecure-listed host; and a registry that is not on loopback
+    /// may not send the node to a loopback or link-local address (its metadata service, a
+    /// local daemon), credentials or not.
+    fn realm_refusal(&self, target: &Target<'_>, realm: &reqwest::Url) -> Option<String> {
+        let host = realm.host_str().unwrap_or_default();
+        let authority = match realm.port() {
+            Some(port) => format!("{host}:{port}"),
+            None => host.to_string(),
+        };
+        let realm_local = is_local_host(host);
+        match realm.scheme() {
+            "https" => {}
+            "http" => {
+                let allowed_host = realm_local || self.is_insecure(&authority);
+                if !(target.plain_http && allowed_host) {
+                    return Some(
+                        "a token realm must be https (plain http only for a loopback or \
+                         --insecure-registry registry whose realm is on such a host too)"
+                            .into(),
+                    );
+                }
+            }
+            other => return Some(format!("scheme {other:?} is not https")),
+        }
+        if realm_local
+            && !is_local_host(host_without_port(target.host))
+            && !self.is_insecure(&authority)
+        {
+            return Some(format!(
+                "registry {} is not on this host but names a local address",
+                target.host
+            ));
+        }
+        None
     }
 
     fn denied(&self, target: &Target<'_>, message: &str) -> RegistryError {
@@ -863,14 +1071,16 @@ impl RegistryClient {
         }
     }
 
-    /// Reads a whole body, refusing to hold more than `limit` bytes.
+    /// Reads a whole body, refusing to hold more than `limit` bytes or to pass the target's
+    /// budget (every byte read is counted against it).
     async fn read_limited(
         &self,
         mut resp: reqwest::Response,
         limit: u64,
         what: &'static str,
-        host: &str,
+        target: &Target<'_>,
     ) -> Result<Vec<u8>> {
+        let host = target.host;
         let too_large = || RegistryError::TooLarge {
             what,
             host: host.to_string(),
@@ -884,14 +1094,71 @@ impl RegistryClient {
         if declared.is_some_and(|n| n > limit) {
             return Err(too_large());
         }
-        let mut body = Vec::with_capacity(declared.unwrap_or(0).min(limit) as usize);
+        if let (Some(budget), Some(n)) = (target.budget, declared) {
+            if n > budget.remaining() {
+                return Err(budget.exceeded(host));
+            }
+        }
+        let capacity = declared
+            .unwrap_or(0)
+            .min(limit)
+            .min(target.budget.map_or(u64::MAX, Budget::remaining));
+        let mut body = Vec::with_capacity(capacity as usize);
         while let Some(chunk) = resp.chunk().await.map_err(|e| transport_error(host, &e))? {
             if body.len() as u64 + chunk.len() as u64 > limit {
                 return Err(too_large());
             }
+            if let Some(budget) = target.budget {
+                budget.charge(chunk.len() as u64, host)?;
+            }
             body.extend_from_slice(&chunk);
         }
         Ok(body)
+    }
+}
+
+/// Why following a redirect from `previous` to `next` is refused, if it is: never from https
+/// down to plain http (reqwest itself drops `Authorization` when the host changes).
+fn redirect_refusal(previous: &[reqwest::Url], next: &reqwest::Url) -> Option<String> {
+    if previous.len() >= 5 {
+        return Some("more than 5 redirects".into());
+    }
+    let from_https = previous.iter().any(|u| u.scheme() == "https");
+    match next.scheme() {
+        "https" => None,
+        "http" if !from_https => None,
+        scheme => Some(format!(
+            "refusing to follow a redirect from https to {scheme}: {}",
+            next.host_str().unwrap_or_default()
+        )),
+    }
+}
+
+/// `host` of `host[:port]` (`[::1]` of `[::1]:5000`).
+fn host_without_port(authority: &str) -> &str {
+    if authority.ends_with(']') {
+        return authority;
+    }
+    match authority.rsplit_once(':') {
+        Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host,
+        _ => authority,
+    }
+}
+
+/// `localhost`, a loopback, link-local or unspecified address (`[::1]` with its brackets).
+fn is_local_host(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.eq_ignore_ascii_case("localhost") {
+        return true;
+    }
+    match host.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(ip)) => {
+            ip.is_loopback() || ip.is_link_local() || ip.is_unspecified()
+        }
+        Ok(std::net::IpAddr::V6(ip)) => {
+            ip.is_loopback() || ip.is_unspecified() || (ip.segments()[0] & 0xffc0) == 0xfe80
+        }
+        Err(_) => false,
     }
 }
 
@@ -988,6 +1255,107 @@ mod tests {
         );
         assert_eq!(signature_tag("nope"), None);
         assert_eq!(signature_tag("sha256:zz"), None);
+    }
+
+    fn client(insecure: &[&str]) -> RegistryClient {
+        RegistryClient::new(RegistryConfig {
+            insecure: insecure.iter().map(|h| h.to_string()).collect(),
+            ..RegistryConfig::default()
+        })
+        .unwrap()
+    }
+
+    fn target<'a>(host: &'a str, plain_http: bool) -> Target<'a> {
+        Target {
+            host,
+            api_host: host,
+            repository: "app",
+            plain_http,
+            credential: None,
+            budget: None,
+        }
+    }
+
+    #[test]
+    fn token_realms_must_be_https_and_not_local_for_a_remote_registry() {
+        let c = client(&["reg.internal:5000"]);
+        let refused =
+            |t: &Target<'_>, realm: &str| c.realm_refusal(t, &reqwest::Url::parse(realm).unwrap());
+        let remote = target("ghcr.io", false);
+        assert_eq!(refused(&remote, "https://ghcr.io/token"), None);
+        assert_eq!(refused(&remote, "https://auth.docker.io/token"), None);
+        for bad in [
+            "http://ghcr.io/token",
+            "ftp://ghcr.io/token",
+            "https://127.0.0.1:8080/token",
+            "https://169.254.169.254/latest/meta-data",
+            "https://[::1]/token",
+            "https://localhost/token",
+        ] {
+            assert!(refused(&remote, bad).is_some(), "{bad} was allowed");
+        }
+        // A loopback registry spoken to over plain HTTP may name a plain-HTTP loopback realm.
+        let local = target("127.0.0.1:5000", true);
+        assert_eq!(refused(&local, "http://127.0.0.1:5001/token"), None);
+        assert!(refused(&local, "http://auth.example.com/token").is_some());
+        // An --insecure-registry may name a realm on an insecure-listed host.
+        let insecure = target("reg.internal:5000", true);
+        assert_eq!(refused(&insecure, "http://reg.internal:5000/token"), None);
+        assert!(refused(&insecure, "http://reg.internal:5001/token").is_some());
+    }
+
+    #[test]
+    fn redirects_never_go_from_https_to_http() {
+        let url = |u: &str| reqwest::Url::parse(u).unwrap();
+        assert!(redirect_refusal(&[url("https://a/v2/")], &url("http://b/blob")).is_some());
+        assert!(redirect_refusal(
+            &[url("https://a/v2/"), url("https://cdn/x")],
+            &url("http://cdn/y")
+        )
+        .is_some());
+        assert_eq!(
+            redirect_refusal(&[url("https://a/v2/")], &url("https://b/blob")),
+            None
+        );
+        assert_eq!(
+            redirect_refusal(
+                &[url("http://127.0.0.1:5000/v2/")],
+                &url("http://127.0.0.1:9/b")
+            ),
+            None
+        );
+        let many: Vec<_> = (0..5).map(|i| url(&format!("https://a/{i}"))).collect();
+        assert!(redirect_refusal(&many, &url("https://a/x")).is_some());
+    }
+
+    #[test]
+    fn token_cache_is_bounded_and_drops_the_oldest() {
+        let mut cache = TokenCache::default();
+        for i in 0..10 {
+            cache.insert(format!("k{i}"), "t".into(), 4);
+        }
+        assert_eq!(cache.len(), 4);
+        assert!(cache.get("k5").is_none());
+        assert!(cache.get("k9").is_some());
+        // Replacing a key keeps one entry for it.
+        cache.insert("k9".into(), "u".into(), 4);
+        assert_eq!(cache.len(), 4);
+        assert_eq!(cache.get("k9").map(String::as_str), Some("u"));
+    }
+
+    #[test]
+    fn the_budget_counts_every_byte_and_fails_past_its_limit() {
+        let budget = Budget::new(10, 1);
+        assert!(budget.charge(6, "h").is_ok());
+        assert!(budget.charge(4, "h").is_ok());
+        let err = budget.charge(1, "h").unwrap_err();
+        assert!(
+            err.to_string().contains("more than this decision may read"),
+            "{err}"
+        );
+        // Once over, every later read fails too.
+        assert!(budget.charge(0, "h").is_err());
+        assert_eq!(budget.remaining(), 0);
     }
 
     #[test]

@@ -5,9 +5,10 @@
 //! `https://sigstore.dev/cosign/sign/v1`, an attestation one of its own predicate type.
 //!
 //! Verified here against the same authorities as the legacy format: the envelope's signature
-//! under the authority's key or certificate first, then the evidence (a log entry's inclusion
-//! promise bound to this payload, signature and signer; a timestamp over the signature), and
-//! only then is the statement read. Parsing is bounded and every malformed field is a reason.
+//! under the authority's key or certificate first, then the evidence (a Rekor v1 entry's
+//! inclusion promise or a Rekor v2 entry's inclusion proof and checkpoint, the entry bound to
+//! this payload, signature and signer; a timestamp over the signature), and only then is the
+//! statement read. Parsing is bounded and every malformed field is a reason.
 
 use base64::Engine as _;
 use serde::{Deserialize, Deserializer};
@@ -17,7 +18,9 @@ use sha2::Digest as _;
 use super::attest::{pae, read_statement, LoggedSigner, Signer, Verified, MAX_ENVELOPE_SIGNATURES};
 use super::keyless::{Evidence, SignerCertificate};
 use super::keys::HashAlgorithm;
-use super::rekor::{verify_promise, LogKeys, LoggedEntry};
+use super::rekor::{
+    verify_inclusion, verify_promise, InclusionProof, LogKeys, LoggedEntry, MAX_PROOF_HASHES,
+};
 use super::tsa::{authority_timestamp, Stamp};
 
 /// The bundle media type cosign v3 writes (also the referrer's `artifactType`).
@@ -55,9 +58,19 @@ struct Envelope {
 struct TlogEntry {
     logged: LoggedEntry,
     kind: String,
+    version: String,
     body: Vec<u8>,
     /// The inclusion promise (signed entry timestamp). Rekor v2 entries have none.
     promise: Option<Vec<u8>>,
+    /// The inclusion proof with its checkpoint: what a Rekor v2 entry is evidence by.
+    proof: Option<InclusionProof>,
+}
+
+impl TlogEntry {
+    /// A Rekor v2 entry (`hashedrekord` or `dsse` 0.0.2; `intoto` 0.0.2 is a v1 kind).
+    fn is_v2(&self) -> bool {
+        self.version == "0.0.2" && matches!(self.kind.as_str(), "dsse" | "hashedrekord")
+    }
 }
 
 // The protobuf JSON form: camelCase names, 64-bit integers as strings, bytes as base64.
@@ -105,11 +118,32 @@ struct RawTlogEntry {
     log_index: i64,
     log_id: RawLogId,
     kind_version: RawKindVersion,
-    #[serde(default, deserialize_with = "int64")]
-    integrated_time: i64,
+    #[serde(default, deserialize_with = "opt_int64")]
+    integrated_time: Option<i64>,
     #[serde(default)]
     inclusion_promise: Option<RawPromise>,
+    #[serde(default)]
+    inclusion_proof: Option<RawProof>,
     canonicalized_body: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawProof {
+    #[serde(deserialize_with = "int64")]
+    log_index: i64,
+    #[serde(default)]
+    root_hash: Option<String>,
+    #[serde(default, deserialize_with = "opt_int64")]
+    tree_size: Option<i64>,
+    #[serde(default)]
+    hashes: Vec<String>,
+    checkpoint: RawCheckpoint,
+}
+
+#[derive(Deserialize)]
+struct RawCheckpoint {
+    envelope: String,
 }
 
 #[derive(Deserialize)]
@@ -121,6 +155,8 @@ struct RawLogId {
 #[derive(Deserialize)]
 struct RawKindVersion {
     kind: String,
+    #[serde(default)]
+    version: String,
 }
 
 #[derive(Deserialize)]
@@ -170,6 +206,10 @@ fn int64<'de, D: Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
     }
 }
 
+fn opt_int64<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+    int64(d).map(Some)
+}
+
 fn base64(field: &str, value: &str) -> Result<Vec<u8>, String> {
     base64::engine::general_purpose::STANDARD
         .decode(value.trim())
@@ -184,6 +224,23 @@ fn at_most<T>(items: Vec<T>, max: usize, what: &str) -> Result<Vec<T>, String> {
         ));
     }
     Ok(items)
+}
+
+fn parse_proof(p: RawProof) -> Result<InclusionProof, String> {
+    let hashes = at_most(p.hashes, MAX_PROOF_HASHES, "inclusion proof hashes")?
+        .iter()
+        .map(|h| base64("inclusionProof hash", h))
+        .collect::<Result<_, _>>()?;
+    Ok(InclusionProof {
+        log_index: p.log_index,
+        tree_size: p.tree_size,
+        root_hash: p
+            .root_hash
+            .map(|r| base64("inclusionProof rootHash", &r))
+            .transpose()?,
+        hashes,
+        checkpoint: p.checkpoint.envelope,
+    })
 }
 
 impl Bundle {
@@ -234,13 +291,16 @@ impl Bundle {
                         log_id: hex::encode(base64("logId", &e.log_id.key_id)?),
                         log_index: e.log_index,
                         integrated_time: e.integrated_time,
+                        tree_size: None,
                     },
                     kind: e.kind_version.kind,
+                    version: e.kind_version.version,
                     body: base64("canonicalizedBody", &e.canonicalized_body)?,
                     promise: e
                         .inclusion_promise
                         .map(|p| base64("signedEntryTimestamp", &p.signed_entry_timestamp))
                         .transpose()?,
+                    proof: e.inclusion_proof.map(parse_proof).transpose()?,
                 })
             })
             .collect::<Result<Vec<_>, String>>()?;
@@ -260,26 +320,38 @@ impl Bundle {
         })
     }
 
-    /// The bundle's log entry, verified: its inclusion promise against `logs`, its body bound
-    /// to this envelope's payload, `signature` and `signer`. `None` when no entry carries a
-    /// promise; an entry that carries one but does not verify is an error, not an absence.
+    /// The bundle's log entry, verified against `logs`: a Rekor v1 entry's inclusion
+    /// promise, or a Rekor v2 entry's checkpoint and inclusion proof; then its body bound to
+    /// this envelope's payload, `signature` and `signer`. `None` when no entry carries either;
+    /// the first entry that carries one is judged, and one that does not verify is an error,
+    /// not an absence.
     fn logged(
         &self,
         logs: &LogKeys,
         signature: &[u8],
         signer: LoggedSigner,
     ) -> Result<Option<LoggedEntry>, String> {
-        let Some((entry, promise)) = self
-            .tlog
-            .iter()
-            .find_map(|e| e.promise.as_ref().map(|p| (e, p)))
-        else {
-            return Ok(None);
-        };
-        verify_promise(&entry.logged, &entry.body, promise, logs)
-            .map_err(|e| format!("ctlog: {e}"))?;
-        bind_entry(entry, &self.envelope.payload, signature, signer)?;
-        Ok(Some(entry.logged.clone()))
+        for entry in &self.tlog {
+            let logged = match (&entry.promise, &entry.proof) {
+                (Some(promise), _) => {
+                    verify_promise(&entry.logged, &entry.body, promise, logs)
+                        .map_err(|e| format!("ctlog: {e}"))?;
+                    entry.logged.clone()
+                }
+                (None, Some(proof)) if entry.is_v2() => verify_inclusion(
+                    &entry.logged.log_id,
+                    entry.logged.log_index,
+                    &entry.body,
+                    proof,
+                    logs,
+                )
+                .map_err(|e| format!("ctlog: {e}"))?,
+                _ => continue,
+            };
+            bind_entry(entry, &self.envelope.payload, signature, signer)?;
+            return Ok(Some(logged));
+        }
+        Ok(None)
     }
 }
 
@@ -292,6 +364,9 @@ fn bind_entry(
     signer: LoggedSigner,
 ) -> Result<(), String> {
     let mismatch = |what: &str| format!("ctlog: the log entry does not match this bundle: {what}");
+    if entry.is_v2() {
+        return bind_v2_entry(entry, payload, signature, signer);
+    }
     let body: Value = serde_json::from_slice(&entry.body)
         .map_err(|e| format!("ctlog: log entry body is not JSON: {e}"))?;
     if body["kind"] != entry.kind.as_str() {
@@ -331,6 +406,59 @@ fn bind_entry(
     Ok(())
 }
 
+/// A Rekor v2 `dsse` entry (parsed by sigstore-rekor) logs the payload's SHA-256 and each
+/// signature with the key or certificate that verifies it. A `hashedrekord` entry logs a
+/// message signature, which cannot be this envelope's.
+fn bind_v2_entry(
+    entry: &TlogEntry,
+    payload: &[u8],
+    signature: &[u8],
+    signer: LoggedSigner,
+) -> Result<(), String> {
+    use sigstore_rekor::body::RekorEntryBody;
+    use sigstore_types::HashAlgorithm as LoggedHash;
+    let mismatch = |what: &str| format!("ctlog: the log entry does not match this bundle: {what}");
+    // The body is what the proof authenticates: its own kind must be the one declared.
+    let declared: Value = serde_json::from_slice(&entry.body)
+        .map_err(|e| format!("ctlog: log entry body is not JSON: {e}"))?;
+    if declared["kind"] != entry.kind.as_str() || declared["apiVersion"] != "0.0.2" {
+        return Err(mismatch("its kind differs from the bundle's"));
+    }
+    let body = RekorEntryBody::from_json(&entry.body, &entry.kind, &entry.version)
+        .map_err(|e| format!("ctlog: log entry body: {e}"))?;
+    let RekorEntryBody::DsseV002(body) = body else {
+        return Err(format!(
+            "ctlog: a {} entry cannot log a DSSE envelope (want dsse)",
+            entry.kind
+        ));
+    };
+    let logged = &body.spec.dsse_v002;
+    let wanted = sha2::Sha256::digest(payload);
+    if logged.payload_hash.algorithm != LoggedHash::Sha2256
+        || logged.payload_hash.digest.as_bytes() != wanted.as_slice()
+    {
+        return Err(mismatch("payload hash differs"));
+    }
+    let names_signer = logged.signatures.iter().any(|s| {
+        let verifier = &s.verifier;
+        let named = match signer {
+            LoggedSigner::Key(key) => verifier
+                .public_key
+                .as_ref()
+                .is_some_and(|k| k.raw_bytes.as_bytes() == key.spki_der()),
+            LoggedSigner::Certificate(der) => verifier
+                .x509_certificate
+                .as_ref()
+                .is_some_and(|c| c.raw_bytes.as_bytes() == der),
+        };
+        named && s.content.as_bytes() == signature
+    });
+    if !names_signer {
+        return Err(mismatch("signature or signer differs"));
+    }
+    Ok(())
+}
+
 /// Verifies the bundle `raw` for `digest` with the authority's `signer` and reads its
 /// statement.
 pub(super) fn verified_statement(
@@ -361,7 +489,7 @@ pub(super) fn verified_statement(
                 .ok_or("bundle signature does not verify with the authority's key")?;
             if let Some(logs) = tlog {
                 verified.tlog = Some(bundle.logged(logs, signature, LoggedSigner::Key(key))?.ok_or(
-                    "ctlog is required but the bundle has no transparency log entry with an inclusion promise",
+                    "ctlog is required but the bundle has no transparency log entry with an inclusion promise or a Rekor v2 inclusion proof",
                 )?);
             }
             verified.timestamp = authority_timestamp(
@@ -462,6 +590,42 @@ mod tests {
     }
 
     #[test]
+    fn malformed_inclusion_proofs_are_reasons() {
+        let bundle = |proof: &str| {
+            format!(
+                r#"{{"mediaType":"{BUNDLE_MEDIA_TYPE}","dsseEnvelope":{{"payload":"e30=","payloadType":"x","signatures":[{{"sig":"AA=="}}]}},"verificationMaterial":{{"tlogEntries":[{{"logIndex":"1","logId":{{"keyId":"qg=="}},"kindVersion":{{"kind":"dsse","version":"0.0.2"}},"inclusionProof":{proof},"canonicalizedBody":"e30="}}]}}}}"#
+            )
+        };
+        let many = vec![r#""AA==""#; MAX_PROOF_HASHES + 1].join(",");
+        let cases = [
+            (
+                format!(r#"{{"logIndex":"1","hashes":[{many}],"checkpoint":{{"envelope":"x"}}}}"#),
+                "more than 64",
+            ),
+            (
+                r#"{"logIndex":"1","hashes":["%%"],"checkpoint":{"envelope":"x"}}"#.into(),
+                "inclusionProof hash is not base64",
+            ),
+            (
+                r#"{"logIndex":"1","hashes":[]}"#.into(),
+                "missing field `checkpoint`",
+            ),
+        ];
+        for (proof, want) in cases {
+            let err = Bundle::parse(bundle(&proof).as_bytes()).unwrap_err();
+            assert!(err.contains(want), "{proof}: {err}");
+        }
+        let ok = Bundle::parse(
+            bundle(r#"{"logIndex":"1","treeSize":"2","rootHash":"AA==","hashes":["AA=="],"checkpoint":{"envelope":"x"}}"#)
+                .as_bytes(),
+        )
+        .unwrap();
+        let entry = &ok.tlog[0];
+        assert!(entry.is_v2() && entry.logged.integrated_time.is_none());
+        assert_eq!(entry.proof.as_ref().unwrap().tree_size, Some(2));
+    }
+
+    #[test]
     fn int64_fields_take_strings_and_numbers() {
         let raw = format!(
             r#"{{"mediaType":"{BUNDLE_MEDIA_TYPE}","dsseEnvelope":{{"payload":"e30=","payloadType":"x","signatures":[{{"sig":"AA=="}}]}},"verificationMaterial":{{"tlogEntries":[{{"logIndex":"7","logId":{{"keyId":"qg=="}},"kindVersion":{{"kind":"dsse"}},"integratedTime":9,"canonicalizedBody":"e30="}}]}}}}"#
@@ -470,7 +634,7 @@ mod tests {
         let entry = &bundle.tlog[0];
         assert_eq!(
             (entry.logged.log_index, entry.logged.integrated_time),
-            (7, 9)
+            (7, Some(9))
         );
         assert_eq!(entry.logged.log_id, "aa");
         assert!(entry.promise.is_none());

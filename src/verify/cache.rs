@@ -4,6 +4,12 @@
 //! A changed policy or rotated key changes the snapshot fingerprint, so no stale verdict
 //! survives a policy change. Could-not-decide verdicts are cached briefly, so a registry outage
 //! is not hammered but recovers quickly.
+//!
+//! Refusals (deny, could not decide) are kept per credential identity: one caller's lack of
+//! access to a private repository says nothing about another's. Allows are shared: an allow
+//! says the digest's signatures satisfy the policies, which is true whoever fetched them (every
+//! signature is checked cryptographically; a credential can hide signatures, never forge one),
+//! and it grants no access to the content, which the pull itself still needs credentials for.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -25,6 +31,20 @@ pub struct CacheKey {
     /// The parts of the admission object that CIP-level policies read
     /// ([`crate::policy::eval::object_cache_key`]); empty when none does.
     pub object: String,
+    /// Who asked: a keyed hash of the credentials the decision could use (never the secret
+    /// itself), empty for an anonymous caller. Only refusals are kept under it; allows are
+    /// kept under the key with this empty, for everyone.
+    pub credentials: String,
+}
+
+impl CacheKey {
+    /// The key allows are shared under.
+    fn shared(&self) -> CacheKey {
+        CacheKey {
+            credentials: String::new(),
+            ..self.clone()
+        }
+    }
 }
 
 struct Entry {
@@ -68,6 +88,10 @@ impl VerdictCache {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Decision>,
     {
+        let shared = key.shared();
+        if let Some(hit) = self.lookup(&shared).filter(|d| d.verdict.admits()) {
+            return (hit, true);
+        }
         if let Some(hit) = self.lookup(&key) {
             return (hit, true);
         }
@@ -92,7 +116,11 @@ impl VerdictCache {
             .await
             .clone();
         if ran {
-            self.store(key.clone(), decision.clone());
+            let stored_under = match decision.verdict.admits() {
+                true => shared,
+                false => key.clone(),
+            };
+            self.store(stored_under, decision.clone());
             drop(guard);
             lock(&self.inflight).remove(&key);
         }
@@ -174,6 +202,14 @@ mod tests {
             enforced: true,
             fingerprint: "f".into(),
             object: String::new(),
+            credentials: String::new(),
+        }
+    }
+
+    fn key_for(image: &str, credentials: &str) -> CacheKey {
+        CacheKey {
+            credentials: credentials.into(),
+            ..key(image)
         }
     }
 
@@ -311,5 +347,59 @@ mod tests {
                 .await;
             assert!(cache.len() <= 3);
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refusals_are_kept_per_caller_and_allows_are_shared() {
+        let cache = VerdictCache::new(
+            Duration::from_secs(60),
+            Duration::from_secs(30),
+            Duration::from_secs(5),
+            100,
+        );
+        // Anonymous caller: the private repository refuses it.
+        let (d, _) = cache
+            .get_or_compute(key_for("p", ""), || async { decision(Verdict::Error) })
+            .await;
+        assert_eq!(d.verdict, Verdict::Error);
+        let (d, _) = cache
+            .get_or_compute(key_for("q", ""), || async { decision(Verdict::Deny) })
+            .await;
+        assert_eq!(d.verdict, Verdict::Deny);
+        // A caller with credentials is not served the anonymous refusals.
+        let (d, hit) = cache
+            .get_or_compute(key_for("p", "tenant-b"), || async {
+                decision(Verdict::Allow)
+            })
+            .await;
+        assert!(!hit, "another caller's could-not-decide must not be reused");
+        assert_eq!(d.verdict, Verdict::Allow);
+        let (d, hit) = cache
+            .get_or_compute(key_for("q", "tenant-b"), || async {
+                decision(Verdict::Allow)
+            })
+            .await;
+        assert!(!hit, "another caller's deny must not be reused");
+        assert_eq!(d.verdict, Verdict::Allow);
+        // Its allow is shared.
+        let (d, hit) = cache
+            .get_or_compute(key_for("p", "tenant-c"), || async {
+                decision(Verdict::Deny)
+            })
+            .await;
+        assert!(hit);
+        assert_eq!(d.verdict, Verdict::Allow);
+        // A caller's own refusal is reused for that caller only.
+        cache
+            .get_or_compute(key_for("r", "tenant-a"), || async {
+                decision(Verdict::Deny)
+            })
+            .await;
+        let (_, hit) = cache
+            .get_or_compute(key_for("r", "tenant-a"), || async {
+                decision(Verdict::Allow)
+            })
+            .await;
+        assert!(hit);
     }
 }

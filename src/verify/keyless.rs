@@ -5,7 +5,8 @@
 //!
 //! When the signature was made is taken only from verified evidence: the integrated time of a
 //! Rekor bundle whose signed entry timestamp verifies and whose entry logs this certificate,
-//! and/or an RFC 3161 timestamp from a trusted timestamp authority over the signature. The
+//! and/or an RFC 3161 timestamp from a trusted timestamp authority over the signature. A Rekor
+//! v2 entry proves inclusion but carries no time: with one, the timestamp is required. The
 //! certificate must have been valid at every such moment. With no evidence the certificate is
 //! judged now: a Fulcio certificate lives ten minutes, so an expired one without a log entry
 //! or timestamp is denied, never trusted on its word. An authority with `ctlog` requires the
@@ -227,6 +228,14 @@ impl SignerCertificate {
             required => required.as_deref(),
         };
         let timestamp = authority_timestamp(authorities, evidence.rfc3161_timestamp)?;
+        if timestamp.is_none()
+            && evidence
+                .tlog
+                .as_ref()
+                .is_some_and(|t| t.integrated_time.is_none())
+        {
+            return Err("the Rekor v2 entry proves the signature was logged but not when: a keyless signature logged in Rekor v2 needs an RFC 3161 timestamp from a trusted timestamp authority".into());
+        }
         let times = signing_times(evidence.tlog.as_ref(), timestamp.as_ref(), now);
         let path = verify_chain(
             &self.leaf,
@@ -258,9 +267,9 @@ fn signing_times(
     now: i64,
 ) -> Vec<At> {
     let mut times = Vec::new();
-    if let Some(t) = tlog {
+    if let Some(time) = tlog.and_then(|t| t.integrated_time) {
         times.push(At {
-            time: t.integrated_time,
+            time,
             source: "the Rekor integrated time",
         });
     }
@@ -388,7 +397,8 @@ mod tests {
         let logged = LoggedEntry {
             log_id: "x".into(),
             log_index: 1,
-            integrated_time: 7,
+            integrated_time: Some(7),
+            tree_size: None,
         };
         let ts = VerifiedTimestamp {
             time: 9,

@@ -33,9 +33,10 @@ pub enum HashAlgorithm {
 }
 
 impl HashAlgorithm {
-    /// Parses a CIP `hashAlgorithm` value; empty means the default sha256.
+    /// Parses a CIP `hashAlgorithm` value, trimmed and in any case (as policy-controller
+    /// reads it); empty means the default sha256.
     pub fn parse(s: &str) -> Option<HashAlgorithm> {
-        match s {
+        match s.trim().to_ascii_lowercase().as_str() {
             "" | "sha256" => Some(HashAlgorithm::Sha256),
             "sha224" => Some(HashAlgorithm::Sha224),
             "sha384" => Some(HashAlgorithm::Sha384),
@@ -357,5 +358,9 @@ kBbmLSGtks4L3qX6yYY0zufBnhC8Ur/iy55GhWP/9A/bY2LhC30M9+RYtw==
         assert_eq!(HashAlgorithm::parse(""), Some(HashAlgorithm::Sha256));
         assert_eq!(HashAlgorithm::parse("sha512"), Some(HashAlgorithm::Sha512));
         assert_eq!(HashAlgorithm::parse("md5"), None);
+        assert_eq!(
+            HashAlgorithm::parse(" SHA384 "),
+            Some(HashAlgorithm::Sha384)
+        );
     }
 }

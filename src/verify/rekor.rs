@@ -1,6 +1,14 @@
-//! Offline verification of a cosign Rekor bundle (`dev.sigstore.cosign/bundle` annotation): the
-//! signed entry timestamp (SET) against a trusted log key, and the logged entry against the
-//! signature it is attached to.
+//! Offline verification of transparency log evidence. Rekor v1: a cosign Rekor bundle
+//! (`dev.sigstore.cosign/bundle` annotation) or a Sigstore bundle's inclusion promise, whose
+//! signed entry timestamp (SET) a trusted log key signed. Rekor v2: an inclusion proof up to a
+//! checkpoint (a signed note) that a trusted log signed. The caller binds the logged entry to
+//! the signature it is attached to.
+//!
+//! The v2 check is built on the Sigstore project's Rust crates: `sigstore-types` parses the
+//! checkpoint, `sigstore-crypto` verifies its signature, `sigstore-merkle` hashes the leaf and
+//! verifies the RFC 6962 inclusion proof. What is pullgate's here is the choice of the log (the
+//! entry's log ID must name a trusted log, whose origin the checkpoint must carry and whose key
+//! must have signed it) and the key ID that choice rests on (see [`checkpoint_key_id`]).
 
 use std::collections::BTreeMap;
 
@@ -21,6 +29,19 @@ kBbmLSGtks4L3qX6yYY0zufBnhC8Ur/iy55GhWP/9A/bY2LhC30M9+RYtw==
 -----END PUBLIC KEY-----
 ";
 
+/// The public-good Rekor v2 log (sharded by year; this is its first shard).
+pub const PUBLIC_GOOD_REKOR_V2_URL: &str = "https://log2025-1.rekor.sigstore.dev";
+
+/// Public key of the public-good Rekor v2 log (Ed25519), as sigstore's `trusted_root.json`
+/// publishes it.
+pub const PUBLIC_GOOD_REKOR_V2_KEY: &str = "-----BEGIN PUBLIC KEY-----
+MCowBQYDK2VwAyEAt8rlp1knGwjfbcXAYPYAkn0XiLz1x8O4t0YkEhie244=
+-----END PUBLIC KEY-----
+";
+
+/// An inclusion proof has one hash per tree level: more than 64 cannot be a real proof.
+pub const MAX_PROOF_HASHES: usize = 64;
+
 /// Why a bundle does not prove the signature was logged.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum BundleError {
@@ -32,33 +53,118 @@ pub enum BundleError {
     BadSet,
     #[error("bundle entry does not match this signature: {0}")]
     Mismatch(&'static str),
+    #[error("Rekor v2 checkpoint: {0}")]
+    Checkpoint(String),
+    #[error("Rekor v2 inclusion proof: {0}")]
+    Proof(String),
 }
 
-/// Trusted transparency log keys, by log ID (hex SHA-256 of the key's DER SPKI).
+/// A log as a Rekor v2 checkpoint names it: the origin line it must carry and the key that
+/// must sign it.
+#[derive(Debug, Clone, PartialEq)]
+struct CheckpointLog {
+    origin: String,
+    key: PublicKey,
+    /// The first four bytes of the key ID, which prefix the log's checkpoint signatures.
+    hint: [u8; 4],
+}
+
+/// Trusted transparency logs. Rekor v1 evidence names its log by the hex SHA-256 of the
+/// key's DER SPKI; Rekor v2 evidence by the log's checkpoint key ID ([`checkpoint_key_id`]).
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct LogKeys(BTreeMap<String, PublicKey>);
+pub struct LogKeys {
+    promise: BTreeMap<String, PublicKey>,
+    checkpoint: BTreeMap<String, CheckpointLog>,
+}
 
 impl LogKeys {
+    /// The public-good Rekor (v1) and its Rekor v2 log.
     pub fn public_good() -> LogKeys {
-        // The embedded constant is a valid key; a failure here is a build defect caught by tests.
+        // The embedded constants are valid keys; a failure here is a build defect caught by
+        // tests.
         let mut keys = LogKeys::default();
-        if let Ok(key) = PublicKey::from_pem(PUBLIC_GOOD_REKOR_KEY) {
-            keys.insert(key);
+        for (pem, url) in [
+            (PUBLIC_GOOD_REKOR_KEY, PUBLIC_GOOD_REKOR_URL),
+            (PUBLIC_GOOD_REKOR_V2_KEY, PUBLIC_GOOD_REKOR_V2_URL),
+        ] {
+            if let Ok(key) = PublicKey::from_pem(pem) {
+                keys.insert(key, url);
+            }
         }
         keys
     }
 
-    pub fn insert(&mut self, key: PublicKey) {
-        self.0.insert(key.fingerprint(), key);
+    /// Trusts the log at `base_url` (its `baseURL` in a TrustRoot) with `key`: for inclusion
+    /// promises, and, when the URL names a host, for checkpoints whose origin is that host
+    /// (and path), as Rekor v2 writes them.
+    pub fn insert(&mut self, key: PublicKey, base_url: &str) {
+        if let Some(origin) = checkpoint_origin(base_url) {
+            let id = checkpoint_key_id(&origin, &key);
+            self.checkpoint.insert(
+                hex::encode(id),
+                CheckpointLog {
+                    origin,
+                    key: key.clone(),
+                    hint: [id[0], id[1], id[2], id[3]],
+                },
+            );
+        }
+        self.promise.insert(key.fingerprint(), key);
     }
 
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.promise.is_empty()
     }
 
+    /// What identifies the trusted logs: v1 log IDs, then v2 key IDs with their origins.
     pub fn ids(&self) -> impl Iterator<Item = &str> {
-        self.0.keys().map(String::as_str)
+        let v1 = self.promise.keys().map(String::as_str);
+        let v2 = self
+            .checkpoint
+            .iter()
+            .flat_map(|(id, log)| [id.as_str(), log.origin.as_str()]);
+        v1.chain(v2)
     }
+}
+
+/// The origin a Rekor v2 log writes on its checkpoints: its base URL without the scheme and
+/// trailing slashes (`https://log2025-1.rekor.sigstore.dev` → `log2025-1.rekor.sigstore.dev`).
+fn checkpoint_origin(base_url: &str) -> Option<String> {
+    let url = base_url.trim();
+    let rest = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"))
+        .unwrap_or(url)
+        .trim_end_matches('/');
+    (!rest.is_empty()).then(|| rest.to_string())
+}
+
+/// A log's key ID in the signed-note format (C2SP signed-note), which Rekor v2 uses as its log
+/// ID and whose first four bytes prefix each checkpoint signature: SHA-256 of the origin, a
+/// newline, a signature-type byte and the key. Ed25519 keys are type 0x01 with the raw 32-byte
+/// key (checked against sigstore's published public-good v2 log ID in the tests below); other
+/// keys (ECDSA) are type 0xff with the DER SPKI, not yet checked against a real ECDSA log.
+///
+/// This is pullgate's code: sigstore-crypto's `compute_key_hint` hashes the DER SPKI alone,
+/// which is not the hint a Rekor v2 log writes (sigstore-verify instead takes the log ID from
+/// `trusted_root.json`, where the TrustRoot CRD has no such field to rely on).
+pub fn checkpoint_key_id(origin: &str, key: &PublicKey) -> [u8; 32] {
+    let mut h = sha2::Sha256::new();
+    h.update(origin.as_bytes());
+    h.update(b"\n");
+    let spki = key.spki_der();
+    match key.algorithm() {
+        "ed25519" => {
+            h.update([0x01]);
+            // An Ed25519 SPKI ends with the 32-byte key.
+            h.update(&spki[spki.len().saturating_sub(32)..]);
+        }
+        _ => {
+            h.update([0xff]);
+            h.update(spki);
+        }
+    }
+    h.finalize().into()
 }
 
 /// Decodes a TrustRoot `tLogs[].publicKey`: base64 of a PEM key (raw PEM is accepted too).
@@ -129,12 +235,18 @@ struct EntryKey {
     content: String,
 }
 
-/// What a verified bundle proves.
+/// What verified log evidence proves.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct LoggedEntry {
     pub log_id: String,
     pub log_index: i64,
-    pub integrated_time: i64,
+    /// When the log integrated the entry, as its signed promise says. A Rekor v2 entry has
+    /// none: its inclusion proof says the entry is logged, not when.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub integrated_time: Option<i64>,
+    /// Rekor v2: the size of the tree (the checkpoint) the entry was proven to be in.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tree_size: Option<u64>,
 }
 
 /// Verifies `raw` (the bundle annotation) for the signature `signature_b64` over `payload`,
@@ -211,7 +323,8 @@ pub fn verify_set(raw: &str, logs: &LogKeys) -> Result<(LoggedEntry, Vec<u8>), B
     let logged = LoggedEntry {
         log_id: bundle.payload.log_id,
         log_index: bundle.payload.log_index,
-        integrated_time: bundle.payload.integrated_time,
+        integrated_time: Some(bundle.payload.integrated_time),
+        tree_size: None,
     };
     verify_promise(&logged, &body, &set, logs)?;
     Ok((logged, body))
@@ -227,12 +340,13 @@ pub fn verify_promise(
     logs: &LogKeys,
 ) -> Result<(), BundleError> {
     let log_key = logs
-        .0
+        .promise
         .get(&entry.log_id)
         .ok_or_else(|| BundleError::UnknownLog(entry.log_id.clone()))?;
     let payload = BundlePayload {
         body: base64::engine::general_purpose::STANDARD.encode(body),
-        integrated_time: entry.integrated_time,
+        // A promise always covers an integrated time; protobuf JSON omits a zero.
+        integrated_time: entry.integrated_time.unwrap_or(0),
         log_index: entry.log_index,
         log_id: entry.log_id.clone(),
     };
@@ -244,6 +358,114 @@ pub fn verify_promise(
     Ok(())
 }
 
+/// A Rekor v2 entry's inclusion proof, as a Sigstore bundle carries it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InclusionProof {
+    /// The proof's own copies of the leaf index, tree size and root: they must agree with the
+    /// entry and the checkpoint (the checkpoint's are what the log signed).
+    pub log_index: i64,
+    pub tree_size: Option<i64>,
+    pub root_hash: Option<Vec<u8>>,
+    /// Sibling hashes from the leaf up.
+    pub hashes: Vec<Vec<u8>>,
+    /// The signed note.
+    pub checkpoint: String,
+}
+
+/// Verifies a Rekor v2 entry: `log_id` (hex) names a trusted v2 log, the checkpoint carries
+/// that log's origin and its signature, and the proof leads from the leaf hash of `body` at
+/// `log_index` to the checkpoint's root at its tree size. The caller must still bind `body` to
+/// its signature.
+pub fn verify_inclusion(
+    log_id: &str,
+    log_index: i64,
+    body: &[u8],
+    proof: &InclusionProof,
+    logs: &LogKeys,
+) -> Result<LoggedEntry, BundleError> {
+    use sigstore_crypto::{Checkpoint, VerificationKey};
+    use sigstore_types::{DerPublicKey, Sha256Hash};
+
+    let log = logs
+        .checkpoint
+        .get(log_id)
+        .ok_or_else(|| BundleError::UnknownLog(log_id.to_string()))?;
+    let checkpoint = Checkpoint::from_text(&proof.checkpoint)
+        .map_err(|e| BundleError::Checkpoint(format!("malformed: {e}")))?;
+    if checkpoint.origin() != log.origin {
+        return Err(BundleError::Checkpoint(format!(
+            "its origin {:?} is not the log's ({:?})",
+            checkpoint.origin(),
+            log.origin
+        )));
+    }
+    let key = VerificationKey::from_spki(&DerPublicKey::new(log.key.spki_der().to_vec()))
+        .map_err(|e| BundleError::Checkpoint(format!("log key: {e}")))?;
+    // Four-byte hints may collide: every signature with the log's hint is tried.
+    let signed = checkpoint.signatures().iter().any(|s| {
+        *s.key_id.as_bytes() == log.hint
+            && key.verify(checkpoint.signed_data(), &s.signature).is_ok()
+    });
+    if !signed {
+        return Err(BundleError::Checkpoint(format!(
+            "not signed by the key of log {}",
+            log.origin
+        )));
+    }
+    let tree_size = checkpoint.tree_size();
+    let root = checkpoint.root_hash();
+    if proof
+        .root_hash
+        .as_deref()
+        .is_some_and(|r| r != root.as_bytes())
+    {
+        return Err(BundleError::Proof(
+            "its rootHash differs from the checkpoint's root".into(),
+        ));
+    }
+    if proof
+        .tree_size
+        .is_some_and(|n| u64::try_from(n).ok() != Some(tree_size))
+    {
+        return Err(BundleError::Proof(
+            "its treeSize differs from the checkpoint's tree size".into(),
+        ));
+    }
+    if proof.log_index != log_index {
+        return Err(BundleError::Proof(
+            "its logIndex differs from the entry's".into(),
+        ));
+    }
+    let index = u64::try_from(log_index)
+        .map_err(|_| BundleError::Proof(format!("log index {log_index} is negative")))?;
+    if proof.hashes.len() > MAX_PROOF_HASHES {
+        return Err(BundleError::Proof(format!(
+            "{} hashes, more than {MAX_PROOF_HASHES}",
+            proof.hashes.len()
+        )));
+    }
+    let hashes = proof
+        .hashes
+        .iter()
+        .map(|h| Sha256Hash::try_from(h.as_slice()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| BundleError::Proof(format!("a hash is not SHA-256: {e}")))?;
+    let leaf = sigstore_merkle::hash_leaf(body);
+    sigstore_merkle::verify_inclusion_proof(&leaf, index, tree_size, &hashes, root).map_err(
+        |e| {
+            BundleError::Proof(format!(
+                "entry {index} does not lead to the root of the checkpoint's tree of {tree_size}: {e}"
+            ))
+        },
+    )?;
+    Ok(LoggedEntry {
+        log_id: log_id.to_string(),
+        log_index,
+        integrated_time: None,
+        tree_size: Some(tree_size),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -252,9 +474,44 @@ mod tests {
     fn public_good_key_is_embedded() {
         let keys = LogKeys::public_good();
         assert_eq!(
-            keys.ids().collect::<Vec<_>>(),
-            ["c0d23d6ad406973f9559f3ba2d1ca01f84147d8ffc5b8445c224f98b9591801d"]
+            keys.promise.keys().collect::<Vec<_>>(),
+            [
+                "b54813cb63d8859870a5e78500cc6adcfdf59723edae93ee8d25faf2475a0690",
+                "c0d23d6ad406973f9559f3ba2d1ca01f84147d8ffc5b8445c224f98b9591801d"
+            ]
         );
+    }
+
+    /// The v2 log ID sigstore publishes for its public-good Rekor v2 log (base64
+    /// `zxGZFVvd0FEmjR8WrFwMdcAJ9vtaY/QXf44Y1wUeP6A=` in `trusted_root.json`) is the
+    /// checkpoint key ID computed here from its key and URL.
+    #[test]
+    fn public_good_v2_log_id_matches_sigstore() {
+        let key = PublicKey::from_pem(PUBLIC_GOOD_REKOR_V2_KEY).unwrap();
+        let origin = checkpoint_origin(PUBLIC_GOOD_REKOR_V2_URL).unwrap();
+        assert_eq!(origin, "log2025-1.rekor.sigstore.dev");
+        let id = checkpoint_key_id(&origin, &key);
+        assert_eq!(
+            base64::engine::general_purpose::STANDARD.encode(id),
+            "zxGZFVvd0FEmjR8WrFwMdcAJ9vtaY/QXf44Y1wUeP6A="
+        );
+        assert!(LogKeys::public_good()
+            .checkpoint
+            .contains_key(&hex::encode(id)));
+    }
+
+    #[test]
+    fn checkpoint_origins() {
+        assert_eq!(
+            checkpoint_origin("https://rekor.example.com/").as_deref(),
+            Some("rekor.example.com")
+        );
+        assert_eq!(
+            checkpoint_origin("http://127.0.0.1:3000/log").as_deref(),
+            Some("127.0.0.1:3000/log")
+        );
+        assert_eq!(checkpoint_origin("https://"), None);
+        assert_eq!(checkpoint_origin(""), None);
     }
 
     #[test]

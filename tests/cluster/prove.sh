@@ -118,7 +118,18 @@ done
 # --- 5. a key CIP with secretRef; unsigned refused, then signed with the real cosign
 KEYS=$D/cosign; mkdir -p "$KEYS"
 (cd "$KEYS" && COSIGN_PASSWORD= "$BIN/cosign" generate-key-pair >/dev/null 2>&1) || die "cosign generate-key-pair"
-K -n cosign-system create secret generic demo-signing-key --from-file=cosign.pub="$KEYS/cosign.pub" >/dev/null
+# Laid out as `cosign generate-key-pair k8s://` stores it: the private key and its password
+# beside the public key. The node account cannot read it; the admission shim projects only
+# cosign.pub into ConfigMap cosign-system/pullgate-public-keys.
+printf 'not-a-real-password' > "$KEYS/cosign.password"
+K -n cosign-system create secret generic demo-signing-key --from-file=cosign.pub="$KEYS/cosign.pub" \
+  --from-file=cosign.key="$KEYS/cosign.key" --from-file=cosign.password="$KEYS/cosign.password" >/dev/null
+K auth can-i get secret/demo-signing-key -n cosign-system \
+  --as system:serviceaccount:pullgate-system:pullgate-node >/dev/null 2>&1 \
+  && die "the node account can read the key Secret"
+K auth can-i list secrets -n cosign-system \
+  --as system:serviceaccount:pullgate-system:pullgate-node >/dev/null 2>&1 \
+  && die "the node account can list Secrets"
 K apply -f - >/dev/null <<YAML
 apiVersion: policy.sigstore.dev/v1beta1
 kind: ClusterImagePolicy
@@ -130,6 +141,12 @@ spec:
   authorities: [{key: {secretRef: {name: demo-signing-key}}, signatureFormat: bundle}]
 YAML
 until_ok 30 "pullgate's snapshot has CIP signed-app and the key Secret" eval 'snapshot_has signed-app && snapshot_has demo-signing-key'
+PROJECTION=$(K -n cosign-system get configmap pullgate-public-keys -o json)
+echo "$PROJECTION" | grep -q 'BEGIN PUBLIC KEY' || die "no public key projected: $PROJECTION"
+if echo "$PROJECTION" | grep -q 'PRIVATE KEY\|not-a-real-password'; then die "private material projected: $PROJECTION"; fi
+if grep -q 'PRIVATE KEY\|not-a-real-password' "$D/snapshot.json"; then die "private material on the node's disk"; fi
+grep -q 'SIGNING KEY EXPOSED' "$D/logs/admission.log" || die "no warning for the private key in demo-signing-key"
+log "key Secret: only cosign.pub projected, the private key warned about; the node account cannot read Secrets"
 pod unsigned demo "$REGISTRY/signed/app:v1" | K apply -f - >/dev/null
 expect_event unsigned demo 'Error: SignatureValidationFailed' "unsigned image refused by the node"
 DIGEST=$(curl -sfI -H 'Accept: application/vnd.oci.image.manifest.v1+json' \

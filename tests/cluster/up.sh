@@ -167,8 +167,11 @@ wait_for 30 "containerd ready ($SNAP)" ctr --address "$D/containerd.sock" versio
   crd/clusterimagepolicies.policy.sigstore.dev >>"$D/logs/kubectl.log" 2>&1 || fail "CRD established"
 # pullgate reads the API server as its own ServiceAccount (deploy/rbac.yaml's pullgate-node),
 # with a bound token from the TokenRequest API, never as admin.
+# The node account reads no Secret: key Secrets reach it as public keys the admission shim
+# projects into ConfigMap cosign-system/pullgate-public-keys (deploy/public-keys.yaml).
 "$KUBECTL" --kubeconfig "$KC" apply -f "$REPO/deploy/namespace.yaml" -f "$REPO/deploy/rbac.yaml" \
-  >>"$D/logs/kubectl.log" 2>&1 || fail "apply deploy/namespace.yaml and deploy/rbac.yaml"
+  -f "$REPO/deploy/public-keys.yaml" \
+  >>"$D/logs/kubectl.log" 2>&1 || fail "apply deploy/namespace.yaml, rbac.yaml, public-keys.yaml"
 sa_kubeconfig() { # SERVICEACCOUNT -> $D/SERVICEACCOUNT.kubeconfig
   local token
   token=$("$KUBECTL" --kubeconfig "$KC" -n pullgate-system create token "$1" --duration 2h) \

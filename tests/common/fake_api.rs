@@ -37,6 +37,10 @@ pub struct State {
     /// 410 Gone answers sent, and LIST requests served.
     pub gone: u64,
     pub lists: u64,
+    /// PUT requests (replaces) received.
+    pub puts: u64,
+    /// Every path a request was made for.
+    pub paths: std::collections::BTreeSet<String>,
     /// While set, every request is answered 503 (an API server restarting).
     pub down: bool,
 }
@@ -87,6 +91,8 @@ impl FakeApi {
             events: Vec::new(),
             gone: 0,
             lists: 0,
+            puts: 0,
+            paths: Default::default(),
             down: false,
         }));
         let (changed, _) = tokio::sync::watch::channel(0);
@@ -110,7 +116,12 @@ impl FakeApi {
                     let service = hyper::service::service_fn(move |req| {
                         let (state, changed, tasks) =
                             (state.clone(), changed.clone(), tasks2.clone());
-                        async move { Ok::<_, Infallible>(handle(req, state, changed, tasks)) }
+                        async move {
+                            if req.method() == hyper::Method::PUT {
+                                return Ok::<_, Infallible>(replace(req, state, changed).await);
+                            }
+                            Ok::<_, Infallible>(handle(req, state, changed, tasks))
+                        }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
@@ -138,29 +149,14 @@ impl FakeApi {
 
     /// Adds or replaces an object; `expire` also compacts history and drops open watches, so
     /// clients must relist (the watch event for this change is never delivered).
-    pub fn apply_with(&self, path: &'static str, mut object: Value, expire: bool) {
-        let mut s = self.state.lock().unwrap();
-        s.rv += 1;
-        let rv = s.rv;
-        object["metadata"]["resourceVersion"] = json!(rv.to_string());
-        let name = object["metadata"]["name"].as_str().unwrap().to_string();
-        let collection = s.collections.get_mut(path).unwrap();
-        object["apiVersion"] = json!(collection.api_version);
-        object["kind"] = json!(collection.kind);
-        let kind = if collection.items.insert(name, object.clone()).is_some() {
-            "MODIFIED"
-        } else {
-            "ADDED"
-        };
-        if expire {
-            s.compacted = rv;
-            s.epoch += 1;
-            s.events.clear();
-        } else {
-            s.events.push((rv, path, kind, object));
-        }
-        drop(s);
-        self.changed.send_replace(rv);
+    pub fn apply_with(&self, path: &'static str, object: Value, expire: bool) {
+        store(&self.state, &self.changed, path, object, expire);
+    }
+
+    /// The object at `path/name`, if any.
+    pub fn get(&self, path: &'static str, name: &str) -> Option<Value> {
+        let s = self.state.lock().unwrap();
+        s.collections.get(path)?.items.get(name).cloned()
     }
 
     /// Answers 503 to everything and ends open watches (`true`), or serves again (`false`).
@@ -200,6 +196,76 @@ impl FakeApi {
         self.state.lock().unwrap().epoch += 1;
         self.changed.send_replace(u64::MAX);
     }
+}
+
+fn store(
+    state: &Mutex<State>,
+    changed: &tokio::sync::watch::Sender<u64>,
+    path: &'static str,
+    mut object: Value,
+    expire: bool,
+) {
+    let mut s = state.lock().unwrap();
+    s.rv += 1;
+    let rv = s.rv;
+    object["metadata"]["resourceVersion"] = json!(rv.to_string());
+    let name = object["metadata"]["name"].as_str().unwrap().to_string();
+    let collection = s.collections.get_mut(path).unwrap();
+    object["apiVersion"] = json!(collection.api_version);
+    object["kind"] = json!(collection.kind);
+    let kind = if collection.items.insert(name, object.clone()).is_some() {
+        "MODIFIED"
+    } else {
+        "ADDED"
+    };
+    if expire {
+        s.compacted = rv;
+        s.epoch += 1;
+        s.events.clear();
+    } else {
+        s.events.push((rv, path, kind, object));
+    }
+    drop(s);
+    changed.send_replace(rv);
+}
+
+/// A PUT of one object (a replace, as `Api::replace` sends it): stored, with a watch event.
+async fn replace(
+    req: Request<hyper::body::Incoming>,
+    state: Arc<Mutex<State>>,
+    changed: tokio::sync::watch::Sender<u64>,
+) -> Response<Body> {
+    let path = req.uri().path().to_string();
+    let Ok(bytes) = req.into_body().collect().await.map(|b| b.to_bytes()) else {
+        return json_response(400, &status(400, "BadRequest", "unreadable body"));
+    };
+    let Ok(object) = serde_json::from_slice::<Value>(&bytes) else {
+        return json_response(400, &status(400, "BadRequest", "not JSON"));
+    };
+    let collection_path = {
+        let mut s = state.lock().unwrap();
+        s.puts += 1;
+        let Some((parent, name)) = path.rsplit_once('/') else {
+            return json_response(404, &status(404, "NotFound", "no such path"));
+        };
+        let Some((&p, c)) = s.collections.get_key_value(parent) else {
+            return json_response(404, &status(404, "NotFound", "no such collection"));
+        };
+        let Some(current) = c.items.get(name) else {
+            return json_response(404, &status(404, "NotFound", "not found"));
+        };
+        if object["metadata"]["resourceVersion"] != current["metadata"]["resourceVersion"] {
+            return json_response(
+                409,
+                &status(409, "Conflict", "the object has been modified"),
+            );
+        }
+        p
+    };
+    store(&state, &changed, collection_path, object, false);
+    let name = path.rsplit_once('/').map(|(_, n)| n).unwrap_or_default();
+    let s = state.lock().unwrap();
+    json_response(200, &s.collections[collection_path].items[name])
 }
 
 impl Drop for FakeApi {
@@ -246,6 +312,7 @@ pub fn handle(
             .is_none_or(|n| o["metadata"]["name"].as_str() == Some(n))
     };
     let mut s = state.lock().unwrap();
+    s.paths.insert(req.uri().path().to_string());
     if s.down {
         return json_response(
             503,

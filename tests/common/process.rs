@@ -79,9 +79,12 @@ fn drain<R: Read + Send + 'static>(pipe: Option<R>) -> thread::JoinHandle<String
     })
 }
 
-/// Path of the `pullgate` binary Cargo built for this test run.
+/// Path of the `pullgate` binary Cargo built for this test run, or `PULLGATE_TEST_BIN` when
+/// set (worktrees sharing one `CARGO_TARGET_DIR` share its `target/debug/pullgate` too).
 pub fn pullgate_bin() -> std::path::PathBuf {
-    std::path::PathBuf::from(env!("CARGO_BIN_EXE_pullgate"))
+    std::env::var_os("PULLGATE_TEST_BIN")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::PathBuf::from(env!("CARGO_BIN_EXE_pullgate")))
 }
 
 /// Runs `pullgate ARGS` with a throwaway `HOME` (and `DOCKER_CONFIG`) so no real registry
