@@ -75,6 +75,7 @@ impl Shim {
     /// Answers one AdmissionReview body. `Err`: the body is not a review the shim can answer
     /// (HTTP 400); every decision, allow or deny, is `Ok`.
     pub async fn review(&self, webhook: Webhook, body: &[u8]) -> Result<Response, BadReview> {
+        // `request` borrows the object from `body`: no copy of the review is made.
         let request = review::parse(body)?;
         let snapshot = self.engine.policies.current();
         Ok(match webhook {
