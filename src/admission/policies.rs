@@ -2,8 +2,10 @@
 //! exactly the checks `pullgate validate` runs, and refused with every problem and its field
 //! path — rather than being accepted and then denying every image it covers.
 
+use std::fmt;
+
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use serde::de::IgnoredAny;
+use serde::de::{self, IgnoredAny, SeqAccess, Visitor};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
@@ -37,6 +39,65 @@ struct Meta {
     name: Option<String>,
 }
 
+/// Most `spec.images` entries of one policy checked at admission. Each glob is compiled and
+/// each authority built when the policy is checked; a policy beyond these is refused before
+/// any is, so one review cannot make the shim compile tens of thousands of them.
+pub const MAX_IMAGES: usize = 1024;
+/// Most `spec.authorities` entries of one policy checked at admission.
+pub const MAX_AUTHORITIES: usize = 128;
+
+/// The length of a list, counted without keeping its entries.
+#[derive(Default)]
+struct Count(usize);
+
+impl<'de> Deserialize<'de> for Count {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Count, D::Error> {
+        struct Counter;
+        impl<'de> Visitor<'de> for Counter {
+            type Value = Count;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a list")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Count, A::Error> {
+                let mut n = 0;
+                while seq.next_element::<IgnoredAny>()?.is_some() {
+                    n += 1;
+                }
+                Ok(Count(n))
+            }
+        }
+        d.deserialize_seq(Counter)
+    }
+}
+
+/// How long the lists of a spec are (wrong shapes are left to the typed read).
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct Lengths {
+    images: Option<Count>,
+    authorities: Option<Count>,
+}
+
+/// Problems with the size of `spec`, found without building anything from it.
+fn too_long(spec: &RawValue) -> Vec<String> {
+    let Ok(Some(lengths)) = typed::<Option<Lengths>>(spec) else {
+        return Vec::new();
+    };
+    let mut found = Vec::new();
+    for (field, count, max) in [
+        ("images", lengths.images, MAX_IMAGES),
+        ("authorities", lengths.authorities, MAX_AUTHORITIES),
+    ] {
+        if let Some(Count(n)) = count.filter(|c| c.0 > max) {
+            found.push(format!(
+                "spec.{field}: {n} entries; the admission check takes at most {max} \
+                 (split the policy)"
+            ));
+        }
+    }
+    found
+}
+
 /// Every problem of one `policy.sigstore.dev` object (the raw JSON of a review's object),
 /// each `<field path>: <message>`. `kind` is the request's: the API server always sends
 /// `apiVersion` and `kind` in the object, but if not, the object is judged as what it was
@@ -62,6 +123,10 @@ pub fn problems(object: &RawValue, kind: &GroupVersionKind, settings: Settings) 
         ..ObjectMeta::default()
     };
     let spec_problem = |(path, e): (String, String)| vec![at(format!("spec.{path}"), e)];
+    let too_long = too_long(envelope.spec);
+    if !too_long.is_empty() {
+        return too_long;
+    }
     let mut objects = Objects::default();
     let origin = "object".to_string();
     let group = api_version.split('/').next().unwrap_or_default();
@@ -178,6 +243,23 @@ mod tests {
         assert!(
             found[0].starts_with("spec.authorities[0].statik: unknown field `statik`"),
             "{found:?}"
+        );
+
+        let globs: Vec<serde_json::Value> = (0..=MAX_IMAGES)
+            .map(|i| serde_json::json!({"glob": format!("ghcr.io/a/{i}")}))
+            .collect();
+        let authorities = vec![serde_json::json!({"static": {"action": "pass"}}); MAX_AUTHORITIES + 1];
+        let huge = serde_json::json!({
+            "apiVersion": "policy.sigstore.dev/v1beta1", "kind": "ClusterImagePolicy",
+            "metadata": {"name": "p"},
+            "spec": {"images": globs, "authorities": authorities}});
+        let found = problems(&raw(huge), &cip_kind(), Settings::default());
+        assert_eq!(
+            found,
+            [
+                "spec.images: 1025 entries; the admission check takes at most 1024 (split the policy)",
+                "spec.authorities: 129 entries; the admission check takes at most 128 (split the policy)"
+            ]
         );
     }
 }
