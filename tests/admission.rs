@@ -97,7 +97,10 @@ fn https_client(server_cert: &Path, identity: Option<&[u8]>) -> reqwest::Client 
 
 /// A CA certificate and key (openssl CLI).
 fn make_ca(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
-    let (cert, key) = (dir.join(format!("{name}.crt")), dir.join(format!("{name}.key")));
+    let (cert, key) = (
+        dir.join(format!("{name}.crt")),
+        dir.join(format!("{name}.key")),
+    );
     let mut cmd = Command::new("openssl");
     cmd.args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
         .arg("ec_paramgen_curve:prime256v1")
@@ -151,7 +154,11 @@ fn make_client_cert(dir: &Path, name: &str, ca: &Path, ca_key: &Path) -> Vec<u8>
         .arg("-out")
         .arg(&cert);
     let out = run_with_timeout(cmd, Duration::from_secs(30));
-    assert!(out.success(), "openssl x509 (client) failed: {}", out.stderr);
+    assert!(
+        out.success(),
+        "openssl x509 (client) failed: {}",
+        out.stderr
+    );
     let mut pem = fs::read(&cert).unwrap();
     pem.extend(fs::read(&key).unwrap());
     pem
@@ -172,11 +179,7 @@ impl Admission {
 
     /// Like [`Admission::start`], with a client that presents `identity` (PEM certificate and
     /// key) to the shim.
-    async fn start_with(
-        policy_dir: &Path,
-        extra: &[&str],
-        identity: Option<&[u8]>,
-    ) -> Admission {
+    async fn start_with(policy_dir: &Path, extra: &[&str], identity: Option<&[u8]>) -> Admission {
         let dir = tempfile::Builder::new()
             .prefix("pullgate-admission-")
             .tempdir()
@@ -1242,15 +1245,13 @@ async fn client_ca_admits_only_certificates_it_issued() {
     let apiserver = make_client_cert(pki.path(), "kube-apiserver", &ca, &ca_key);
     let intruder = make_client_cert(pki.path(), "intruder", &other_ca, &other_key);
     let ca_arg = ca.display().to_string();
-    let shim = Admission::start_with(
-        policies.path(),
-        &["--client-ca", &ca_arg],
-        Some(&apiserver),
-    )
-    .await;
+    let shim =
+        Admission::start_with(policies.path(), &["--client-ca", &ca_arg], Some(&apiserver)).await;
 
     // The API server's certificate: served (pod.json is denied on its merits).
-    let r = shim.review("/validate/workloads", &fixture("pod.json")).await;
+    let r = shim
+        .review("/validate/workloads", &fixture("pod.json"))
+        .await;
     assert_eq!(r["allowed"], false, "{r}");
     let served = shim.audit_records().len();
     assert!(served > 0);
@@ -1314,11 +1315,7 @@ async fn client_ca_admits_only_certificates_it_issued() {
 #[tokio::test(flavor = "multi_thread")]
 async fn over_the_caps_reviews_get_429_with_a_reason() {
     let policies = write_policy_dir(&[("policies.yaml", POLICIES)]);
-    let shim = Admission::start(
-        policies.path(),
-        &["--max-concurrent-reviews", "1"],
-    )
-    .await;
+    let shim = Admission::start(policies.path(), &["--max-concurrent-reviews", "1"]).await;
     // A review whose body is still arriving holds the only slot.
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(1);
     let slow = {
@@ -1349,7 +1346,9 @@ async fn over_the_caps_reviews_get_429_with_a_reason() {
     let (status, text) = slow.await.unwrap();
     assert_eq!(status, 200, "{text}");
     // The slot is free again: served.
-    let r = shim.review("/validate/workloads", &fixture("pod.json")).await;
+    let r = shim
+        .review("/validate/workloads", &fixture("pod.json"))
+        .await;
     assert_eq!(r["allowed"], false, "{r}");
 }
 
@@ -1391,7 +1390,8 @@ async fn over_the_byte_budget_reviews_get_429() {
         (status, text.as_str()),
         (
             429,
-            format!("too many review bytes in flight (limit {limit} bytes); retry later\n").as_str()
+            format!("too many review bytes in flight (limit {limit} bytes); retry later\n")
+                .as_str()
         )
     );
     drop(tx);
@@ -1410,7 +1410,9 @@ async fn pull_secrets_only_of_the_reviewed_namespace_and_no_digest_leaks() {
     const DEMO_SECRETS: &str = "/api/v1/namespaces/demo/secrets";
 
     let reg = Registry::start_with_htpasswd(TEST_USER, TEST_PASSWORD).await;
-    let signed = reg.push_image("private", "v1", "namespace-bound-signed").await;
+    let signed = reg
+        .push_image("private", "v1", "namespace-bound-signed")
+        .await;
     let unsigned = reg
         .push_image("private", "v2", "namespace-bound-unsigned")
         .await;
@@ -1485,7 +1487,10 @@ async fn pull_secrets_only_of_the_reviewed_namespace_and_no_digest_leaks() {
     let message = r["status"]["message"].as_str().unwrap();
     let hex = unsigned.trim_start_matches("sha256:");
     assert!(!message.contains(hex), "digest leaked: {message}");
-    assert!(message.contains("failed policy: private-signed"), "{message}");
+    assert!(
+        message.contains("failed policy: private-signed"),
+        "{message}"
+    );
     // The audit log (the operator's) keeps it.
     assert!(
         shim.audit_records()

@@ -306,7 +306,10 @@ fn policy_rego_review(uid: &str) -> Vec<u8> {
         )
     };
     let base = serde_json::to_vec(&make(0)).unwrap().len();
-    serde_json::to_vec(&make((REVIEW_BYTES - base) / r"r0000001 = true\n".len() - 10)).unwrap()
+    serde_json::to_vec(&make(
+        (REVIEW_BYTES - base) / r"r0000001 = true\n".len() - 10,
+    ))
+    .unwrap()
 }
 
 /// A policy whose 3 MB are authorities.
@@ -325,8 +328,10 @@ fn policy_authorities_review(uid: &str) -> Vec<u8> {
         )
     };
     let base = serde_json::to_vec(&make(0)).unwrap().len();
-    serde_json::to_vec(&make((REVIEW_BYTES - base) / r#"{"static":{"action":"pass"}},"#.len() - 10))
-        .unwrap()
+    serde_json::to_vec(&make(
+        (REVIEW_BYTES - base) / r#"{"static":{"action":"pass"}},"#.len() - 10,
+    ))
+    .unwrap()
 }
 
 fn namespace_review(uid: &str) -> Vec<u8> {
@@ -401,7 +406,10 @@ async fn concurrent(
         );
     }
     for text in &busy {
-        assert!(text.contains("retry later"), "429 without a reason: {text:?}");
+        assert!(
+            text.contains("retry later"),
+            "429 without a reason: {text:?}"
+        );
     }
     // Still serving once the burst is over.
     let (status, text) = shim.post(path, make("after")).await;
@@ -423,7 +431,12 @@ async fn peak_rss_under_3mb_reviews() {
     let mut over = Vec::new();
     let cases: [(&str, &str, &[&str], Vec<u8>); 6] = [
         ("pod", "/validate/workloads", &[], pod_review("one-pod")),
-        ("policy", "/validate/policies", &[], policy_review("one-cip")),
+        (
+            "policy",
+            "/validate/policies",
+            &[],
+            policy_review("one-cip"),
+        ),
         (
             "policy (globs)",
             "/validate/policies",
@@ -464,8 +477,18 @@ async fn peak_rss_under_3mb_reviews() {
     let bursts: [(usize, &str, &str, fn(&str) -> Vec<u8>); 5] = [
         (8, "pod", "/validate/workloads", pod_review),
         (32, "pod", "/validate/workloads", pod_review),
-        (8, "policy (authorities)", "/validate/policies", policy_authorities_review),
-        (8, "policy (globs)", "/validate/policies", policy_globs_review),
+        (
+            8,
+            "policy (authorities)",
+            "/validate/policies",
+            policy_authorities_review,
+        ),
+        (
+            8,
+            "policy (globs)",
+            "/validate/policies",
+            policy_globs_review,
+        ),
         (8, "namespace", "/mutate/namespaces", namespace_review),
     ];
     for (n, name, path, make) in bursts {
@@ -485,5 +508,9 @@ async fn peak_rss_under_3mb_reviews() {
         figures.push(line);
     }
     eprintln!("{}", figures.join("\n"));
-    assert!(over.is_empty(), "over the memory goal:\n{}", over.join("\n"));
+    assert!(
+        over.is_empty(),
+        "over the memory goal:\n{}",
+        over.join("\n")
+    );
 }

@@ -477,7 +477,11 @@ async fn namespace_scope_and_exemptions() {
     let pg = Pullgate::start(
         &ctd.socket(),
         policy.path(),
-        &["--no-default-exemptions", "--exempt-namespace", "other-system"],
+        &[
+            "--no-default-exemptions",
+            "--exempt-namespace",
+            "other-system",
+        ],
     )
     .await;
     let msg = expect_denied(

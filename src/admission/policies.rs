@@ -248,7 +248,8 @@ mod tests {
         let globs: Vec<serde_json::Value> = (0..=MAX_IMAGES)
             .map(|i| serde_json::json!({"glob": format!("ghcr.io/a/{i}")}))
             .collect();
-        let authorities = vec![serde_json::json!({"static": {"action": "pass"}}); MAX_AUTHORITIES + 1];
+        let authorities =
+            vec![serde_json::json!({"static": {"action": "pass"}}); MAX_AUTHORITIES + 1];
         let huge = serde_json::json!({
             "apiVersion": "policy.sigstore.dev/v1beta1", "kind": "ClusterImagePolicy",
             "metadata": {"name": "p"},

@@ -108,8 +108,8 @@ pub fn parse(body: &[u8]) -> Result<Request<'_>, BadReview> {
     let Some(raw) = envelope.request else {
         return Err(BadReview::NoRequest);
     };
-    let request: Request = typed(raw)
-        .map_err(|(path, e)| BadReview::Malformed(format!("request.{path}: {e}")))?;
+    let request: Request =
+        typed(raw).map_err(|(path, e)| BadReview::Malformed(format!("request.{path}: {e}")))?;
     if request.uid.is_empty() {
         return Err(BadReview::NoUid);
     }

@@ -212,8 +212,7 @@ pub fn read(object: &RawValue, spec_path: &[&str]) -> Result<Workload, String> {
     let Some(spec) = spec else {
         return Ok(workload);
     };
-    let spec: Option<PodSpec> =
-        typed(spec).map_err(|(path, e)| format!("{prefix}.{path}: {e}"))?;
+    let spec: Option<PodSpec> = typed(spec).map_err(|(path, e)| format!("{prefix}.{path}: {e}"))?;
     let Some(spec) = spec else {
         return Ok(workload);
     };
@@ -525,14 +524,16 @@ mod tests {
 
     #[test]
     fn images_of_every_list_with_paths() {
-        let pod = raw(serde_json::json!({"metadata": {"name": "p", "labels": {"a": "b"}},
+        let pod = raw(
+            serde_json::json!({"metadata": {"name": "p", "labels": {"a": "b"}},
           "spec": {
             "containers": [{"name": "a", "image": "nginx"}, {"name": "b"}],
             "initContainers": [{"image": "busybox:1"}],
             "ephemeralContainers": [{"image": "debug@sha256:00"}],
             "volumes": [{"name": "cfg", "configMap": {"name": "x"}},
                         {"name": "models", "image": {"reference": "ghcr.io/m/w:1", "pullPolicy": "Always"}}],
-            "imagePullSecrets": [{"name": "a"}, {}, {"name": ""}, {"name": "b"}]}}));
+            "imagePullSecrets": [{"name": "a"}, {}, {"name": ""}, {"name": "b"}]}}),
+        );
         let w = read(&pod, pod_spec_path(&gvk("", "Pod")).unwrap()).unwrap();
         assert_eq!(
             paths(&w),
@@ -546,8 +547,10 @@ mod tests {
         assert_eq!(w.pull_secrets, ["a", "b"]);
         assert_eq!(w.name.as_deref(), Some("p"));
         assert!(!w.deleting);
-        let cron = raw(serde_json::json!({"spec": {"jobTemplate": {"spec": {"template": {"spec": {
-            "containers": [{"image": "x"}], "imagePullSecrets": [{"name": "c"}]}}}}}}));
+        let cron = raw(
+            serde_json::json!({"spec": {"jobTemplate": {"spec": {"template": {"spec": {
+            "containers": [{"image": "x"}], "imagePullSecrets": [{"name": "c"}]}}}}}}),
+        );
         let w = read(&cron, pod_spec_path(&gvk("batch", "CronJob")).unwrap()).unwrap();
         assert_eq!(
             paths(&w),
@@ -567,7 +570,8 @@ mod tests {
             let w = read(&raw(empty.clone()), &["spec", "template", "spec"]).unwrap();
             assert!(w.images.is_empty(), "{empty}");
         }
-        let deleting = raw(serde_json::json!({"metadata": {"deletionTimestamp": "2026-01-01T00:00:00Z"}}));
+        let deleting =
+            raw(serde_json::json!({"metadata": {"deletionTimestamp": "2026-01-01T00:00:00Z"}}));
         assert!(read(&deleting, &["spec"]).unwrap().deleting);
     }
 
@@ -604,9 +608,12 @@ mod tests {
         let many: Vec<Value> = (0..=MAX_LIST_ENTRIES)
             .map(|_| serde_json::json!({}))
             .collect();
-        let err = read(&raw(serde_json::json!({"spec": {"containers": many}})), &["spec"])
-            .err()
-            .unwrap_or_default();
+        let err = read(
+            &raw(serde_json::json!({"spec": {"containers": many}})),
+            &["spec"],
+        )
+        .err()
+        .unwrap_or_default();
         assert_eq!(err, "spec.containers: more than 256 entries");
     }
 
