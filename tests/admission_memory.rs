@@ -363,13 +363,16 @@ async fn one_review(
     (before, peak, answer["response"]["allowed"].to_string())
 }
 
+/// Makes a 3 MB review with the given uid.
+type MakeReview = fn(&str) -> Vec<u8>;
+
 /// `n` concurrent reviews made by `make` on one shim; (baseline KiB, peak KiB, 200s, 429s).
 async fn concurrent(
     binary: &Path,
     policies: &Path,
     n: usize,
     path: &str,
-    make: fn(&str) -> Vec<u8>,
+    make: MakeReview,
 ) -> (u64, u64, usize, usize) {
     let shim = Shim::start(binary, policies, &["--enforce-by-default"]).await;
     let before = shim.peak_kib();
@@ -474,7 +477,7 @@ async fn peak_rss_under_3mb_reviews() {
         }
         figures.push(line);
     }
-    let bursts: [(usize, &str, &str, fn(&str) -> Vec<u8>); 5] = [
+    let bursts: [(usize, &str, &str, MakeReview); 5] = [
         (8, "pod", "/validate/workloads", pod_review),
         (32, "pod", "/validate/workloads", pod_review),
         (
