@@ -945,3 +945,36 @@ async fn shutdown_signal() {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser as _;
+
+    fn exempt(args: &[&str]) -> Vec<String> {
+        let mut argv = vec!["pullgate", "validate", "x.yaml"];
+        argv.extend(args);
+        let Command::Validate(v) = Cli::try_parse_from(argv).unwrap().command else {
+            panic!("not validate");
+        };
+        v.scope.settings().exempt_namespaces.into_iter().collect()
+    }
+
+    #[test]
+    fn exempt_namespaces_add_to_kube_system_unless_told_otherwise() {
+        assert_eq!(exempt(&[]), ["kube-system"]);
+        assert_eq!(
+            exempt(&["--exempt-namespace", "monitoring"]),
+            ["kube-system", "monitoring"]
+        );
+        assert_eq!(
+            exempt(&[
+                "--no-default-exemptions",
+                "--exempt-namespace",
+                "monitoring"
+            ]),
+            ["monitoring"]
+        );
+        assert!(exempt(&["--no-default-exemptions"]).is_empty());
+    }
+}
