@@ -949,7 +949,6 @@ async fn shutdown_signal() {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser as _;
 
     fn exempt(args: &[&str]) -> Vec<String> {
         let mut argv = vec!["pullgate", "validate", "x.yaml"];
