@@ -152,6 +152,21 @@ pub struct AdmissionArgs {
         env = "PULLGATE_ADMISSION_LISTEN"
     )]
     pub listen: std::net::SocketAddr,
+    /// Require a client certificate issued under a CA of this PEM file (the API server's, set
+    /// in its AdmissionConfiguration); connections without one fail the TLS handshake. Serve
+    /// probes on --health-listen then. Read at start.
+    #[arg(long, value_name = "PEM", env = "PULLGATE_CLIENT_CA")]
+    pub client_ca: Option<PathBuf>,
+    /// Reviews read or decided at once; more are answered 429.
+    #[arg(long, default_value_t = crate::admission::LimitSettings::default().max_reviews)]
+    pub max_concurrent_reviews: usize,
+    /// Bytes of review bodies held at once (a review holds its body until answered); a review
+    /// that would go over is answered 429.
+    #[arg(long, value_name = "BYTES", default_value_t = crate::admission::LimitSettings::default().max_body_bytes_in_flight)]
+    pub max_inflight_bytes: usize,
+    /// Open connections; more are closed at once.
+    #[arg(long, default_value_t = crate::admission::LimitSettings::default().max_connections)]
+    pub max_connections: usize,
     /// Policy files or directories (repeatable), reloaded when they change.
     #[arg(long = "policy-dir", visible_alias = "policy", value_name = "PATH", default_values_t = [PathBuf::from("/etc/pullgate/policies").display().to_string()], env = "PULLGATE_POLICY_DIR")]
     pub policy_dirs: Vec<String>,
@@ -313,15 +328,22 @@ impl DaemonArgs {
     }
 }
 
+/// Exempt unless `--no-default-exemptions`: static control-plane pods must never be refused.
+pub const DEFAULT_EXEMPT_NAMESPACE: &str = "kube-system";
+
 #[derive(Args, Debug, Clone)]
 pub struct ScopeArgs {
     /// include-label: enforce namespaces labelled policy.sigstore.dev/include=true;
     /// opt-out: enforce every namespace not labelled policy.sigstore.dev/exclude=true.
     #[arg(long, value_enum, default_value_t = ScopeArg::IncludeLabel, env = "PULLGATE_SCOPE")]
     pub scope: ScopeArg,
-    /// Namespaces never enforced (repeatable). Default: kube-system.
-    #[arg(long = "exempt-namespace", value_name = "NS", default_values_t = ["kube-system".to_string()])]
+    /// Namespaces never enforced (repeatable), in addition to kube-system unless
+    /// --no-default-exemptions.
+    #[arg(long = "exempt-namespace", value_name = "NS")]
     pub exempt_namespaces: Vec<String>,
+    /// Do not exempt kube-system by default: only --exempt-namespace ones are exempt.
+    #[arg(long)]
+    pub no_default_exemptions: bool,
     /// Namespace of key Secrets and the config-policy-controller ConfigMap.
     #[arg(
         long,
@@ -375,17 +397,23 @@ pub enum ScopeArg {
 }
 
 impl ScopeArgs {
+    /// The namespaces never enforced: `kube-system` (unless `--no-default-exemptions`) and
+    /// every `--exempt-namespace`.
+    pub fn exempt_namespaces(&self) -> BTreeSet<String> {
+        let default = (!self.no_default_exemptions).then(|| DEFAULT_EXEMPT_NAMESPACE.to_string());
+        default
+            .into_iter()
+            .chain(self.exempt_namespaces.iter().cloned())
+            .collect()
+    }
+
     pub fn settings(&self) -> Settings {
         Settings {
             scope: match self.scope {
                 ScopeArg::IncludeLabel => Scope::IncludeLabel,
                 ScopeArg::OptOut => Scope::OptOut,
             },
-            exempt_namespaces: self
-                .exempt_namespaces
-                .iter()
-                .cloned()
-                .collect::<BTreeSet<_>>(),
+            exempt_namespaces: self.exempt_namespaces(),
             controller_namespace: self.controller_namespace.clone(),
             enforce_unknown_namespaces: false,
         }
@@ -754,7 +782,7 @@ async fn admission(args: AdmissionArgs) -> ExitCode {
         Ok(t) => t,
         Err(e) => return error_exit(&e.to_string()),
     };
-    let server_config = match tls.server_config() {
+    let server_config = match tls.server_config(args.client_ca.as_deref()) {
         Ok(c) => c,
         Err(e) => return error_exit(&e.to_string()),
     };
@@ -806,6 +834,13 @@ async fn admission(args: AdmissionArgs) -> ExitCode {
         Err(e) => return error_exit(&e.to_string()),
     };
     let trust_namespace_selector = pull_secrets.is_some();
+    if pull_secrets.is_some() && args.client_ca.is_none() {
+        tracing::warn!(
+            "no --client-ca: any client that reaches the webhook port can ask for reviews in any \
+             namespace, and the shim reads that namespace's imagePullSecrets for them; restrict \
+             the port (deploy/admission.yaml's NetworkPolicy) or set --client-ca"
+        );
+    }
     let shim = Arc::new(Shim {
         engine: crate::engine::Engine {
             policies,
@@ -818,6 +853,13 @@ async fn admission(args: AdmissionArgs) -> ExitCode {
         enforce_by_default: args.enforce_by_default,
         pull_secrets,
         trust_namespace_selector,
+        limits: crate::admission::Limits::new(crate::admission::LimitSettings {
+            max_reviews: args.max_concurrent_reviews.max(1),
+            max_body_bytes_in_flight: args
+                .max_inflight_bytes
+                .max(crate::admission::MAX_BODY_BYTES),
+            max_connections: args.max_connections.max(1),
+        }),
     });
     let interval = args.daemon.reload_interval();
     let cert_watcher = tokio::spawn(async move {
@@ -959,5 +1001,37 @@ async fn shutdown_signal() {
         Err(_) => {
             let _ = tokio::signal::ctrl_c().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn exempt(args: &[&str]) -> Vec<String> {
+        let mut argv = vec!["pullgate", "validate", "x.yaml"];
+        argv.extend(args);
+        let Command::Validate(v) = Cli::try_parse_from(argv).unwrap().command else {
+            panic!("not validate");
+        };
+        v.scope.settings().exempt_namespaces.into_iter().collect()
+    }
+
+    #[test]
+    fn exempt_namespaces_add_to_kube_system_unless_told_otherwise() {
+        assert_eq!(exempt(&[]), ["kube-system"]);
+        assert_eq!(
+            exempt(&["--exempt-namespace", "monitoring"]),
+            ["kube-system", "monitoring"]
+        );
+        assert_eq!(
+            exempt(&[
+                "--no-default-exemptions",
+                "--exempt-namespace",
+                "monitoring"
+            ]),
+            ["monitoring"]
+        );
+        assert!(exempt(&["--no-default-exemptions"]).is_empty());
     }
 }

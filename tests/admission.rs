@@ -83,6 +83,87 @@ fn make_cert(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
     (cert, key)
 }
 
+/// A client that trusts only the certificate at `server_cert` and presents `identity`, if any.
+fn https_client(server_cert: &Path, identity: Option<&[u8]>) -> reqwest::Client {
+    let pem = fs::read(server_cert).unwrap();
+    let mut builder = reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(&pem).unwrap()])
+        .timeout(Duration::from_secs(30));
+    if let Some(identity) = identity {
+        builder = builder.identity(reqwest::Identity::from_pem(identity).unwrap());
+    }
+    builder.build().unwrap()
+}
+
+/// A CA certificate and key (openssl CLI).
+fn make_ca(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    let (cert, key) = (
+        dir.join(format!("{name}.crt")),
+        dir.join(format!("{name}.key")),
+    );
+    let mut cmd = Command::new("openssl");
+    cmd.args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+        .arg("ec_paramgen_curve:prime256v1")
+        .args(["-nodes", "-days", "2", "-subj"])
+        .arg(format!("/CN={name}"))
+        .args(["-addext", "basicConstraints=critical,CA:TRUE"])
+        .args(["-addext", "keyUsage=critical,keyCertSign,cRLSign"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert);
+    let out = run_with_timeout(cmd, Duration::from_secs(30));
+    assert!(out.success(), "openssl req (CA) failed: {}", out.stderr);
+    (cert, key)
+}
+
+/// A client certificate for `name` issued by the CA `(ca, ca_key)`: certificate and key PEM.
+fn make_client_cert(dir: &Path, name: &str, ca: &Path, ca_key: &Path) -> Vec<u8> {
+    let (key, csr, cert, ext) = (
+        dir.join(format!("{name}.key")),
+        dir.join(format!("{name}.csr")),
+        dir.join(format!("{name}.crt")),
+        dir.join(format!("{name}.ext")),
+    );
+    fs::write(
+        &ext,
+        "basicConstraints = critical, CA:FALSE\nkeyUsage = critical, digitalSignature\n\
+         extendedKeyUsage = clientAuth\n",
+    )
+    .unwrap();
+    let mut cmd = Command::new("openssl");
+    cmd.args(["req", "-new", "-newkey", "ec", "-pkeyopt"])
+        .arg("ec_paramgen_curve:prime256v1")
+        .args(["-nodes", "-subj"])
+        .arg(format!("/CN={name}"))
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&csr);
+    let out = run_with_timeout(cmd, Duration::from_secs(30));
+    assert!(out.success(), "openssl req (client) failed: {}", out.stderr);
+    let mut cmd = Command::new("openssl");
+    cmd.args(["x509", "-req", "-days", "2", "-in"])
+        .arg(&csr)
+        .arg("-CA")
+        .arg(ca)
+        .arg("-CAkey")
+        .arg(ca_key)
+        .args(["-set_serial", "7", "-extfile"])
+        .arg(&ext)
+        .arg("-out")
+        .arg(&cert);
+    let out = run_with_timeout(cmd, Duration::from_secs(30));
+    assert!(
+        out.success(),
+        "openssl x509 (client) failed: {}",
+        out.stderr
+    );
+    let mut pem = fs::read(&cert).unwrap();
+    pem.extend(fs::read(&key).unwrap());
+    pem
+}
+
 /// A `pullgate admission` child process on 127.0.0.1 (a port the kernel picks), killed on drop.
 struct Admission {
     dir: tempfile::TempDir,
@@ -93,6 +174,12 @@ struct Admission {
 
 impl Admission {
     async fn start(policy_dir: &Path, extra: &[&str]) -> Admission {
+        Admission::start_with(policy_dir, extra, None).await
+    }
+
+    /// Like [`Admission::start`], with a client that presents `identity` (PEM certificate and
+    /// key) to the shim.
+    async fn start_with(policy_dir: &Path, extra: &[&str], identity: Option<&[u8]>) -> Admission {
         let dir = tempfile::Builder::new()
             .prefix("pullgate-admission-")
             .tempdir()
@@ -122,12 +209,7 @@ impl Admission {
             .stdout(fs::File::create(dir.path().join("stdout.log")).unwrap())
             .stderr(fs::File::create(dir.path().join("stderr.log")).unwrap());
         let child = cmd.spawn().expect("start pullgate admission");
-        let pem = fs::read(&cert).unwrap();
-        let client = reqwest::Client::builder()
-            .tls_certs_only([reqwest::Certificate::from_pem(&pem).unwrap()])
-            .timeout(Duration::from_secs(30))
-            .build()
-            .unwrap();
+        let client = https_client(&cert, identity);
         let mut shim = Admission {
             dir,
             child: Some(child),
@@ -449,7 +531,7 @@ async fn signed_image_allowed_unsigned_denied_via_real_registry() {
         &format!(
             "validation failed: failed policy: signed-only: spec.containers[1].image\n\
              {unsigned_ref} signature key validation failed for authority authority-0 for \
-             {}/unsigned@{unsigned}: no signatures found",
+             {}/unsigned@<digest withheld>: no signatures found",
             reg.addr()
         ),
     );
@@ -1149,4 +1231,272 @@ async fn reference_table_through_the_shim() {
             }
         }
     }
+}
+
+/// `--client-ca`: only a client presenting a certificate issued under that CA (the API server,
+/// configured with an AdmissionConfiguration kubeconfig) gets a TLS session at all; probes go
+/// to `--health-listen`.
+#[tokio::test(flavor = "multi_thread")]
+async fn client_ca_admits_only_certificates_it_issued() {
+    let policies = write_policy_dir(&[("policies.yaml", POLICIES)]);
+    let pki = tempfile::tempdir().unwrap();
+    let (ca, ca_key) = make_ca(pki.path(), "apiserver-ca");
+    let (other_ca, other_key) = make_ca(pki.path(), "other-ca");
+    let apiserver = make_client_cert(pki.path(), "kube-apiserver", &ca, &ca_key);
+    let intruder = make_client_cert(pki.path(), "intruder", &other_ca, &other_key);
+    let ca_arg = ca.display().to_string();
+    let shim =
+        Admission::start_with(policies.path(), &["--client-ca", &ca_arg], Some(&apiserver)).await;
+
+    // The API server's certificate: served (pod.json is denied on its merits).
+    let r = shim
+        .review("/validate/workloads", &fixture("pod.json"))
+        .await;
+    assert_eq!(r["allowed"], false, "{r}");
+    let served = shim.audit_records().len();
+    assert!(served > 0);
+
+    let server_cert = shim.dir.path().join("tls.crt");
+    let body = serde_json::to_vec(&fixture("pod.json")).unwrap();
+    for (who, client) in [
+        ("no client certificate", https_client(&server_cert, None)),
+        (
+            "a certificate of another CA",
+            https_client(&server_cert, Some(&intruder)),
+        ),
+    ] {
+        for path in ["/validate/workloads", "/readyz"] {
+            let r = client
+                .post(format!("{}{path}", shim.base))
+                .body(body.clone())
+                .send()
+                .await;
+            match r {
+                Err(_) => {}
+                Ok(r) => panic!("{who}: {path} answered {}", r.status()),
+            }
+        }
+    }
+    assert_eq!(
+        shim.audit_records().len(),
+        served,
+        "a refused client got a review"
+    );
+
+    // A file that holds no certificate is a start-up error.
+    let out = run_pullgate_async(
+        &[
+            "admission",
+            "--tls-cert",
+            server_cert.to_str().unwrap(),
+            "--tls-key",
+            shim.dir.path().join("tls.key").to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--policy-dir",
+            policies.path().to_str().unwrap(),
+            "--client-ca",
+            shim.dir.path().join("tls.key").to_str().unwrap(),
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(out.code, 2, "{out:?}");
+    assert!(
+        out.stderr.starts_with("pullgate: client CA ")
+            && out.stderr.contains("no PEM CERTIFICATE block found"),
+        "{}",
+        out.stderr
+    );
+}
+
+/// Over the concurrent-review cap, a review is answered 429 with the reason, and the shim keeps
+/// serving.
+#[tokio::test(flavor = "multi_thread")]
+async fn over_the_caps_reviews_get_429_with_a_reason() {
+    let policies = write_policy_dir(&[("policies.yaml", POLICIES)]);
+    let shim = Admission::start(policies.path(), &["--max-concurrent-reviews", "1"]).await;
+    // A review whose body is still arriving holds the only slot.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(1);
+    let slow = {
+        let client = shim.client.clone();
+        let url = format!("{}/validate/workloads", shim.base);
+        tokio::spawn(async move {
+            let body = reqwest::Body::wrap_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
+            let r = client.post(url).body(body).send().await.unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        })
+    };
+    let pod = serde_json::to_vec(&fixture("pod.json")).unwrap();
+    tx.send(Ok(pod[..10].to_vec())).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (status, text) = loop {
+        let (status, text) = shim.post("/validate/workloads", pod.clone()).await;
+        if status == 429 || Instant::now() > deadline {
+            break (status, text);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(
+        (status, text.as_str()),
+        (429, "too many reviews in progress (limit 1); retry later\n")
+    );
+    tx.send(Ok(pod[10..].to_vec())).await.unwrap();
+    drop(tx);
+    let (status, text) = slow.await.unwrap();
+    assert_eq!(status, 200, "{text}");
+    // The slot is free again: served.
+    let r = shim
+        .review("/validate/workloads", &fixture("pod.json"))
+        .await;
+    assert_eq!(r["allowed"], false, "{r}");
+}
+
+/// The byte budget: with room for one 3 MiB body, a second full-size body sent while the first
+/// is held is refused 429.
+#[tokio::test(flavor = "multi_thread")]
+async fn over_the_byte_budget_reviews_get_429() {
+    let policies = write_policy_dir(&[("policies.yaml", POLICIES)]);
+    let limit = 3 << 20;
+    let budget = limit.to_string();
+    let shim = Admission::start(policies.path(), &["--max-inflight-bytes", &budget]).await;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(1);
+    let held = {
+        let client = shim.client.clone();
+        let url = format!("{}/validate/workloads", shim.base);
+        tokio::spawn(async move {
+            let body = reqwest::Body::wrap_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
+            let r = client
+                .post(url)
+                .header("content-length", (limit - 100).to_string())
+                .body(body)
+                .send()
+                .await;
+            r.map(|r| r.status().as_u16())
+        })
+    };
+    tx.send(Ok(vec![b' '; 10])).await.unwrap();
+    let mut big = serde_json::to_vec(&fixture("pod.json")).unwrap();
+    big.resize(limit - 100, b' ');
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (status, text) = loop {
+        let (status, text) = shim.post("/validate/workloads", big.clone()).await;
+        if status == 429 || Instant::now() > deadline {
+            break (status, text);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(
+        (status, text.as_str()),
+        (
+            429,
+            format!("too many review bytes in flight (limit {limit} bytes); retry later\n")
+                .as_str()
+        )
+    );
+    drop(tx);
+    let _ = held.await.unwrap();
+    let (status, text) = shim.post("/validate/workloads", big).await;
+    assert_eq!(status, 200, "{text}");
+}
+
+/// The shim reads pull Secrets only of the namespace the API server names in
+/// `request.namespace`: an object that claims another namespace (or a review that names none)
+/// gets no one's credentials. A denial never shows a digest the caller did not write, though
+/// the shim resolved the tag with the namespace's credentials.
+#[tokio::test(flavor = "multi_thread")]
+async fn pull_secrets_only_of_the_reviewed_namespace_and_no_digest_leaks() {
+    use common::fake_api::{namespace, FakeApi, CIPS, NAMESPACES};
+    const DEMO_SECRETS: &str = "/api/v1/namespaces/demo/secrets";
+
+    let reg = Registry::start_with_htpasswd(TEST_USER, TEST_PASSWORD).await;
+    let signed = reg
+        .push_image("private", "v1", "namespace-bound-signed")
+        .await;
+    let unsigned = reg
+        .push_image("private", "v2", "namespace-bound-unsigned")
+        .await;
+    let key = TestKey::generate(KeyKind::EcdsaP256);
+    reg.sign("private", &signed, &key).await;
+
+    let fake = FakeApi::start(true).await;
+    fake.apply(NAMESPACES, namespace("demo", true));
+    fake.apply(NAMESPACES, namespace("attacker", true));
+    fake.apply(
+        CIPS,
+        json!({"metadata": {"name": "private-signed"},
+               "spec": {"images": [{"glob": format!("{}/private*", reg.addr())}],
+                        "authorities": [{"key": {"data": key.public_pem()}}]}}),
+    );
+    fake.add_collection(DEMO_SECRETS, "v1", "Secret");
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    let config = json!({"auths": {reg.addr(): {
+        "auth": b64(&format!("{TEST_USER}:{TEST_PASSWORD}"))}}});
+    fake.apply(
+        DEMO_SECRETS,
+        json!({"metadata": {"name": "regcred", "namespace": "demo"},
+               "type": "kubernetes.io/dockerconfigjson",
+               "data": {".dockerconfigjson": b64(&config.to_string())}}),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = fake.kubeconfig(dir.path()).display().to_string();
+    let shim = Admission::start(&dir.path().join("unused"), &["--kubeconfig", &kubeconfig]).await;
+
+    let pod_in = |uid: &str, request_ns: Option<&str>, image: &str| {
+        let mut pod = fixture("pod.json");
+        pod["request"]["uid"] = json!(uid);
+        match request_ns {
+            Some(ns) => pod["request"]["namespace"] = json!(ns),
+            None => {
+                pod["request"].as_object_mut().unwrap().remove("namespace");
+            }
+        }
+        pod["request"]["object"]["metadata"]["namespace"] = json!("demo");
+        pod["request"]["object"]["spec"] = json!({
+            "imagePullSecrets": [{"name": "regcred"}],
+            "containers": [{"name": "app", "image": image}]});
+        pod
+    };
+    let image = reg.tag_ref("private", "v1");
+    // The API server says demo: demo's Secret opens the registry.
+    let r = shim
+        .review("/validate/workloads", &pod_in("demo", Some("demo"), &image))
+        .await;
+    assert_allowed(&r, &[]);
+    // Another namespace, or none, with an object claiming demo: no credentials at all.
+    for (uid, ns) in [("attacker", Some("attacker")), ("no-namespace", None)] {
+        let r = shim
+            .review("/validate/workloads", &pod_in(uid, ns, &image))
+            .await;
+        assert_eq!(r["allowed"], false, "{uid}: {r}");
+        let message = r["status"]["message"].as_str().unwrap();
+        assert!(
+            message.contains("requires a username and password"),
+            "{uid}: {message}"
+        );
+    }
+
+    // Denied with demo's credentials: the reason does not carry the resolved digest.
+    let r = shim
+        .review(
+            "/validate/workloads",
+            &pod_in("unsigned", Some("demo"), &reg.tag_ref("private", "v2")),
+        )
+        .await;
+    assert_eq!(r["allowed"], false, "{r}");
+    let message = r["status"]["message"].as_str().unwrap();
+    let hex = unsigned.trim_start_matches("sha256:");
+    assert!(!message.contains(hex), "digest leaked: {message}");
+    assert!(
+        message.contains("failed policy: private-signed"),
+        "{message}"
+    );
+    // The audit log (the operator's) keeps it.
+    assert!(
+        shim.audit_records()
+            .iter()
+            .any(|r| r["digest"] == unsigned.as_str()),
+        "{:?}",
+        shim.audit_records()
+    );
 }

@@ -421,7 +421,7 @@ async fn unsigned_and_unmatched_images_are_denied_and_never_fetched() {
 }
 
 /// 3. Enforcement follows namespace labels; kube-system is exempt by default, and
-///    `--exempt-namespace` replaces that default.
+///    `--no-default-exemptions` drops that default (`--exempt-namespace` adds to it).
 #[tokio::test(flavor = "multi_thread")]
 async fn namespace_scope_and_exemptions() {
     let reg = Registry::start().await;
@@ -473,11 +473,15 @@ async fn namespace_scope_and_exemptions() {
     );
     drop(pg);
 
-    // Another exempt namespace: kube-system (labelled include=true) is now enforced.
+    // Without the default exemption: kube-system (labelled include=true) is now enforced.
     let pg = Pullgate::start(
         &ctd.socket(),
         policy.path(),
-        &["--exempt-namespace", "other-system"],
+        &[
+            "--no-default-exemptions",
+            "--exempt-namespace",
+            "other-system",
+        ],
     )
     .await;
     let msg = expect_denied(

@@ -42,6 +42,7 @@ struct Manifests {
     pdbs: Vec<PodDisruptionBudget>,
     validating: Vec<ValidatingWebhookConfiguration>,
     mutating: Vec<MutatingWebhookConfiguration>,
+    network_policies: Vec<k8s_openapi::api::networking::v1::NetworkPolicy>,
 }
 
 fn root() -> PathBuf {
@@ -154,6 +155,9 @@ fn add(m: &mut Manifests, doc: &Value, origin: &str) {
         ("apps/v1", "Deployment") => m.deployments.push(typed(doc, origin)),
         ("apps/v1", "DaemonSet") => m.daemon_sets.push(typed(doc, origin)),
         ("policy/v1", "PodDisruptionBudget") => m.pdbs.push(typed(doc, origin)),
+        ("networking.k8s.io/v1", "NetworkPolicy") => {
+            m.network_policies.push(typed(doc, origin))
+        }
         ("admissionregistration.k8s.io/v1", "ValidatingWebhookConfiguration") => {
             m.validating.push(typed(doc, origin))
         }
@@ -2856,4 +2860,70 @@ fn gen_certs_renews_only_when_due_and_keeps_the_previous_ca_during_rotation() {
     assert_ne!(std::fs::read(&cert).unwrap(), second);
     let (_, path) = bundle();
     assert!(openssl(&["verify", "-CAfile", path.to_str().unwrap(), &cert_s]).0);
+}
+
+/// The shim's NetworkPolicy selects the shim's pods and opens only the webhook port, not to
+/// the pod network; the workload webhook waits longer than one registry request may take.
+#[test]
+fn admission_network_policy_and_webhook_timeout() {
+    let m = load();
+    let deploy = &m.deployments[0];
+    let template = &deploy.spec.as_ref().unwrap().template;
+    let labels = template.metadata.as_ref().unwrap().labels.clone().unwrap();
+    let policy = m
+        .network_policies
+        .iter()
+        .find(|p| name_of(&p.metadata) == "pullgate-admission")
+        .expect("a NetworkPolicy for the shim");
+    let spec = policy.spec.as_ref().unwrap();
+    let selected = spec
+        .pod_selector
+        .as_ref()
+        .unwrap()
+        .match_labels
+        .clone()
+        .unwrap();
+    assert!(
+        selected.iter().all(|(k, v)| labels.get(k) == Some(v)),
+        "{selected:?}"
+    );
+    assert_eq!(
+        spec.policy_types.as_deref(),
+        Some(&["Ingress".to_string()][..])
+    );
+    let c = &template.spec.as_ref().unwrap().containers[0];
+    let https = c
+        .ports
+        .iter()
+        .flatten()
+        .find(|p| p.name.as_deref() == Some("https"))
+        .unwrap();
+    let rules = spec.ingress.as_ref().unwrap();
+    assert_eq!(rules.len(), 1);
+    let ports = rules[0].ports.as_ref().unwrap();
+    assert_eq!(ports.len(), 1);
+    assert_eq!(
+        ports[0].port,
+        Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(https.container_port))
+    );
+    for peer in rules[0].from.as_ref().unwrap() {
+        assert!(
+            peer.pod_selector.is_none() && peer.namespace_selector.is_none(),
+            "pods admitted"
+        );
+        let block = peer.ip_block.as_ref().unwrap();
+        // Everything may be allowed only with the pod network carved out.
+        let carved_out = !block.except.as_deref().unwrap_or_default().is_empty();
+        assert!(block.cidr != "0.0.0.0/0" || carved_out, "{block:?}");
+    }
+
+    let registry_timeout = 15;
+    let workloads = m.validating[0]
+        .webhooks
+        .iter()
+        .flatten()
+        .find(|w| w.name == "workloads.pullgate.dev")
+        .unwrap();
+    let timeout = workloads.timeout_seconds.unwrap_or(10);
+    assert!(timeout > registry_timeout && timeout <= 30, "{timeout}");
 }

@@ -24,7 +24,7 @@ pub mod workloads;
 use std::sync::Arc;
 
 pub use review::{BadReview, Response};
-pub use server::{bind, handle, serve, BindError, MAX_BODY_BYTES};
+pub use server::{bind, handle, serve, BindError, Busy, LimitSettings, Limits, MAX_BODY_BYTES};
 pub use tls::{CertFiles, TlsError};
 
 use crate::engine::Engine;
@@ -69,12 +69,15 @@ pub struct Shim {
     /// `namespaceSelector` matched on their current labels, so the namespace is enforced
     /// (unless exempt) even where the shim's own view of the labels lags.
     pub trust_namespace_selector: bool,
+    /// Caps on connections, concurrent reviews and review bytes in flight.
+    pub limits: Limits,
 }
 
 impl Shim {
     /// Answers one AdmissionReview body. `Err`: the body is not a review the shim can answer
     /// (HTTP 400); every decision, allow or deny, is `Ok`.
     pub async fn review(&self, webhook: Webhook, body: &[u8]) -> Result<Response, BadReview> {
+        // `request` borrows the object from `body`: no copy of the review is made.
         let request = review::parse(body)?;
         let snapshot = self.engine.policies.current();
         Ok(match webhook {

@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use ::kube::api::Api;
 use k8s_openapi::api::core::v1::Secret;
-use serde_json::Value;
 
 use crate::registry::Credentials;
 
@@ -78,24 +77,6 @@ pub fn secret_credentials(secret: &Secret) -> Result<Option<Credentials>, String
     }
 }
 
-/// The `imagePullSecrets` names of the pod spec at `spec_path` (entries without a name are
-/// ignored, as the API server's defaulting would leave them useless).
-pub fn names(object: &Value, spec_path: &[&str]) -> Vec<String> {
-    let pointer = format!("/{}/imagePullSecrets", spec_path.join("/"));
-    object
-        .pointer(&pointer)
-        .and_then(Value::as_array)
-        .map(|items| {
-            items
-                .iter()
-                .filter_map(|i| i.get("name").and_then(Value::as_str))
-                .filter(|n| !n.is_empty())
-                .map(str::to_string)
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 impl crate::engine::PullSecretReader for PullSecrets {
     fn credentials<'a>(
         &'a self,
@@ -110,7 +91,6 @@ impl crate::engine::PullSecretReader for PullSecrets {
 mod tests {
     use super::*;
     use k8s_openapi::ByteString;
-    use serde_json::json;
 
     fn secret(type_: &str, key: &str, text: &str) -> Secret {
         Secret {
@@ -146,15 +126,5 @@ mod tests {
             secret_credentials(&missing).unwrap_err(),
             "no .dockerconfigjson entry"
         );
-    }
-
-    #[test]
-    fn names_from_pods_and_templates() {
-        let pod =
-            json!({"spec": {"imagePullSecrets": [{"name": "a"}, {}, {"name": ""}, {"name": "b"}]}});
-        assert_eq!(names(&pod, &["spec"]), ["a", "b"]);
-        let deploy = json!({"spec": {"template": {"spec": {"imagePullSecrets": [{"name": "c"}]}}}});
-        assert_eq!(names(&deploy, &["spec", "template", "spec"]), ["c"]);
-        assert!(names(&json!({"spec": {"imagePullSecrets": "x"}}), &["spec"]).is_empty());
     }
 }

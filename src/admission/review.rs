@@ -4,11 +4,13 @@
 
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::value::RawValue;
 
 /// The only AdmissionReview version served.
 pub const API_VERSION: &str = "admission.k8s.io/v1";
 pub const KIND: &str = "AdmissionReview";
+/// Longest `request.uid` accepted: the API server sends a UUID; the uid is echoed and logged.
+pub const MAX_UID_BYTES: usize = 256;
 
 /// Why a request body is not an AdmissionReview the shim can answer. Each message is one line.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -38,10 +40,12 @@ pub struct GroupVersionKind {
     pub kind: String,
 }
 
-/// The parts of `request` the webhooks use; everything else is ignored.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+/// The parts of `request` the webhooks use; everything else is skipped without being copied.
+/// `object` stays the raw JSON text of the request body: each webhook reads from it exactly
+/// the typed fields it needs, so a review is never held as a `serde_json::Value` tree.
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, rename_all = "camelCase")]
-pub struct Request {
+pub struct Request<'a> {
     pub uid: String,
     pub kind: GroupVersionKind,
     pub sub_resource: Option<String>,
@@ -49,14 +53,15 @@ pub struct Request {
     pub namespace: Option<String>,
     /// CREATE, UPDATE, DELETE or CONNECT.
     pub operation: String,
-    pub object: Option<Value>,
+    #[serde(borrow)]
+    pub object: Option<&'a RawValue>,
     pub dry_run: Option<bool>,
 }
 
-impl Request {
+impl<'a> Request<'a> {
     /// The object under review; a CREATE or UPDATE without one is denied, never guessed at.
-    pub fn object_or_deny(&self) -> Result<&Value, Response> {
-        self.object.as_ref().ok_or_else(|| {
+    pub fn object_or_deny(&self) -> Result<&'a RawValue, Response> {
+        self.object.ok_or_else(|| {
             Response::deny(
                 &self.uid,
                 format!(
@@ -68,32 +73,68 @@ impl Request {
     }
 }
 
-/// Parses a request body. Size limits are the HTTP layer's job.
-pub fn parse(body: &[u8]) -> Result<Request, BadReview> {
-    let value: Value =
-        serde_json::from_slice(body).map_err(|e| BadReview::NotJson(one_line(&e)))?;
-    let field = |name: &str| {
-        value
-            .get(name)
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_string()
+/// The review envelope; `request` is read in a second, typed step so its errors carry a path.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Envelope<'a> {
+    #[serde(default)]
+    api_version: Option<String>,
+    #[serde(default)]
+    kind: Option<String>,
+    #[serde(default, borrow)]
+    request: Option<&'a RawValue>,
+}
+
+/// Parses a request body, borrowing the object from it. Size limits are the HTTP layer's job.
+pub fn parse(body: &[u8]) -> Result<Request<'_>, BadReview> {
+    let envelope: Envelope = match serde_json::from_slice(body) {
+        Ok(e) => e,
+        Err(e) if e.is_syntax() || e.is_eof() || e.is_io() => {
+            return Err(BadReview::NotJson(one_line(&e)))
+        }
+        // Valid JSON of another shape (a list, a number where a string belongs).
+        Err(_) => {
+            return Err(BadReview::NotReview {
+                api_version: String::new(),
+                kind: String::new(),
+            })
+        }
     };
-    let (api_version, kind) = (field("apiVersion"), field("kind"));
+    let api_version = envelope.api_version.unwrap_or_default();
+    let kind = envelope.kind.unwrap_or_default();
     if api_version != API_VERSION || kind != KIND {
         return Err(BadReview::NotReview { api_version, kind });
     }
-    let request = match value.get("request") {
-        None | Some(Value::Null) => return Err(BadReview::NoRequest),
-        Some(r) => r,
+    let Some(raw) = envelope.request else {
+        return Err(BadReview::NoRequest);
     };
-    let request: Request = serde_path_to_error::deserialize(request).map_err(|e| {
-        BadReview::Malformed(format!("request.{}: {}", e.path(), one_line(e.inner())))
-    })?;
+    let request: Request =
+        typed(raw).map_err(|(path, e)| BadReview::Malformed(format!("request.{path}: {e}")))?;
     if request.uid.is_empty() {
         return Err(BadReview::NoUid);
     }
+    if request.uid.len() > MAX_UID_BYTES {
+        return Err(BadReview::Malformed(format!(
+            "request.uid: longer than {MAX_UID_BYTES} bytes"
+        )));
+    }
     Ok(request)
+}
+
+/// Deserializes `raw` into `T`, borrowing from it where `T` does. `Err`: the path of the field
+/// that failed (`.` for the root) and the reason, without serde_json's position suffix.
+pub fn typed<'a, T: Deserialize<'a>>(raw: &'a RawValue) -> Result<T, (String, String)> {
+    let mut de = serde_json::Deserializer::from_str(raw.get());
+    serde_path_to_error::deserialize(&mut de)
+        .map_err(|e| (e.path().to_string(), without_position(e.inner())))
+}
+
+/// serde_json's message without its ` at line L column C` suffix (positions inside a
+/// sub-document mean nothing to the caller; the field path says where).
+pub fn without_position(e: &serde_json::Error) -> String {
+    let text = one_line(e);
+    let suffix = format!(" at line {} column {}", e.line(), e.column());
+    text.strip_suffix(&suffix).unwrap_or(&text).to_string()
 }
 
 fn one_line(e: &impl std::fmt::Display) -> String {
@@ -195,6 +236,7 @@ impl Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Value;
 
     #[test]
     fn bad_reviews_have_one_line_reasons() {

@@ -1,6 +1,11 @@
 //! The serving certificate: PEM files read at start (a bad pair is a start-up error) and
 //! re-read when they change, so a rotated Secret (cert-manager, a mounted volume) takes
 //! effect without a restart. A broken rotation keeps the last good pair.
+//!
+//! With a client CA (`--client-ca`), every connection must present a client certificate that
+//! chains to it (the API server's, configured in its `AdmissionConfiguration`); a connection
+//! without one, or with one from another CA, fails in the handshake and reaches no handler.
+//! The CA file is read at start.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -10,9 +15,9 @@ use arc_swap::ArcSwap;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
-use rustls::ServerConfig;
+use rustls::{RootCertStore, ServerConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -26,6 +31,8 @@ pub enum TlsError {
         key: PathBuf,
         message: String,
     },
+    #[error("client CA {path}: {message}")]
+    ClientCa { path: PathBuf, message: String },
     #[error("TLS configuration: {0}")]
     Config(String),
 }
@@ -110,16 +117,45 @@ impl CertFiles {
     }
 
     /// A server configuration (TLS 1.2 and 1.3, HTTP/2 and HTTP/1.1 by ALPN) that always
-    /// presents the current pair.
-    pub fn server_config(self: &Arc<Self>) -> Result<Arc<ServerConfig>, TlsError> {
-        let mut config = ServerConfig::builder_with_provider(self.provider.clone())
+    /// presents the current pair; with `client_ca`, one that requires a client certificate
+    /// issued under one of the CA certificates in that PEM file.
+    pub fn server_config(
+        self: &Arc<Self>,
+        client_ca: Option<&Path>,
+    ) -> Result<Arc<ServerConfig>, TlsError> {
+        let builder = ServerConfig::builder_with_provider(self.provider.clone())
             .with_safe_default_protocol_versions()
-            .map_err(|e| TlsError::Config(e.to_string()))?
-            .with_no_client_auth()
-            .with_cert_resolver(self.clone());
+            .map_err(|e| TlsError::Config(e.to_string()))?;
+        let builder = match client_ca {
+            None => builder.with_no_client_auth(),
+            Some(path) => builder.with_client_cert_verifier(client_verifier(path, &self.provider)?),
+        };
+        let mut config = builder.with_cert_resolver(self.clone());
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(Arc::new(config))
     }
+}
+
+/// A verifier that requires a client certificate chained to a CA certificate of `path`.
+fn client_verifier(
+    path: &Path,
+    provider: &Arc<CryptoProvider>,
+) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, TlsError> {
+    let err = |message: String| TlsError::ClientCa {
+        path: path.to_path_buf(),
+        message,
+    };
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(path).map_err(|e| err(e.to_string()))? {
+        let cert = cert.map_err(|e| err(e.to_string()))?;
+        roots.add(cert).map_err(|e| err(e.to_string()))?;
+    }
+    if roots.is_empty() {
+        return Err(err("no PEM CERTIFICATE block found".into()));
+    }
+    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .build()
+        .map_err(|e| err(e.to_string()))
 }
 
 impl ResolvesServerCert for CertFiles {

@@ -176,7 +176,7 @@ impl Objects {
     }
 }
 
-fn check_version(api_version: &str, versions: &[&str]) -> Result<(), String> {
+pub(crate) fn check_version(api_version: &str, versions: &[&str]) -> Result<(), String> {
     let version = api_version
         .split_once('/')
         .map(|(_, v)| v)
