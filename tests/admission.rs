@@ -1316,21 +1316,29 @@ async fn client_ca_admits_only_certificates_it_issued() {
 async fn over_the_caps_reviews_get_429_with_a_reason() {
     let policies = write_policy_dir(&[("policies.yaml", POLICIES)]);
     let shim = Admission::start(policies.path(), &["--max-concurrent-reviews", "1"]).await;
-    // A review whose body is still arriving holds the only slot.
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(1);
-    let slow = {
+    // A review whose body is still arriving holds the only slot. Its request may land on a
+    // pooled connection the server has just closed (a streamed body cannot be resent): then it
+    // is started again.
+    let pod = serde_json::to_vec(&fixture("pod.json")).unwrap();
+    let start_slow = || {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(1);
         let client = shim.client.clone();
         let url = format!("{}/validate/workloads", shim.base);
-        tokio::spawn(async move {
+        let slow = tokio::spawn(async move {
             let body = reqwest::Body::wrap_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
-            let r = client.post(url).body(body).send().await.unwrap();
-            (r.status().as_u16(), r.text().await.unwrap())
-        })
+            let r = client.post(url).body(body).send().await?;
+            Ok::<_, reqwest::Error>((r.status().as_u16(), r.text().await?))
+        });
+        (tx, slow)
     };
-    let pod = serde_json::to_vec(&fixture("pod.json")).unwrap();
+    let (mut tx, mut slow) = start_slow();
     tx.send(Ok(pod[..10].to_vec())).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     let (status, text) = loop {
+        if slow.is_finished() {
+            (tx, slow) = start_slow();
+            tx.send(Ok(pod[..10].to_vec())).await.unwrap();
+        }
         let (status, text) = shim.post("/validate/workloads", pod.clone()).await;
         if status == 429 || Instant::now() > deadline {
             break (status, text);
@@ -1343,7 +1351,7 @@ async fn over_the_caps_reviews_get_429_with_a_reason() {
     );
     tx.send(Ok(pod[10..].to_vec())).await.unwrap();
     drop(tx);
-    let (status, text) = slow.await.unwrap();
+    let (status, text) = slow.await.unwrap().unwrap();
     assert_eq!(status, 200, "{text}");
     // The slot is free again: served.
     let r = shim

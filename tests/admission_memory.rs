@@ -50,6 +50,12 @@ fn release_binary() -> Option<PathBuf> {
         }
     };
     if !path.is_file() {
+        // CI builds it first (.ci/run): there a missing binary is a failure, not a skip.
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "no release binary at {} under CI",
+            path.display()
+        );
         eprintln!(
             "SKIPPED: no release binary at {}; run `cargo build --release --bin pullgate` \
              (with the same CARGO_TARGET_DIR) first",

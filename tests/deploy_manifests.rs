@@ -155,9 +155,7 @@ fn add(m: &mut Manifests, doc: &Value, origin: &str) {
         ("apps/v1", "Deployment") => m.deployments.push(typed(doc, origin)),
         ("apps/v1", "DaemonSet") => m.daemon_sets.push(typed(doc, origin)),
         ("policy/v1", "PodDisruptionBudget") => m.pdbs.push(typed(doc, origin)),
-        ("networking.k8s.io/v1", "NetworkPolicy") => {
-            m.network_policies.push(typed(doc, origin))
-        }
+        ("networking.k8s.io/v1", "NetworkPolicy") => m.network_policies.push(typed(doc, origin)),
         ("admissionregistration.k8s.io/v1", "ValidatingWebhookConfiguration") => {
             m.validating.push(typed(doc, origin))
         }
@@ -2287,15 +2285,23 @@ async fn node_installer_rolls_back_to_the_previous_release_when_the_new_one_does
     assert_eq!(std::fs::read_to_string(&installed).unwrap(), OLD);
     assert_eq!(mode(&installed), 0o755);
     assert!(read_or_empty(&node.path("service-state")).starts_with("running release-old"));
-    // The old release served the installer's CRI Version call after the rollback.
-    assert!(
+    // The old release served the installer's CRI Version call after the rollback (the
+    // supervisor samples its request count every 20 ms: give it a moment to see the call).
+    let answered = || {
         served
             .lock()
-            .unwrap()
+            .unwrap_or_else(|p| p.into_inner())
             .iter()
-            .any(|l| l.starts_with("requests ") && l != "requests 0"),
+            .any(|l| l.starts_with("requests ") && l != "requests 0")
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !answered() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        answered(),
         "{:?}",
-        served.lock().unwrap()
+        served.lock().unwrap_or_else(|p| p.into_inner())
     );
     let (code, out) = node.check();
     assert_eq!(code, 1, "{out}");
@@ -2632,6 +2638,7 @@ fn kustomization_renders_everything_with_images_by_digest() {
             + m.pdbs.len()
             + m.validating.len()
             + m.mutating.len()
+            + m.network_policies.len()
     };
     assert_eq!(count(&rendered), rendered_docs.len());
     assert_eq!(
