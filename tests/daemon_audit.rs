@@ -186,7 +186,9 @@ async fn full_disk_denies_counts_and_reports_without_half_lines() {
             .await;
         assert_eq!(outcome.decision.verdict, Verdict::Deny);
     }
-    assert_eq!(assert_whole_lines(&path), lines, "nothing more was written");
+    // A shorter line (the exempt decision's, a refusal's) may still fit in the slack of the
+    // file's last page: whatever was written is whole lines.
+    let lines = assert_whole_lines(&path);
 
     // Room again: the next decision is recorded and /readyz recovers.
     std::fs::remove_file(filler).unwrap();
