@@ -206,6 +206,8 @@ pub struct Snapshot {
     /// Whether any glob names a digest (`…@sha256:*`): then a tag must be resolved before
     /// coverage is known, even when the policies covering its tag need no registry.
     digest_globs: bool,
+    /// Whether some CIP has `spec.match` (see [`Snapshot::has_match_rules`]).
+    match_rules: bool,
     namespaces: HashMap<String, Labels>,
     pub config: ControllerConfig,
     pub settings: Settings,
@@ -328,6 +330,7 @@ impl Snapshot {
         let digest_globs = policies
             .iter()
             .any(|p| p.globs.iter().any(|g| g.contains('@')));
+        let match_rules = policies.iter().any(|p| !p.match_.is_empty());
         // Prefixes of valid globs are valid globs.
         let tag_scoped = GlobIndex::new(repository_entries).unwrap_or_default();
         // Every glob was validated above, so building the index cannot fail; should it ever,
@@ -355,6 +358,7 @@ impl Snapshot {
             cover_all,
             tag_scoped,
             digest_globs,
+            match_rules,
             namespaces,
             config,
             settings,
@@ -391,6 +395,7 @@ impl Snapshot {
             cover_all: vec![0],
             tag_scoped: GlobIndex::default(),
             digest_globs: false,
+            match_rules: false,
             namespaces: HashMap::new(),
             config: ControllerConfig::default(),
             settings,
@@ -432,7 +437,7 @@ impl Snapshot {
 
     /// Whether some CIP has `spec.match`: then which policies apply depends on the object.
     pub fn has_match_rules(&self) -> bool {
-        self.policies.iter().any(|p| !p.match_.is_empty())
+        self.match_rules
     }
 
     /// Whether some glob names a digest, so that a tag must be resolved before the policies
